@@ -1,0 +1,53 @@
+// swift-tools-version:6.1
+// A Linux VFIO userspace driver for virtio-pci devices. Layers (dependencies point down):
+//   virtio-vfio (CLI) -> VirtioPCI -> Virtio, VFIO, PCI -> CVirtioShim (C) -> CLibPCI (system libpci)
+// See README.md ("Architecture") for what each target owns.
+import PackageDescription
+
+let package = Package(
+    name: "virtio-vfio",
+    products: [
+        .executable(name: "virtio-vfio", targets: ["virtio-vfio"]),
+        .library(name: "VirtioPCI", targets: ["VirtioPCI"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+    ],
+    targets: [
+        // libpci (pciutils) through pkg-config; only used for human-readable names.
+        .systemLibrary(
+            name: "CLibPCI",
+            pkgConfig: "libpci",
+            providers: [.apt(["libpci-dev"])]
+        ),
+        // The only C in the project: ioctl request codes, volatile MMIO, barriers, CMSG, libpci wrappers.
+        .target(name: "CVirtioShim", dependencies: ["CLibPCI"]),
+        // PCI: sysfs enumeration, BDF parsing, config-space parsing and the virtio capability walk.
+        .target(name: "PCI", dependencies: [
+            "CVirtioShim",
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        // VFIO: container/group/device as ~Copyable owners, regions, BAR mmap, DMA map, IRQ info.
+        .target(name: "VFIO", dependencies: [
+            "CVirtioShim", "PCI",
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
+        // Virtio: transport-independent status, features, device types and the reset/negotiate lifecycle.
+        .target(name: "Virtio"),
+        // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
+        .target(name: "VirtioPCI", dependencies: [
+            "Virtio", "VFIO", "PCI", "CVirtioShim",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .executableTarget(name: "virtio-vfio", dependencies: [
+            "VirtioPCI", "Virtio", "VFIO", "PCI",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        .testTarget(name: "PCITests", dependencies: ["PCI", "VirtioPCI"]),
+        .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio"]),
+    ]
+)

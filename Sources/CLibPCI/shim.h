@@ -1,0 +1,2 @@
+// libpci (pciutils) headers; the project calls libpci only through CVirtioShim's pci wrappers.
+#include <pci/pci.h>

@@ -1,0 +1,106 @@
+// CVirtioShim: the only C in the project.
+//
+// It holds what Swift cannot express or import directly:
+//   * ioctl request codes from <linux/vfio.h> (function-like macros do not import into Swift),
+//     exported as constants and pinned by VFIOTests;
+//   * non-variadic ioctl/fcntl wrappers that return -errno on failure (Swift cannot call variadic C);
+//   * volatile MMIO loads and stores of 8/16/32/64 bits: the one access layer for device registers;
+//   * memory barriers, each named for what the virtio spec requires of it;
+//   * CMSG_* helpers for SCM_RIGHTS fd passing;
+//   * wrappers around libpci's name lookup (libpci's API is variadic and exits on errors by default).
+#ifndef CVIRTIOSHIM_H
+#define CVIRTIOSHIM_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <sys/socket.h>
+#include <linux/vfio.h>
+
+// MARK: - VFIO ioctl request codes (linux/vfio.h)
+extern const unsigned long CVirtioShim_VFIO_GET_API_VERSION;
+extern const unsigned long CVirtioShim_VFIO_CHECK_EXTENSION;
+extern const unsigned long CVirtioShim_VFIO_SET_IOMMU;
+extern const unsigned long CVirtioShim_VFIO_GROUP_GET_STATUS;
+extern const unsigned long CVirtioShim_VFIO_GROUP_SET_CONTAINER;
+extern const unsigned long CVirtioShim_VFIO_GROUP_UNSET_CONTAINER;
+extern const unsigned long CVirtioShim_VFIO_GROUP_GET_DEVICE_FD;
+extern const unsigned long CVirtioShim_VFIO_DEVICE_GET_INFO;
+extern const unsigned long CVirtioShim_VFIO_DEVICE_GET_REGION_INFO;
+extern const unsigned long CVirtioShim_VFIO_DEVICE_GET_IRQ_INFO;
+extern const unsigned long CVirtioShim_VFIO_DEVICE_SET_IRQS;
+extern const unsigned long CVirtioShim_VFIO_DEVICE_RESET;
+extern const unsigned long CVirtioShim_VFIO_IOMMU_GET_INFO;
+extern const unsigned long CVirtioShim_VFIO_IOMMU_MAP_DMA;
+extern const unsigned long CVirtioShim_VFIO_IOMMU_UNMAP_DMA;
+
+// MARK: - syscalls Swift cannot call directly
+
+/// ioctl(fd, request, arg) with a pointer argument. Returns the ioctl's result (>= 0) or -errno.
+long CVirtioShim_ioctl_ptr(int fd, unsigned long request, void *arg);
+/// ioctl(fd, request, value) with an integer argument. Returns the ioctl's result (>= 0) or -errno.
+long CVirtioShim_ioctl_value(int fd, unsigned long request, unsigned long value);
+
+/// memfd_create(2): anonymous memory with an fd, used for DMA memory that can be handed to the next
+/// driver version. Returns the fd or -1 with errno set.
+int CVirtioShim_memfd_create(const char *name, unsigned int flags);
+extern const unsigned int CVirtioShim_MFD_CLOEXEC;
+
+// MARK: - volatile MMIO (one layer; every device register access goes through these)
+// Virtio 1.2 §4.1.3.1: the driver MUST use 8-bit accesses for 8-bit fields, 16-bit aligned accesses
+// for 16-bit fields and 32-bit aligned accesses for 32- and 64-bit fields. The 64-bit variants exist
+// for devices that allow them; the virtio-pci transport splits 64-bit fields into two 32-bit accesses.
+static inline uint8_t CVirtioShim_mmio_read8(const volatile void *addr) {
+    return *(const volatile uint8_t *)addr;
+}
+static inline uint16_t CVirtioShim_mmio_read16(const volatile void *addr) {
+    return *(const volatile uint16_t *)addr;
+}
+static inline uint32_t CVirtioShim_mmio_read32(const volatile void *addr) {
+    return *(const volatile uint32_t *)addr;
+}
+static inline uint64_t CVirtioShim_mmio_read64(const volatile void *addr) {
+    return *(const volatile uint64_t *)addr;
+}
+static inline void CVirtioShim_mmio_write8(volatile void *addr, uint8_t value) {
+    *(volatile uint8_t *)addr = value;
+}
+static inline void CVirtioShim_mmio_write16(volatile void *addr, uint16_t value) {
+    *(volatile uint16_t *)addr = value;
+}
+static inline void CVirtioShim_mmio_write32(volatile void *addr, uint32_t value) {
+    *(volatile uint32_t *)addr = value;
+}
+static inline void CVirtioShim_mmio_write64(volatile void *addr, uint64_t value) {
+    *(volatile uint64_t *)addr = value;
+}
+
+// MARK: - barriers (the Swift side names each use with its spec section)
+// These match Linux's virt_mb/virt_rmb/virt_wmb, which virtio uses for memory shared with a device
+// that is cache-coherent with the CPU (any PCI device behind VFIO on x86-64 and arm64 servers).
+/// Full barrier: orders earlier loads and stores before later loads and stores.
+static inline void CVirtioShim_barrier_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+/// Read barrier: earlier loads complete before later loads (e.g. used idx before used ring entries).
+static inline void CVirtioShim_barrier_read(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+/// Write barrier: earlier stores are visible before later stores (e.g. ring entries before idx).
+static inline void CVirtioShim_barrier_write(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
+// MARK: - CMSG helpers (SCM_RIGHTS)
+size_t CVirtioShim_CMSG_SPACE(size_t payload);
+size_t CVirtioShim_CMSG_LEN(size_t payload);
+struct cmsghdr *CVirtioShim_CMSG_FIRSTHDR(struct msghdr *msg);
+struct cmsghdr *CVirtioShim_CMSG_NXTHDR(struct msghdr *msg, struct cmsghdr *cmsg);
+unsigned char *CVirtioShim_CMSG_DATA(struct cmsghdr *cmsg);
+
+// MARK: - libpci names
+/// An opaque libpci handle used only for name lookups (pci.ids / hwdb). Never scans the bus.
+typedef struct CVirtioShim_pci_names CVirtioShim_pci_names;
+/// Returns NULL if libpci could not be initialised.
+CVirtioShim_pci_names *CVirtioShim_pci_names_open(void);
+void CVirtioShim_pci_names_close(CVirtioShim_pci_names *names);
+/// Each lookup writes a NUL-terminated name into buf and returns 0, or returns -1 if unknown.
+int CVirtioShim_pci_lookup_vendor(CVirtioShim_pci_names *names, uint16_t vendor, char *buf, int size);
+int CVirtioShim_pci_lookup_device(CVirtioShim_pci_names *names, uint16_t vendor, uint16_t device,
+                                  char *buf, int size);
+int CVirtioShim_pci_lookup_class(CVirtioShim_pci_names *names, uint16_t class_code, char *buf, int size);
+
+#endif

@@ -1,0 +1,35 @@
+// VFIO ioctl request codes and non-variadic ioctl wrappers.
+#define _GNU_SOURCE
+#include "CVirtioShim.h"
+#include <sys/mman.h>
+#include <errno.h>
+#include <sys/ioctl.h>
+
+const unsigned long CVirtioShim_VFIO_GET_API_VERSION = VFIO_GET_API_VERSION;
+const unsigned long CVirtioShim_VFIO_CHECK_EXTENSION = VFIO_CHECK_EXTENSION;
+const unsigned long CVirtioShim_VFIO_SET_IOMMU = VFIO_SET_IOMMU;
+const unsigned long CVirtioShim_VFIO_GROUP_GET_STATUS = VFIO_GROUP_GET_STATUS;
+const unsigned long CVirtioShim_VFIO_GROUP_SET_CONTAINER = VFIO_GROUP_SET_CONTAINER;
+const unsigned long CVirtioShim_VFIO_GROUP_UNSET_CONTAINER = VFIO_GROUP_UNSET_CONTAINER;
+const unsigned long CVirtioShim_VFIO_GROUP_GET_DEVICE_FD = VFIO_GROUP_GET_DEVICE_FD;
+const unsigned long CVirtioShim_VFIO_DEVICE_GET_INFO = VFIO_DEVICE_GET_INFO;
+const unsigned long CVirtioShim_VFIO_DEVICE_GET_REGION_INFO = VFIO_DEVICE_GET_REGION_INFO;
+const unsigned long CVirtioShim_VFIO_DEVICE_GET_IRQ_INFO = VFIO_DEVICE_GET_IRQ_INFO;
+const unsigned long CVirtioShim_VFIO_DEVICE_SET_IRQS = VFIO_DEVICE_SET_IRQS;
+const unsigned long CVirtioShim_VFIO_DEVICE_RESET = VFIO_DEVICE_RESET;
+const unsigned long CVirtioShim_VFIO_IOMMU_GET_INFO = VFIO_IOMMU_GET_INFO;
+const unsigned long CVirtioShim_VFIO_IOMMU_MAP_DMA = VFIO_IOMMU_MAP_DMA;
+const unsigned long CVirtioShim_VFIO_IOMMU_UNMAP_DMA = VFIO_IOMMU_UNMAP_DMA;
+
+long CVirtioShim_ioctl_ptr(int fd, unsigned long request, void *arg) {
+    int r = ioctl(fd, request, arg);
+    return r < 0 ? -(long)errno : (long)r;
+}
+
+long CVirtioShim_ioctl_value(int fd, unsigned long request, unsigned long value) {
+    int r = ioctl(fd, request, value);
+    return r < 0 ? -(long)errno : (long)r;
+}
+
+int CVirtioShim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+const unsigned int CVirtioShim_MFD_CLOEXEC = MFD_CLOEXEC;

@@ -1,0 +1,134 @@
+/// The device lifecycle of virtio 1.2 §3.1, in order, over any `Transport`.
+///
+/// The seed's rule holds throughout: reset is the only way back. Features are only ever removed by
+/// a reset followed by a new negotiation, and queues are only torn down after a reset.
+public enum Lifecycle {
+    /// One status write and what the device showed afterwards.
+    public struct Transition: Sendable, Equatable {
+        public var wrote: DeviceStatus
+        public var readBack: DeviceStatus
+    }
+
+    /// The outcome of a negotiation.
+    public struct Negotiation: Sendable, Equatable {
+        public var offered: Features
+        public var accepted: Features
+        public var transitions: [Transition]
+    }
+
+    /// Resets the device: write 0 to `device_status`, then wait until it reads back 0.
+    ///
+    /// Virtio 1.2 §4.1.4.3.2: "After writing 0 to device_status, the driver MUST wait for a read of
+    /// device_status to return 0 before reinitializing the device." The wait is bounded by `timeout`;
+    /// polling starts tight and backs off to 1 ms sleeps. Returns the time it took in microseconds.
+    @discardableResult
+    public static func reset<T: Transport & ~Copyable>(
+        _ transport: borrowing T, timeout: Duration = .seconds(5)
+    ) throws(VirtioError) -> Int64 {
+        let clock = ContinuousClock()
+        let start = clock.now
+        transport.writeStatus([])
+        var pause = Duration.microseconds(1)
+        var polls = 0
+        while true {
+            let status = transport.readStatus()
+            if status.rawValue == 0 { return microseconds(clock.now - start) }
+            let waited = clock.now - start
+            if waited > timeout {
+                throw .resetTimeout(lastStatus: status.rawValue, waitedMicroseconds: microseconds(waited))
+            }
+            polls += 1
+            // Most devices finish at once; spin a little, then sleep with backoff up to 1 ms.
+            if polls > 64 {
+                sleep(pause)
+                pause = min(pause * 2, .milliseconds(1))
+            }
+        }
+    }
+
+    /// Steps 2-6 of §3.1.1 after a reset: ACKNOWLEDGE, DRIVER, read the offered features, write the
+    /// accepted subset, set FEATURES_OK and re-read status to confirm the device kept it.
+    ///
+    /// Accepted = offered ∩ `wanted`, plus VERSION_1 (required) and ACCESS_PLATFORM when offered
+    /// (§6.1: the driver SHOULD accept it; our DMA goes through the IOMMU, so it is always true).
+    /// On failure the FAILED bit is set (§3.1.1: "the driver SHOULD set the FAILED status bit")
+    /// and the device stays recoverable by reset.
+    public static func negotiate<T: Transport & ~Copyable>(
+        _ transport: borrowing T, wanted: Features
+    ) throws(VirtioError) -> Negotiation {
+        var transitions: [Transition] = []
+        func set(_ status: DeviceStatus) -> DeviceStatus {
+            transport.writeStatus(status)
+            let readBack = transport.readStatus()
+            transitions.append(Transition(wrote: status, readBack: readBack))
+            return readBack
+        }
+        func fail(_ error: VirtioError) -> VirtioError {
+            let current = transport.readStatus()
+            transport.writeStatus(current.union(.failed))
+            return error
+        }
+
+        // §3.1.1 step 2: the guest OS has noticed the device.
+        var status = set(.acknowledge)
+        // Step 3: the guest OS knows how to drive the device.
+        status = set([.acknowledge, .driver])
+        if !status.isDisjoint(with: [.deviceNeedsReset, .failed]) {
+            throw fail(.deviceFailed(status: status.rawValue, during: "ACKNOWLEDGE|DRIVER"))
+        }
+        // Step 4: read the feature bits, accept a subset.
+        let offered = transport.readDeviceFeatures()
+        guard offered.contains(.version1) else { throw fail(.legacyOnly(offered: offered.rawValue)) }
+        var accepted = offered.intersection(wanted).union(.version1)
+        if offered.contains(.accessPlatform) { accepted.insert(.accessPlatform) }
+        transport.writeDriverFeatures(accepted)
+        // Step 5: no new feature bits after this.
+        status = set([.acknowledge, .driver, .featuresOK])
+        // Step 6: re-read status to ensure FEATURES_OK is still set.
+        guard status.contains(.featuresOK), !status.contains(.failed) else {
+            throw fail(.featuresRejected(offered: offered.rawValue, accepted: accepted.rawValue, status: status.rawValue))
+        }
+        return Negotiation(offered: offered, accepted: accepted, transitions: transitions)
+    }
+
+    /// Step 8 of §3.1.1: the driver is set up; the device is live from here on.
+    public static func driverOK<T: Transport & ~Copyable>(_ transport: borrowing T) throws(VirtioError) {
+        transport.writeStatus([.acknowledge, .driver, .featuresOK, .driverOK])
+        let status = transport.readStatus()
+        if !status.isDisjoint(with: [.deviceNeedsReset, .failed]) || !status.contains(.driverOK) {
+            throw .deviceFailed(status: status.rawValue, during: "DRIVER_OK")
+        }
+    }
+
+    /// Reads device configuration consistently (§2.5.1): repeat while `config_generation` changes,
+    /// at most `attempts` times.
+    public static func readConfig<T: Transport & ~Copyable, R>(
+        _ transport: borrowing T, attempts: Int = 64, _ body: () throws(VirtioError) -> R
+    ) throws(VirtioError) -> R {
+        for _ in 0..<attempts {
+            let before = transport.configGeneration()
+            let value = try body()
+            if transport.configGeneration() == before { return value }
+        }
+        throw .deviceFailed(status: transport.readStatus().rawValue,
+                            during: "configuration read: config_generation changed on each of \(attempts) attempts")
+    }
+
+    static func microseconds(_ d: Duration) -> Int64 {
+        let (seconds, attoseconds) = d.components
+        return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
+    }
+
+    static func sleep(_ d: Duration) {
+        let (seconds, attoseconds) = d.components
+        var request = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
+        var remaining = timespec()
+        while nanosleep(&request, &remaining) != 0 && errno == EINTR { request = remaining }
+    }
+}
+
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif

@@ -1,0 +1,28 @@
+/// Errors of the device lifecycle. Each says what the device did and leaves it recoverable by reset.
+public enum VirtioError: Error, Equatable, CustomStringConvertible {
+    /// Status did not read back 0 after a reset within the timeout (§4.1.4.3.2).
+    case resetTimeout(lastStatus: UInt8, waitedMicroseconds: Int64)
+    /// The device does not offer VERSION_1: it is a legacy device this driver does not drive.
+    case legacyOnly(offered: UInt64)
+    /// The device cleared FEATURES_OK: it refused the accepted subset (§3.1.1 step 6).
+    case featuresRejected(offered: UInt64, accepted: UInt64, status: UInt8)
+    /// The device set DEVICE_NEEDS_RESET or FAILED while being set up.
+    case deviceFailed(status: UInt8, during: String)
+    /// A feature required by this driver is not offered.
+    case missingFeature(String)
+
+    public var description: String {
+        switch self {
+        case .resetTimeout(let status, let waited):
+            return "device status still reads \(DeviceStatus(rawValue: status)) \(waited) µs after writing 0 (reset did not complete); the device is unresponsive: try 'virtio-vfio reset' again, or a function-level reset by unbinding and rebinding it"
+        case .legacyOnly(let offered):
+            return "device does not offer VERSION_1 (offered 0x\(String(offered, radix: 16))): a legacy-only device; use a modern device (QEMU: disable-legacy=on)"
+        case .featuresRejected(let offered, let accepted, let status):
+            return "device refused features 0x\(String(accepted, radix: 16)) (offered 0x\(String(offered, radix: 16))): FEATURES_OK not set after writing it, status \(DeviceStatus(rawValue: status))"
+        case .deviceFailed(let status, let during):
+            return "device reported \(DeviceStatus(rawValue: status)) during \(during); it needs a reset ('virtio-vfio reset BDF')"
+        case .missingFeature(let name):
+            return "device does not offer \(name), which this driver requires"
+        }
+    }
+}

@@ -1,0 +1,65 @@
+import ArgumentParser
+import PCI
+import VFIO
+import Virtio
+import VirtioPCI
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Turns a driver error into one line on stderr and a documented exit code (see `VirtioVFIO`).
+enum Failure {
+    static let usage: Int32 = 64, noInput: Int32 = 66, unavailable: Int32 = 69, ioError: Int32 = 74
+    static let busy: Int32 = 75, protocolError: Int32 = 76, permission: Int32 = 77
+
+    static func exit(_ error: Error) -> ExitCode {
+        printError("virtio-vfio: error: \(error)")
+        return ExitCode(code(for: error))
+    }
+
+    static func code(for error: Error) -> Int32 {
+        switch error {
+        case let e as VirtioPCIError:
+            switch e {
+            case .pci(let p): return code(for: p)
+            case .vfio(let v): return code(for: v)
+            case .virtio: return protocolError
+            case .notVirtio: return unavailable
+            case .mapping: return ioError
+            }
+        case let e as PCIError:
+            switch e {
+            case .badAddress: return usage
+            case .noSuchDevice: return noInput
+            case .unreadable: return ioError
+            case .malformedConfigSpace, .malformedVirtioCapability: return protocolError
+            }
+        case let e as VFIOError:
+            switch e {
+            case .unavailable, .notBound, .groupNotViable, .apiVersion: return unavailable
+            case .open(_, let errno), .ioctl(_, _, let errno):
+                if errno == EACCES || errno == EPERM { return permission }
+                if errno == EBUSY { return busy }
+                if errno == ENOENT || errno == ENODEV { return unavailable }
+                return ioError
+            case .region, .regionIO, .iovaExhausted, .dma: return ioError
+            }
+        case is VirtioError: return protocolError
+        default: return 1
+        }
+    }
+}
+
+/// One line on stderr (unbuffered, so it is never lost or reordered behind stdout).
+func printError(_ line: String) {
+    var text = line + "\n"
+    text.withUTF8 { bytes in
+        var offset = 0
+        while offset < bytes.count {
+            let n = write(2, bytes.baseAddress! + offset, bytes.count - offset)
+            if n < 0 && errno == EINTR { continue }
+            if n <= 0 { return }
+            offset += n
+        }
+    }
+}

@@ -1,0 +1,126 @@
+import ArgumentParser
+import PCI
+import VFIO
+import Virtio
+import VirtioPCI
+
+/// `virtio-vfio info BDF`: what the device is and offers, read through VFIO.
+struct InfoCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "info",
+        abstract: "Open a device through VFIO and show its regions, virtio capabilities, features and queues.",
+        discussion: """
+            The device must be bound to vfio-pci ('tools/vfio-bind bind BDF'). Nothing is reset or \
+            negotiated: the device's status is shown as found. Reading features and queue sizes \
+            writes the select registers, as any driver does.
+            """)
+
+    @OptionGroup var global: GlobalOptions
+    @OptionGroup var device: DeviceArgument
+    @Flag(help: "Print JSON for scripts.") var json = false
+
+    struct Report: Encodable {
+        struct Region: Encodable { var index: Int; var name: String; var size: UInt64; var flags: [String] }
+        struct IRQ: Encodable { var index: Int; var name: String; var count: Int; var flags: [String] }
+        struct Capability: Encodable {
+            var type: String; var bar: Int; var offset: UInt64; var length: UInt64
+            var capabilityOffset: Int; var notifyOffMultiplier: UInt32?
+        }
+        struct Queue: Encodable { var index: Int; var maxSize: UInt16; var notifyOffset: UInt16 }
+        var address: String
+        var virtioType: String
+        var driverVersion: String
+        var iommuGroup: Int?
+        var vfioReset: Bool
+        var iovaRanges: [[UInt64]]
+        var iommuPageSizes: UInt64
+        var regions: [Region]
+        var irqs: [IRQ]
+        var capabilities: [Capability]
+        var ignoredCapabilities: [String]
+        var status: String
+        var statusValue: UInt8
+        var deviceFeatures: UInt64
+        var deviceFeatureNames: [String]
+        var queueCount: Int
+        var queues: [Queue]
+    }
+
+    /// `num_queues` comes from the device: list at most this many.
+    static let maxQueuesShown = 1024
+
+    func run() throws {
+        let address = try device.address()
+        let transport: VirtioPCITransport
+        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot)) } catch {
+            throw Failure.exit(error)
+        }
+        let report = Self.report(transport)
+        if json { try JSONOutput.print(report) } else { Self.printText(report) }
+    }
+
+    static func report(_ t: borrowing VirtioPCITransport) -> Report {
+        let features = t.readDeviceFeatures()
+        let queueCount = t.queueCount()
+        let queues = (0..<min(queueCount, maxQueuesShown)).map {
+            Report.Queue(index: $0, maxSize: t.queueMaxSize($0), notifyOffset: t.queueNotifyOffset($0))
+        }
+        let status = t.readStatus()
+        return Report(
+            address: t.address.description,
+            virtioType: t.deviceType.description,
+            driverVersion: DriverVersion.string,
+            iommuGroup: t.function.iommuGroup,
+            vfioReset: t.deviceInfo.supportsReset,
+            iovaRanges: t.session.iommu.iovaRanges.map { [$0.start, $0.end] },
+            iommuPageSizes: t.session.iommu.pageSizes,
+            regions: t.regions.filter { $0.size > 0 }.map {
+                Report.Region(index: $0.index, name: VFIORegionIndex.name($0.index), size: $0.size, flags: $0.flagNames)
+            },
+            irqs: t.irqs.map { Report.IRQ(index: $0.index, name: VFIOIRQIndex.name($0.index), count: $0.count, flags: $0.flagNames) },
+            capabilities: t.capabilities.all.map {
+                Report.Capability(type: $0.type.name, bar: $0.bar, offset: $0.offset, length: $0.length,
+                                  capabilityOffset: $0.capabilityOffset, notifyOffMultiplier: $0.notifyOffMultiplier)
+            },
+            ignoredCapabilities: t.capabilities.ignored.map { "0x\(hex($0.capabilityOffset, width: 2)): \($0.reason)" },
+            status: status.description,
+            statusValue: status.rawValue,
+            deviceFeatures: features.rawValue,
+            deviceFeatureNames: features.names(for: t.deviceType),
+            queueCount: queueCount,
+            queues: queues
+        )
+    }
+
+    static func printText(_ r: Report) {
+        print("\(r.address): virtio-\(r.virtioType), IOMMU group \(r.iommuGroup.map(String.init) ?? "-"), driver virtio-vfio \(r.driverVersion)")
+        print("VFIO: device reset \(r.vfioReset ? "supported" : "not supported"); IOMMU page sizes 0x\(String(r.iommuPageSizes, radix: 16)); IOVA ranges "
+              + r.iovaRanges.map { "0x\(String($0[0], radix: 16))-0x\(String($0[1], radix: 16))" }.joined(separator: ", "))
+        print("Regions:")
+        for region in r.regions {
+            print("  \(region.name.padding(6))  size 0x\(String(region.size, radix: 16).padding(8))  \(region.flags.joined(separator: ","))")
+        }
+        print("IRQs:")
+        for irq in r.irqs where irq.count > 0 {
+            print("  \(irq.name.padding(6))  \(irq.count) vector\(irq.count == 1 ? "" : "s")  \(irq.flags.joined(separator: ","))")
+        }
+        print("Virtio capabilities:")
+        for c in r.capabilities {
+            var line = "  \(c.type.padding(13)) BAR\(c.bar) offset 0x\(String(c.offset, radix: 16).padding(6)) length 0x\(String(c.length, radix: 16).padding(6)) (cap at 0x\(hex(c.capabilityOffset, width: 2)))"
+            if let m = c.notifyOffMultiplier { line += " notify_off_multiplier \(m)" }
+            print(line)
+        }
+        for ignored in r.ignoredCapabilities { print("  ignored \(ignored)") }
+        print("Status: \(r.status)")
+        print("Device features 0x\(hex(r.deviceFeatures, width: 16)):")
+        print("  " + r.deviceFeatureNames.joined(separator: " "))
+        print("Queues: \(r.queueCount)")
+        for q in r.queues { print("  queue \(q.index): max size \(q.maxSize), notify offset \(q.notifyOffset)") }
+    }
+}
+
+extension String {
+    func padding(_ width: Int) -> String {
+        count >= width ? self : self + String(repeating: " ", count: width - count)
+    }
+}

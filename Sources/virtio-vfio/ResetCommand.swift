@@ -1,0 +1,76 @@
+import ArgumentParser
+import PCI
+import Virtio
+import VirtioPCI
+
+/// `virtio-vfio reset BDF`: the seed's reset, then a fresh negotiation, N times.
+struct ResetCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "reset",
+        abstract: "Reset a device and renegotiate its features, any number of times.",
+        discussion: """
+            Each cycle writes 0 to device_status and waits until it reads 0 (virtio 1.2 §4.1.4.3.2), \
+            then sets ACKNOWLEDGE and DRIVER, accepts VERSION_1 and ACCESS_PLATFORM (plus --feature \
+            bits the device offers), sets FEATURES_OK and checks the device kept it (§3.1.1). After \
+            the last cycle the device is reset again, so it is left clean for the next driver.
+            """)
+
+    @OptionGroup var global: GlobalOptions
+    @OptionGroup var device: DeviceArgument
+    @Option(help: "How many reset + negotiate cycles.") var cycles = 1
+    @Option(name: .customLong("timeout-ms"), help: "How long to wait for status to read 0 after a reset.")
+    var timeoutMilliseconds = 5000
+    @Option(name: .customLong("feature"), help: "Also accept this feature if offered (name or bit number; repeatable).")
+    var features: [String] = []
+    @Flag(help: "Print only the summary, not every cycle.") var quiet = false
+
+    func validate() throws {
+        guard cycles >= 1 else { throw ValidationError("--cycles must be at least 1") }
+        guard timeoutMilliseconds >= 1 else { throw ValidationError("--timeout-ms must be at least 1") }
+    }
+
+    func run() throws {
+        let address = try device.address()
+        let transport: VirtioPCITransport
+        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot)) } catch {
+            throw Failure.exit(error)
+        }
+        var wanted: Features = [.version1, .accessPlatform]
+        for name in features {
+            guard let feature = Features.parse(name, for: transport.deviceType) else {
+                throw Failure.exit(ValidationError("unknown feature '\(name)' for virtio-\(transport.deviceType)"))
+            }
+            wanted.formUnion(feature)
+        }
+        let timeout = Duration.milliseconds(timeoutMilliseconds)
+        let clock = ContinuousClock()
+        var cycleTimes: [Int64] = []
+        print("\(address): virtio-\(transport.deviceType), status before: \(transport.readStatus())")
+        do {
+            for cycle in 1...cycles {
+                let start = clock.now
+                let resetMicroseconds = try Lifecycle.reset(transport, timeout: timeout)
+                let negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
+                let total = microseconds(clock.now - start)
+                cycleTimes.append(total)
+                if !quiet {
+                    let steps = negotiation.transitions.map { "\($0.wrote) -> \($0.readBack)" }
+                    print("cycle \(cycle)/\(cycles): wrote 0 -> read 0 after \(resetMicroseconds) µs; "
+                          + steps.joined(separator: "; ")
+                          + "; accepted 0x\(String(negotiation.accepted.rawValue, radix: 16)) [\(negotiation.accepted.names(for: transport.deviceType).joined(separator: " "))]; \(total) µs")
+                }
+            }
+            // Leave the device reset: no features, no queues, ready for whoever drives it next.
+            try Lifecycle.reset(transport, timeout: timeout)
+        } catch {
+            throw Failure.exit(VirtioPCIError.virtio(address, error))
+        }
+        let sorted = cycleTimes.sorted()
+        print("\(cycles) cycle\(cycles == 1 ? "" : "s") ok; per cycle min \(sorted.first!) µs, median \(sorted[sorted.count / 2]) µs, max \(sorted.last!) µs; status after: \(transport.readStatus())")
+    }
+
+    func microseconds(_ d: Duration) -> Int64 {
+        let (s, a) = d.components
+        return s * 1_000_000 + a / 1_000_000_000_000
+    }
+}
