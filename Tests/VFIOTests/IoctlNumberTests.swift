@@ -40,7 +40,7 @@ struct IoctlNumberTests {
 
     @Test func structLayouts() {
         #expect(MemoryLayout<vfio_group_status>.size == 8)
-        #expect(MemoryLayout<vfio_device_info>.size == 24)
+        #expect(MemoryLayout<vfio_device_info>.size == 20)
         #expect(MemoryLayout<vfio_region_info>.size == 32)
         #expect(MemoryLayout<vfio_irq_info>.size == 16)
         #expect(MemoryLayout<vfio_iommu_type1_info>.size == 24)
