@@ -9,6 +9,7 @@ let package = Package(
     products: [
         .executable(name: "virtio-vfio", targets: ["virtio-vfio"]),
         .library(name: "VirtioPCI", targets: ["VirtioPCI"]),
+        .library(name: "VirtioEmulator", targets: ["VirtioEmulator"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -36,6 +37,8 @@ let package = Package(
         ]),
         // Virtio: transport-independent status, features, device types and the reset/negotiate lifecycle.
         .target(name: "Virtio"),
+        // VirtioEmulator: a spec-strict software device behind the same Transport, for tests.
+        .target(name: "VirtioEmulator", dependencies: ["Virtio"]),
         // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
         .target(name: "VirtioPCI", dependencies: [
             "Virtio", "VFIO", "PCI", "CVirtioShim",
@@ -48,6 +51,6 @@ let package = Package(
         ]),
         .testTarget(name: "PCITests", dependencies: ["PCI", "VirtioPCI"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim"]),
-        .testTarget(name: "VirtioTests", dependencies: ["Virtio"]),
+        .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
     ]
 )
