@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Every HIL test script, in one guest boot. Prints "hil: N passed, N failed" over all of them.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+total_p=0 total_f=0
+for t in Tests/HIL/foundation.sh; do
+  echo "### $t"
+  out=$("$t" 2>&1); rc=$?
+  printf '%s\n' "$out"
+  line=$(grep -E '[0-9]+ passed, [0-9]+ failed' <<<"$out" | tail -n1)
+  p=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$line"); f=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$line")
+  if [[ -z $line ]]; then p=0 f=1; fi
+  if [[ $rc != 0 && ${f:-0} == 0 ]]; then f=1; fi
+  total_p=$((total_p + ${p:-0})); total_f=$((total_f + ${f:-0}))
+done
+echo "hil: $total_p passed, $total_f failed"
+((total_f == 0))
