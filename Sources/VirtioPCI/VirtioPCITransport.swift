@@ -1,6 +1,9 @@
 import PCI
 import VFIO
 import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The modern virtio-pci transport (virtio 1.2 §4.1) over a VFIO device: owns the VFIO session
 /// and the BAR mappings that hold the common, notify, ISR and device configuration structures.
@@ -43,8 +46,19 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         do {
             deviceInfo = try session.device.info()
             // A hostile kernel is out of scope, but keep loops bounded anyway.
-            for index in 0..<min(deviceInfo.regionCount, 16) { regions.append(try session.device.regionInfo(index)) }
-            for index in 0..<min(deviceInfo.irqCount, 8) { irqs.append(try session.device.irqInfo(index)) }
+            for index in 0..<min(deviceInfo.regionCount, 16) {
+                // vfio-pci counts the VGA region (8) for every device but answers EINVAL for it
+                // unless the device is a VGA controller: such a region is absent, not an error.
+                do { regions.append(try session.device.regionInfo(index)) } catch {
+                    guard case .ioctl(_, _, EINVAL) = error, index != VFIORegionIndex.config else { throw error }
+                }
+            }
+            for index in 0..<min(deviceInfo.irqCount, 8) {
+                // ERR (3) and REQ (4) exist only for PCIe functions; EINVAL means absent.
+                do { irqs.append(try session.device.irqInfo(index)) } catch {
+                    guard case .ioctl(_, _, EINVAL) = error, index > VFIOIRQIndex.msix else { throw error }
+                }
+            }
             let (configRegion, bytes) = try session.device.configSpace()
             do { config = try PCIConfigSpace(bytes: bytes) } catch { throw VirtioPCIError.pci(error) }
             let barSizes = (0...5).map { index in

@@ -45,6 +45,7 @@ enum Failure {
             case .region, .regionIO, .iovaExhausted, .dma: return ioError
             }
         case is VirtioError: return protocolError
+        case is ValidationError: return usage
         default: return 1
         }
     }
