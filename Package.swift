@@ -51,6 +51,8 @@ let package = Package(
         ]),
         .testTarget(name: "PCITests", dependencies: ["PCI", "VirtioPCI"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim"]),
+        // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
+        .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
     ]
 )

@@ -9,6 +9,8 @@ public struct VFIOSession: ~Copyable {
     public let group: VFIOGroup
     public let container: VFIOContainer
     public let iommu: IOMMUInfo
+    /// Hands out device addresses inside the IOVA ranges the IOMMU reports.
+    public internal(set) var iovaAllocator: IOVAAllocator
 
     /// Opens `function`, which must be bound to vfio-pci: container, viable group, type1v2 IOMMU, device.
     public init(function: PCIFunction, sysfs: SysfsPCI = SysfsPCI()) throws(VFIOError) {
@@ -24,5 +26,6 @@ public struct VFIOSession: ~Copyable {
         self.group = group
         self.container = container
         self.iommu = iommu
+        self.iovaAllocator = IOVAAllocator(ranges: iommu.iovaRanges, alignment: iommu.minimumPageSize)
     }
 }

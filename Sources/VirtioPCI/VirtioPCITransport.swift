@@ -23,7 +23,7 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     let notify: MMIOWindow
     let isr: MMIOWindow
     let deviceConfig: MMIOWindow?
-    public let session: VFIOSession
+    public private(set) var session: VFIOSession
 
     /// Opens `address` through VFIO and maps its virtio structures. Nothing is written to the
     /// device except enabling memory decoding in its PCI command register if it was off.
@@ -121,6 +121,16 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     }
 
     public var address: PCIAddress { function.address }
+
+    /// Device-visible memory mapped through this device's IOMMU container.
+    public mutating func allocateDMA(size: Int) throws(VFIOError) -> DMABuffer {
+        try session.allocateDMA(size: size)
+    }
+
+    /// Unmaps and frees a DMA buffer. Only once the device can no longer touch it (after a reset).
+    public mutating func free(_ buffer: consuming DMABuffer) throws(VFIOError) {
+        try session.free(buffer)
+    }
 
     // MARK: Transport
 

@@ -3,7 +3,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 total_p=0 total_f=0
-for t in Tests/HIL/foundation.sh; do
+for t in Tests/HIL/foundation.sh Tests/HIL/swift-hil-tests.sh; do
   echo "### $t"
   out=$("$t" 2>&1); rc=$?
   printf '%s\n' "$out"
