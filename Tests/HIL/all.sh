@@ -3,9 +3,9 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 total_p=0 total_f=0
-for t in Tests/HIL/foundation.sh Tests/HIL/swift-hil-tests.sh; do
+for t in Tests/HIL/foundation.sh Tests/HIL/swift-hil-tests.sh Tests/Shell/vfio-bind/guest-e2e.sh; do
   echo "### $t"
-  out=$("$t" 2>&1); rc=$?
+  out=$(VFIO_BIND_E2E=1 "$t" 2>&1); rc=$?
   printf '%s\n' "$out"
   line=$(grep -E '[0-9]+ passed, [0-9]+ failed' <<<"$out" | tail -n1)
   p=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$line"); f=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$line")
