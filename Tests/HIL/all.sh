@@ -8,7 +8,7 @@ for t in Tests/HIL/foundation.sh Tests/HIL/swift-hil-tests.sh Tests/Shell/vfio-b
   out=$(VFIO_BIND_E2E=1 "$t" 2>&1); rc=$?
   printf '%s\n' "$out"
   line=$(grep -E '[0-9]+ passed, [0-9]+ failed' <<<"$out" | tail -n1)
-  p=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<<"$line"); f=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<<"$line")
+  p=$(grep -oE '[0-9]+ passed' <<<"$line" | grep -oE '[0-9]+'); f=$(grep -oE '[0-9]+ failed' <<<"$line" | grep -oE '[0-9]+')
   if [[ -z $line ]]; then p=0 f=1; fi
   if [[ $rc != 0 && ${f:-0} == 0 ]]; then f=1; fi
   total_p=$((total_p + ${p:-0})); total_f=$((total_f + ${f:-0}))
