@@ -28,6 +28,8 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     /// Opens `address` through VFIO and maps its virtio structures. Nothing is written to the
     /// device except enabling memory decoding in its PCI command register if it was off.
     public init(address: PCIAddress, sysfs: SysfsPCI = SysfsPCI()) throws(VirtioPCIError) {
+        // Without VFIO nothing else matters: say so first, before any device is looked at.
+        do { try VFIOAvailability.check(sysfs: sysfs) } catch { throw .vfio(error) }
         let function: PCIFunction
         do { function = try sysfs.function(at: address) } catch { throw .pci(error) }
         guard let type = DeviceType(pciVendor: function.vendorID, pciDevice: function.deviceID,
