@@ -25,6 +25,11 @@ let package = Package(
         ),
         // The only C in the project: ioctl request codes, volatile MMIO, barriers, CMSG, libpci wrappers.
         .target(name: "CVirtioShim", dependencies: ["CLibPCI"]),
+        // Syscalls: one wrapper per system call, ~Copyable descriptors and eventfds.
+        .target(name: "Syscalls", dependencies: [
+            "CVirtioShim",
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
         // PCI: sysfs enumeration, BDF parsing, config-space parsing and the virtio capability walk.
         .target(name: "PCI", dependencies: [
             "CVirtioShim",
@@ -32,11 +37,11 @@ let package = Package(
         ]),
         // VFIO: container/group/device as ~Copyable owners, regions, BAR mmap, DMA map, IRQ info.
         .target(name: "VFIO", dependencies: [
-            "CVirtioShim", "PCI",
+            "CVirtioShim", "PCI", "Syscalls",
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
         // Virtio: transport-independent status, features, device types and the reset/negotiate lifecycle.
-        .target(name: "Virtio"),
+        .target(name: "Virtio", dependencies: ["CVirtioShim", "Syscalls"]),
         // VirtioEmulator: a spec-strict software device behind the same Transport, for tests.
         .target(name: "VirtioEmulator", dependencies: ["Virtio"]),
         // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
@@ -50,7 +55,7 @@ let package = Package(
             .product(name: "Logging", package: "swift-log"),
         ]),
         .testTarget(name: "PCITests", dependencies: ["PCI", "VirtioPCI"]),
-        .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim"]),
+        .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim", "Syscalls"]),
         // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),

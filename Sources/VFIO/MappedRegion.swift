@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVirtioShim
+import Syscalls
 
 /// A BAR mapped into this process with mmap; unmapped when its owner goes away.
 public struct MappedRegion: ~Copyable {

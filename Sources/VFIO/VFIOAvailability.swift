@@ -1,3 +1,4 @@
+import Syscalls
 #if canImport(Glibc)
 import Glibc
 #endif

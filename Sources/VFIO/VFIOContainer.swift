@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVirtioShim
+import Syscalls
 
 /// `/dev/vfio/vfio`: an IOMMU context (one address space) that groups are attached to.
 public struct VFIOContainer: ~Copyable {

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVirtioShim
+import Syscalls
 import PCI
 
 /// A device fd from `VFIO_GROUP_GET_DEVICE_FD`: regions, config space, BAR mappings, IRQs, reset.

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CVirtioShim
+import Syscalls
 import PCI
 
 /// `/dev/vfio/N`: an IOMMU group, the unit of isolation. All its devices belong to one owner.

@@ -1,6 +1,7 @@
 import Testing
 import Glibc
 @testable import VFIO
+import Syscalls
 
 @Suite("MMIO access layer")
 struct MMIOWindowTests {

@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <sys/socket.h>
 #include <linux/vfio.h>
+#include <sys/eventfd.h>
 
 // MARK: - VFIO ioctl request codes (linux/vfio.h)
 extern const unsigned long CVirtioShim_VFIO_GET_API_VERSION;

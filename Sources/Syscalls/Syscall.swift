@@ -1,0 +1,145 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import CVirtioShim
+import SystemPackage
+
+/// One wrapper per system call the driver makes (VFIO, DMA memory, eventfds). Each returns the result or throws the errno.
+///
+/// EINTR policy: `open`, `pread`, `pwrite` and `ioctl` are retried on EINTR (VFIO ioctls can be
+/// interrupted while the kernel waits for a device, e.g. in reset); `close` is never retried
+/// (Linux releases the descriptor even when close reports EINTR).
+public enum Syscall {
+    @inline(never)
+    public static func open(_ path: String, _ flags: Int32) -> Result<Int32, Errno> {
+        while true {
+            let fd = Glibc.open(path, flags | O_CLOEXEC)
+            if fd >= 0 { return .success(fd) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    @inline(never)
+    public static func close(_ fd: Int32) {
+        _ = Glibc.close(fd)
+    }
+
+    /// ioctl with a pointer argument. Returns the ioctl's non-negative result.
+    @inline(never)
+    public static func ioctl(_ fd: Int32, _ request: UInt, _ arg: UnsafeMutableRawPointer?) -> Result<Int, Errno> {
+        while true {
+            let r = CVirtioShim_ioctl_ptr(fd, request, arg)
+            if r >= 0 { return .success(r) }
+            if r != -Int(EINTR) { return .failure(Errno(rawValue: Int32(-r))) }
+        }
+    }
+
+    /// ioctl with an integer argument.
+    @inline(never)
+    public static func ioctl(_ fd: Int32, _ request: UInt, value: UInt) -> Result<Int, Errno> {
+        while true {
+            let r = CVirtioShim_ioctl_value(fd, request, value)
+            if r >= 0 { return .success(r) }
+            if r != -Int(EINTR) { return .failure(Errno(rawValue: Int32(-r))) }
+        }
+    }
+
+    @inline(never)
+    public static func pread(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer, _ offset: UInt64) -> Result<Int, Errno> {
+        while true {
+            let n = Glibc.pread(fd, buffer.baseAddress, buffer.count, off_t(bitPattern: UInt(offset)))
+            if n >= 0 { return .success(n) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    @inline(never)
+    public static func pwrite(_ fd: Int32, _ buffer: UnsafeRawBufferPointer, _ offset: UInt64) -> Result<Int, Errno> {
+        while true {
+            let n = Glibc.pwrite(fd, buffer.baseAddress, buffer.count, off_t(bitPattern: UInt(offset)))
+            if n >= 0 { return .success(n) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    @inline(never)
+    public static func mmap(length: Int, protection: Int32, flags: Int32, fd: Int32, offset: UInt64)
+        -> Result<UnsafeMutableRawPointer, Errno>
+    {
+        let p = Glibc.mmap(nil, length, protection, flags, fd, off_t(bitPattern: UInt(offset)))
+        if p == MAP_FAILED || p == nil { return .failure(Errno(rawValue: errno)) }
+        return .success(p!)
+    }
+
+    @inline(never)
+    public static func munmap(_ address: UnsafeMutableRawPointer, _ length: Int) {
+        _ = Glibc.munmap(address, length)
+    }
+
+    @inline(never)
+    public static func memfdCreate(_ name: String, _ flags: UInt32) -> Result<Int32, Errno> {
+        let fd = CVirtioShim_memfd_create(name, flags | CVirtioShim_MFD_CLOEXEC)
+        return fd >= 0 ? .success(fd) : .failure(Errno(rawValue: errno))
+    }
+
+    @inline(never)
+    public static func ftruncate(_ fd: Int32, _ size: Int) -> Result<Void, Errno> {
+        while true {
+            if Glibc.ftruncate(fd, off_t(size)) == 0 { return .success(()) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    @inline(never)
+    public static func access(_ path: String, _ mode: Int32) -> Result<Void, Errno> {
+        Glibc.access(path, mode) == 0 ? .success(()) : .failure(Errno(rawValue: errno))
+    }
+
+    @inline(never)
+    public static func eventfd(_ initial: UInt32, _ flags: Int32) -> Result<Int32, Errno> {
+        let fd = CVirtioShim.eventfd(initial, flags | Int32(EFD_CLOEXEC))
+        return fd >= 0 ? .success(fd) : .failure(Errno(rawValue: errno))
+    }
+
+    /// read(2) of exactly 8 bytes, as eventfds require. EINTR retried; EAGAIN returned.
+    @inline(never)
+    public static func read64(_ fd: Int32) -> Result<UInt64, Errno> {
+        var value: UInt64 = 0
+        while true {
+            let n = Glibc.read(fd, &value, 8)
+            if n == 8 { return .success(value) }
+            let e = n < 0 ? errno : EIO
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    /// write(2) of exactly 8 bytes, as eventfds require. EINTR retried.
+    @inline(never)
+    public static func write64(_ fd: Int32, _ value: UInt64) -> Result<Void, Errno> {
+        var v = value
+        while true {
+            let n = Glibc.write(fd, &v, 8)
+            if n == 8 { return .success(()) }
+            let e = n < 0 ? errno : EIO
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    /// poll(2) for POLLIN on one descriptor. Returns true if readable, false on timeout.
+    /// EINTR is returned as "not readable" so that the caller re-checks its own state.
+    @inline(never)
+    public static func pollIn(_ fd: Int32, timeoutMilliseconds: Int32) -> Result<Bool, Errno> {
+        var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        let r = Glibc.poll(&p, 1, timeoutMilliseconds)
+        if r > 0 { return .success(p.revents & Int16(POLLIN) != 0) }
+        if r == 0 { return .success(false) }
+        let e = errno
+        return e == EINTR ? .success(false) : .failure(Errno(rawValue: e))
+    }
+}
