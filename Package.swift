@@ -46,7 +46,7 @@ let package = Package(
         .target(name: "VirtioEmulator", dependencies: ["Virtio"]),
         // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
         .target(name: "VirtioPCI", dependencies: [
-            "Virtio", "VFIO", "PCI", "CVirtioShim",
+            "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls",
             .product(name: "Logging", package: "swift-log"),
         ]),
         .executableTarget(name: "virtio-vfio", dependencies: [

@@ -55,3 +55,29 @@ public struct EventFD: ~Copyable {
         }
     }
 }
+
+/// A set of eventfds owned together (one per interrupt vector); all closed when the set goes away.
+/// A class because the set is shared by whoever waits on a vector and the transport that routes it.
+public final class EventFDSet: @unchecked Sendable {
+    public private(set) var descriptors: [Int32] = []
+
+    public init() {}
+
+    /// Replaces the set with `count` new eventfds.
+    public func create(count: Int) throws(Errno) {
+        closeAll()
+        for _ in 0..<count {
+            switch Syscall.eventfd(0, 0) {
+            case .success(let fd): descriptors.append(fd)
+            case .failure(let e): closeAll(); throw e
+            }
+        }
+    }
+
+    public func closeAll() {
+        for fd in descriptors { Syscall.close(fd) }
+        descriptors = []
+    }
+
+    deinit { closeAll() }
+}

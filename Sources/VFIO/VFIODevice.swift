@@ -110,6 +110,38 @@ public struct VFIODevice: ~Copyable {
         }
     }
 
+    /// `VFIO_DEVICE_SET_IRQS` with `ACTION_TRIGGER | DATA_EVENTFD`: vector `start + i` of IRQ
+    /// `index` signals `eventfds[i]`. For MSI-X this also enables MSI-X in the function.
+    public func setIRQs(index: Int, start: Int = 0, eventfds: [Int32]) throws(VFIOError) {
+        let header = 20  // struct vfio_irq_set without its data
+        var buffer = [UInt8](repeating: 0, count: header + 4 * eventfds.count)
+        buffer.withUnsafeMutableBytes { b in
+            b.storeBytes(of: UInt32(b.count), toByteOffset: 0, as: UInt32.self)
+            b.storeBytes(of: UInt32(VFIO_IRQ_SET_DATA_EVENTFD | VFIO_IRQ_SET_ACTION_TRIGGER), toByteOffset: 4, as: UInt32.self)
+            b.storeBytes(of: UInt32(index), toByteOffset: 8, as: UInt32.self)
+            b.storeBytes(of: UInt32(start), toByteOffset: 12, as: UInt32.self)
+            b.storeBytes(of: UInt32(eventfds.count), toByteOffset: 16, as: UInt32.self)
+            for (i, fd) in eventfds.enumerated() { b.storeBytes(of: fd, toByteOffset: header + 4 * i, as: Int32.self) }
+        }
+        let result = buffer.withUnsafeMutableBytes { Syscall.ioctl(fd.raw, CVirtioShim_VFIO_DEVICE_SET_IRQS, $0.baseAddress) }
+        if case .failure(let e) = result {
+            throw .ioctl(name: "VFIO_DEVICE_SET_IRQS(\(VFIOIRQIndex.name(index)), \(eventfds.count) eventfds)",
+                         target: address.description, errno: e.rawValue)
+        }
+    }
+
+    /// Disables every vector of IRQ `index` (`DATA_NONE | ACTION_TRIGGER` with count 0).
+    public func disableIRQs(index: Int) throws(VFIOError) {
+        var set = [UInt32](repeating: 0, count: 5)
+        set[0] = 20
+        set[1] = UInt32(VFIO_IRQ_SET_DATA_NONE | VFIO_IRQ_SET_ACTION_TRIGGER)
+        set[2] = UInt32(index)
+        let result = set.withUnsafeMutableBytes { Syscall.ioctl(fd.raw, CVirtioShim_VFIO_DEVICE_SET_IRQS, $0.baseAddress) }
+        if case .failure(let e) = result {
+            throw .ioctl(name: "VFIO_DEVICE_SET_IRQS(\(VFIOIRQIndex.name(index)), disable)", target: address.description, errno: e.rawValue)
+        }
+    }
+
     /// `VFIO_DEVICE_RESET`: a function-level reset, where the device supports one.
     public func functionReset() throws(VFIOError) {
         if case .failure(let e) = Syscall.ioctl(fd.raw, CVirtioShim_VFIO_DEVICE_RESET, value: 0) {

@@ -21,4 +21,44 @@ public protocol Transport: ~Copyable {
     func queueMaxSize(_ index: Int) -> UInt16
     /// `config_generation` (§2.5.1, §4.1.4.3).
     func configGeneration() -> UInt8
+
+    // MARK: Queues, interrupts, memory (used after FEATURES_OK, before DRIVER_OK; spec 3.1.1 step 7)
+
+    /// Device-visible memory for rings and request buffers.
+    var dma: DMAArena { get }
+    /// Programs and enables queue `index` with `size` entries at `rings`, completions signalled on
+    /// MSI-X `vector` (nil: no interrupt, the driver polls). Returns the queue's doorbell.
+    /// Fails if the queue does not exist, `size` exceeds its maximum, or the vector is refused.
+    func enableQueue(_ index: Int, size: UInt16, rings: QueueRings, vector: UInt16?) throws(VirtioError) -> Doorbell
+    /// Resets one queue (VIRTIO_F_RING_RESET, spec 2.6.1): the device stops using its buffers;
+    /// `enableQueue` brings it back. Other queues keep running.
+    func resetQueue(_ index: Int, timeout: Duration) throws(VirtioError)
+    /// Routes configuration-change interrupts to MSI-X `vector` (nil: none).
+    func setConfigVector(_ vector: UInt16?) throws(VirtioError)
+    /// Reads (and so clears) the ISR status byte (spec 4.1.4.5).
+    func readISR() -> UInt8
+    /// Reads `width` (1, 2, 4) bytes of device-specific configuration at `offset`; nil if outside.
+    func readDeviceConfig(_ offset: Int, width: Int) -> UInt32?
+    /// Enables `count` interrupt vectors, each signalling one eventfd; returns their descriptors
+    /// (owned by the transport, valid until `disableInterrupts` or the transport goes away).
+    func enableInterrupts(count: Int) throws(VirtioError) -> [Int32]
+    /// Disables every interrupt vector.
+    func disableInterrupts()
 }
+
+/// Where a split virtqueue's three parts live, in device addresses (spec 2.7): the descriptor
+/// table, the driver area (available ring) and the device area (used ring).
+public struct QueueRings: Sendable, Equatable {
+    public var descriptors: UInt64
+    public var driver: UInt64
+    public var device: UInt64
+
+    public init(descriptors: UInt64, driver: UInt64, device: UInt64) {
+        self.descriptors = descriptors
+        self.driver = driver
+        self.device = device
+    }
+}
+
+/// `VIRTIO_MSI_NO_VECTOR` (spec 4.1.4.3): no interrupt for this queue or for config changes.
+public let noMSIXVector: UInt16 = 0xFFFF

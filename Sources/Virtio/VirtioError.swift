@@ -10,6 +10,14 @@ public enum VirtioError: Error, Equatable, CustomStringConvertible {
     case deviceFailed(status: UInt8, during: String)
     /// A feature required by this driver is not offered.
     case missingFeature(String)
+    /// The device's arena of DMA memory is too small for what was asked.
+    case outOfDMAMemory(requested: Int, available: Int)
+    /// Setting up a queue failed (bad size from the device, vector refused, queue missing...).
+    case queueSetup(queue: Int, String)
+    /// The device broke the virtqueue protocol; the queue is unusable until a reset (spec 2.7).
+    case brokenQueue(queue: Int, String)
+    /// Interrupts could not be set up or waited for.
+    case interrupts(String)
 
     public var description: String {
         switch self {
@@ -23,6 +31,14 @@ public enum VirtioError: Error, Equatable, CustomStringConvertible {
             return "device reported \(DeviceStatus(rawValue: status)) during \(during); it needs a reset ('virtio-vfio reset BDF')"
         case .missingFeature(let name):
             return "device does not offer \(name), which this driver requires"
+        case .outOfDMAMemory(let requested, let available):
+            return "out of DMA memory: \(requested) bytes requested, \(available) left in the device's arena"
+        case .queueSetup(let queue, let why):
+            return "queue \(queue): \(why)"
+        case .brokenQueue(let queue, let why):
+            return "queue \(queue) broken: \(why); reset the device to recover"
+        case .interrupts(let why):
+            return "interrupts: \(why)"
         }
     }
 }

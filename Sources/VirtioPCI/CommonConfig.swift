@@ -1,4 +1,5 @@
 import VFIO
+import Virtio
 
 /// Register offsets of `struct virtio_pci_common_cfg` (virtio 1.2 §4.1.4.3).
 public enum CommonConfig {
@@ -55,4 +56,18 @@ struct CommonConfigRegisters {
     func queueSize() -> UInt16 { mmio.load16(CommonConfig.queueSize) }
     func queueNotifyOff() -> UInt16 { mmio.load16(CommonConfig.queueNotifyOff) }
     func queueEnable() -> UInt16 { mmio.load16(CommonConfig.queueEnable) }
+    func setQueueSize(_ v: UInt16) { mmio.store16(CommonConfig.queueSize, v) }
+    func queueVector() -> UInt16 { mmio.load16(CommonConfig.queueMSIXVector) }
+    func setQueueVector(_ v: UInt16) { mmio.store16(CommonConfig.queueMSIXVector, v) }
+    func configVector() -> UInt16 { mmio.load16(CommonConfig.configMSIXVector) }
+    func setConfigVector(_ v: UInt16) { mmio.store16(CommonConfig.configMSIXVector, v) }
+    /// 64-bit ring addresses as two 32-bit writes, low half first (§4.1.3.1).
+    func setQueueAddresses(_ rings: QueueRings) {
+        mmio.store64Split(CommonConfig.queueDesc, rings.descriptors)
+        mmio.store64Split(CommonConfig.queueDriver, rings.driver)
+        mmio.store64Split(CommonConfig.queueDevice, rings.device)
+    }
+    func enableQueue() { mmio.store16(CommonConfig.queueEnable, 1) }
+    func queueReset() -> UInt16 { mmio.load16(CommonConfig.queueReset) }
+    func startQueueReset() { mmio.store16(CommonConfig.queueReset, 1) }
 }

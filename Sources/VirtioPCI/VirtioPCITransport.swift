@@ -1,4 +1,5 @@
 import PCI
+import Syscalls
 import VFIO
 import Virtio
 #if canImport(Glibc)
@@ -23,11 +24,17 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     let notify: MMIOWindow
     let isr: MMIOWindow
     let deviceConfig: MMIOWindow?
+    /// The device's DMA memory (one memfd-backed block), carved up by `dma`.
+    let dmaBuffer: DMABuffer?
+    public let dma: DMAArena
+    let interrupts = EventFDSet()
     public private(set) var session: VFIOSession
 
     /// Opens `address` through VFIO and maps its virtio structures. Nothing is written to the
     /// device except enabling memory decoding in its PCI command register if it was off.
-    public init(address: PCIAddress, sysfs: SysfsPCI = SysfsPCI()) throws(VirtioPCIError) {
+    /// `dmaBytes` of device-visible memory are allocated and mapped through the IOMMU for rings and
+    /// buffers (0 for inspection only, as `info` and `reset` do).
+    public init(address: PCIAddress, sysfs: SysfsPCI = SysfsPCI(), dmaBytes: Int = 0) throws(VirtioPCIError) {
         // Without VFIO nothing else matters: say so first, before any device is looked at.
         do { try VFIOAvailability.check(sysfs: sysfs) } catch { throw .vfio(error) }
         let function: PCIFunction
@@ -36,7 +43,7 @@ public struct VirtioPCITransport: ~Copyable, Transport {
                                     subsystemDevice: function.subsystemDeviceID) else {
             throw .notVirtio(function)
         }
-        let session: VFIOSession
+        var session: VFIOSession
         do { session = try VFIOSession(function: function, sysfs: sysfs) } catch { throw .vfio(error) }
 
         let deviceInfo: VFIODeviceInfo
@@ -97,6 +104,16 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         var deviceWindow: MMIOWindow?
         if let device = capabilities.device { deviceWindow = try Self.window(device, maximum: 4096, in: bars, address) }
 
+        if dmaBytes > 0 {
+            let buffer: DMABuffer
+            do { buffer = try session.allocateDMA(size: dmaBytes, name: "virtio-vfio-\(address)") } catch { throw .vfio(error) }
+            self.dma = DMAArena(memory: DMASlice(pointer: buffer.base, deviceAddress: buffer.iova, size: buffer.size))
+            self.dmaBuffer = .some(buffer)
+        } else {
+            // No memory: every allocation from this arena fails with outOfDMAMemory.
+            self.dma = DMAArena(memory: DMASlice(pointer: UnsafeMutableRawPointer(bitPattern: 0x1000)!, deviceAddress: 0, size: 0))
+            self.dmaBuffer = nil
+        }
         self.function = function
         self.deviceType = type
         self.capabilities = capabilities
@@ -155,6 +172,110 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         guard let queue = UInt16(exactly: index) else { return 0 }
         common.select(queue: queue)
         return common.queueNotifyOff()
+    }
+
+    public func enableQueue(_ index: Int, size: UInt16, rings: QueueRings, vector: UInt16?) throws(VirtioError) -> Doorbell {
+        guard index >= 0, index < queueCount(), let queue = UInt16(exactly: index) else {
+            throw .queueSetup(queue: index, "the device has \(queueCount()) queues")
+        }
+        // §4.1.5.1.3 Virtqueue Configuration, in the spec's order:
+        // 1. write the queue index to queue_select;
+        common.select(queue: queue)
+        // 2. read the queue size; 0 means the queue is unavailable.
+        let maximum = common.queueSize()
+        guard maximum != 0 else { throw .queueSetup(queue: index, "the device reports queue size 0 (queue unavailable)") }
+        // QEMU does not enforce its own maximum (HIL.md): never write more than the device reported.
+        guard size > 0, size <= maximum, size & (size &- 1) == 0 else {
+            throw .queueSetup(queue: index, "size \(size) is not a power of two up to the device's maximum \(maximum)")
+        }
+        // 3. optionally a smaller size (§4.1.4.3.2: the driver MUST NOT write 0 or a non-power of 2).
+        common.setQueueSize(size)
+        // 4. MSI-X vector, read back: NO_VECTOR means the device could not allocate it (§4.1.5.1.2).
+        common.setQueueVector(vector ?? noMSIXVector)
+        if let vector, common.queueVector() != vector {
+            throw .queueSetup(queue: index, "the device refused MSI-X vector \(vector) (read back NO_VECTOR)")
+        }
+        // 5. the addresses of the descriptor table, driver area and device area.
+        common.setQueueAddresses(rings)
+        // §4.1.4.4: the doorbell is at cap.offset + queue_notify_off * notify_off_multiplier.
+        let notifyOffset = Int(common.queueNotifyOff()) * Int(capabilities.notify.notifyOffMultiplier ?? 0)
+        guard notifyOffset + 2 <= notify.length else {
+            throw .queueSetup(queue: index, "notify offset \(notifyOffset) is outside the \(notify.length)-byte notify structure")
+        }
+        // The device masters the bus for every ring access: PCI command BUS_MASTER (HIL.md: vfio-pci leaves it off).
+        do { try enableBusMaster() } catch { throw .queueSetup(queue: index, "\(error)") }
+        // 6. enable (§4.1.4.3.2: the driver configures everything else before enabling).
+        common.enableQueue()
+        return Doorbell(address: notify.base + notifyOffset, value: queue)
+    }
+
+    public func resetQueue(_ index: Int, timeout: Duration) throws(VirtioError) {
+        guard let queue = UInt16(exactly: index), index < queueCount() else {
+            throw .queueSetup(queue: index, "the device has \(queueCount()) queues")
+        }
+        // §4.1.4.3.2 (VIRTIO_F_RING_RESET): write 1 to queue_reset, then wait until it reads 0,
+        // after which the device uses no buffer of the queue and queue_enable reads 0.
+        common.select(queue: queue)
+        common.startQueueReset()
+        let clock = ContinuousClock()
+        let start = clock.now
+        while common.queueReset() != 0 {
+            if clock.now - start > timeout {
+                throw .queueSetup(queue: index, "queue_reset still reads 1 after \(timeout); the device did not reset the queue")
+            }
+        }
+        if common.queueEnable() != 0 {
+            throw .brokenQueue(queue: index, "queue_enable reads 1 after a completed queue reset (§4.1.4.3.1)")
+        }
+    }
+
+    public func setConfigVector(_ vector: UInt16?) throws(VirtioError) {
+        common.setConfigVector(vector ?? noMSIXVector)
+        if let vector, common.configVector() != vector {
+            throw .interrupts("the device refused MSI-X vector \(vector) for configuration changes")
+        }
+    }
+
+    public func readISR() -> UInt8 { isr.load8(0) }
+
+    public func readDeviceConfig(_ offset: Int, width: Int) -> UInt32? {
+        guard let window = deviceConfig, [1, 2, 4].contains(width), offset >= 0, offset % width == 0,
+              offset + width <= window.length else { return nil }
+        switch width {
+        case 1: return UInt32(window.load8(offset))
+        case 2: return UInt32(window.load16(offset))
+        default: return window.load32(offset)
+        }
+    }
+
+    public func enableInterrupts(count: Int) throws(VirtioError) -> [Int32] {
+        guard let msix = irqs.first(where: { $0.index == VFIOIRQIndex.msix }), msix.count >= count, count > 0 else {
+            throw .interrupts("\(address) has \(irqs.first { $0.index == VFIOIRQIndex.msix }?.count ?? 0) MSI-X vectors, \(count) needed")
+        }
+        do { try interrupts.create(count: count) } catch { throw .interrupts("eventfd: \(error)") }
+        do { try session.device.setIRQs(index: VFIOIRQIndex.msix, eventfds: interrupts.descriptors) } catch {
+            interrupts.closeAll()
+            throw .interrupts("\(error)")
+        }
+        return interrupts.descriptors
+    }
+
+    public func disableInterrupts() {
+        guard !interrupts.descriptors.isEmpty else { return }
+        try? session.device.disableIRQs(index: VFIOIRQIndex.msix)
+        interrupts.closeAll()
+    }
+
+    /// Sets Memory Space and Bus Master in the PCI command register (PCI Local Bus Spec 6.2.2).
+    func enableBusMaster() throws(VFIOError) {
+        let region = try session.device.regionInfo(VFIORegionIndex.config)
+        let bytes = try session.device.read(region: region, offset: UInt64(PCIConfigSpace.Offset.command), count: 2)
+        let command = UInt16(bytes[0]) | UInt16(bytes[1]) << 8
+        let wanted = command | PCIConfigSpace.Command.memorySpace | PCIConfigSpace.Command.busMaster
+        if wanted != command {
+            try session.device.write(region: region, offset: UInt64(PCIConfigSpace.Offset.command),
+                                     bytes: [UInt8(wanted & 0xFF), UInt8(wanted >> 8)])
+        }
     }
 
     /// Length of the device-specific configuration window this driver mapped (0 if none).

@@ -1,0 +1,60 @@
+/// Byte layout of a split virtqueue (virtio 1.2 §2.7): offsets and sizes, in one place.
+public enum SplitQueueLayout {
+    /// struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; } (§2.7.5)
+    public static let descriptorSize = 16
+    public static let descriptorAlignment = 16
+    /// struct virtq_avail { le16 flags; le16 idx; le16 ring[N]; le16 used_event; } (§2.7.6)
+    public static let availAlignment = 2
+    /// struct virtq_used { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[N]; le16 avail_event; } (§2.7.8)
+    public static let usedAlignment = 4
+    public static let usedElementSize = 8
+
+    public static func descriptorTableSize(_ n: Int) -> Int { descriptorSize * n }
+    public static func availSize(_ n: Int) -> Int { 4 + 2 * n + 2 }
+    public static func usedSize(_ n: Int) -> Int { 4 + usedElementSize * n + 2 }
+
+    // Descriptor flags (§2.7.5).
+    public static let flagNext: UInt16 = 1
+    public static let flagWrite: UInt16 = 2
+    public static let flagIndirect: UInt16 = 4
+    // Ring flags (§2.7.7, §2.7.10).
+    public static let availNoInterrupt: UInt16 = 1
+    public static let usedNoNotify: UInt16 = 1
+
+    /// Largest split queue (§2.7: Queue Size is at most 32768).
+    public static let maximumSize = 32768
+
+    /// vring_need_event (§2.7.7.2, §2.7.10.1): whether moving an index from `old` to `new` passes
+    /// the other side's `event` index, i.e. whether it asked to be told.
+    @inline(__always)
+    public static func needsEvent(event: UInt16, new: UInt16, old: UInt16) -> Bool {
+        new &- event &- 1 < new &- old
+    }
+}
+
+/// The device-visible memory of one split queue: rings plus, with VIRTIO_F_INDIRECT_DESC, one
+/// indirect table per head. Allocated once from the device's arena and reused after a reset.
+public struct SplitQueueMemory: Sendable {
+    public let size: UInt16
+    public let descriptors: DMASlice
+    public let avail: DMASlice
+    public let used: DMASlice
+    /// `size` tables of `indirectEntries` descriptors each, or nil.
+    public let indirect: DMASlice?
+    public let indirectEntries: Int
+
+    public init(arena: DMAArena, size: UInt16, indirectEntries: Int = 0) throws(VirtioError) {
+        let n = Int(size)
+        descriptors = try arena.allocate(SplitQueueLayout.descriptorTableSize(n), alignment: 4096)
+        avail = try arena.allocate(SplitQueueLayout.availSize(n), alignment: 64)
+        used = try arena.allocate(SplitQueueLayout.usedSize(n), alignment: 4096)
+        indirect = indirectEntries > 0
+            ? try arena.allocate(n * indirectEntries * SplitQueueLayout.descriptorSize, alignment: 4096) : nil
+        self.size = size
+        self.indirectEntries = indirectEntries
+    }
+
+    public var rings: QueueRings {
+        QueueRings(descriptors: descriptors.deviceAddress, driver: avail.deviceAddress, device: used.deviceAddress)
+    }
+}
