@@ -49,8 +49,11 @@ let package = Package(
             "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
+        .target(name: "VirtioDevices", dependencies: ["Virtio"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "Virtio", "VFIO", "PCI",
+            "VirtioPCI", "VirtioDevices", "Virtio", "VFIO", "PCI", "Syscalls",
+            .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),

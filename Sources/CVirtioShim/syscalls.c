@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 #include <errno.h>
 #include <sys/ioctl.h>
+#include <linux/random.h>
 
 const unsigned long CVirtioShim_VFIO_GET_API_VERSION = VFIO_GET_API_VERSION;
 const unsigned long CVirtioShim_VFIO_CHECK_EXTENSION = VFIO_CHECK_EXTENSION;
@@ -20,6 +21,7 @@ const unsigned long CVirtioShim_VFIO_DEVICE_RESET = VFIO_DEVICE_RESET;
 const unsigned long CVirtioShim_VFIO_IOMMU_GET_INFO = VFIO_IOMMU_GET_INFO;
 const unsigned long CVirtioShim_VFIO_IOMMU_MAP_DMA = VFIO_IOMMU_MAP_DMA;
 const unsigned long CVirtioShim_VFIO_IOMMU_UNMAP_DMA = VFIO_IOMMU_UNMAP_DMA;
+const unsigned long CVirtioShim_RNDADDENTROPY = RNDADDENTROPY;
 
 long CVirtioShim_ioctl_ptr(int fd, unsigned long request, void *arg) {
     int r = ioctl(fd, request, arg);

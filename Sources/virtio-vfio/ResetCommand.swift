@@ -35,13 +35,7 @@ struct ResetCommand: ParsableCommand {
         do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot)) } catch {
             throw Failure.exit(error)
         }
-        var wanted: Features = [.version1, .accessPlatform]
-        for name in features {
-            guard let feature = Features.parse(name, for: transport.deviceType) else {
-                throw Failure.exit(ValidationError("unknown feature '\(name)' for virtio-\(transport.deviceType)"))
-            }
-            wanted.formUnion(feature)
-        }
+        let wanted = try parseFeatures(features, for: transport.deviceType).union([.version1, .accessPlatform])
         let timeout = Duration.milliseconds(timeoutMilliseconds)
         let clock = ContinuousClock()
         var cycleTimes: [Int64] = []

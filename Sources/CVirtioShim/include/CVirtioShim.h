@@ -34,6 +34,9 @@ extern const unsigned long CVirtioShim_VFIO_IOMMU_GET_INFO;
 extern const unsigned long CVirtioShim_VFIO_IOMMU_MAP_DMA;
 extern const unsigned long CVirtioShim_VFIO_IOMMU_UNMAP_DMA;
 
+/// RNDADDENTROPY from <linux/random.h>: add bytes to the kernel's entropy pool, with a credit.
+extern const unsigned long CVirtioShim_RNDADDENTROPY;
+
 // MARK: - syscalls Swift cannot call directly
 
 /// ioctl(fd, request, arg) with a pointer argument. Returns the ioctl's result (>= 0) or -errno.

@@ -1,0 +1,108 @@
+import Virtio
+
+/// virtio-rng (virtio 1.2 §5.4): one request queue; the device fills device-writable buffers with
+/// entropy. Generic over the transport: the PCI transport in production, the emulator in tests.
+///
+/// Every buffer of the queue is kept posted; `read` hands out what the device wrote and posts the
+/// buffer again. The data path allocates nothing.
+public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
+    public var transport: T
+    public let negotiation: Lifecycle.Negotiation
+    public let bufferSize: Int
+    public let mode: CompletionMode
+    var queue: SplitQueue
+    /// Buffer slots not posted to the device (completed, waiting to be posted again).
+    var idle: SlotStack
+    let buffers: DMASlice
+    let waiter: CompletionWaiter
+    /// Bytes handed to the caller so far, and requests completed.
+    public private(set) var bytesRead = 0
+    public private(set) var completions = 0
+
+    /// Resets the device, negotiates `wanted` (what the device offers of it, plus VERSION_1 and
+    /// ACCESS_PLATFORM), builds the queue with `bufferSize`-byte buffers and sets DRIVER_OK
+    /// (spec 3.1.1 steps 1-8).
+    public init(transport: consuming T, wanted: Features = [], mode: CompletionMode = .poll,
+                bufferSize: Int = 4096, queueSize: UInt16? = nil) throws(VirtioError) {
+        guard transport.deviceType == .entropy else {
+            throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-rng")
+        }
+        try Lifecycle.reset(transport)
+        let negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
+        let maximum = transport.queueMaxSize(0)
+        guard maximum > 0 else { throw .queueSetup(queue: 0, "the device reports no request queue") }
+        // The largest power of two not above the device's maximum (or the size asked for).
+        var size = UInt16(1) << UInt16(15 - min(maximum, UInt16(SplitQueueLayout.maximumSize)).leadingZeroBitCount)
+        if let queueSize { size = min(size, queueSize) }
+        transport.dma.reset()
+        let memory = try SplitQueueMemory(arena: transport.dma, size: size)
+        let buffers = try transport.dma.allocate(Int(size) * bufferSize, alignment: 4096)
+        var eventfd: Int32?
+        if mode != .poll {
+            eventfd = try transport.enableInterrupts(count: 1).first
+        }
+        try transport.setConfigVector(nil)
+        let doorbell = try transport.enableQueue(0, size: size, rings: memory.rings, vector: mode == .poll ? nil : 0)
+        var queue = SplitQueue(index: 0, memory: memory, features: negotiation.accepted, doorbell: doorbell)
+        queue.suppressInterrupts()
+        try Lifecycle.driverOK(transport)
+        var idle = SlotStack(filledTo: Int(size))
+        // Post every buffer (spec 5.4.6: the driver supplies device-writable buffers).
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        self.idle = idle
+        self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd)
+        self.queue = queue
+        self.buffers = buffers
+        self.bufferSize = bufferSize
+        self.mode = mode
+        self.negotiation = negotiation
+        self.transport = transport
+    }
+
+    /// Reads exactly `count` bytes of entropy, passing each piece the device produced to `body`.
+    public mutating func read(_ count: Int, _ body: (UnsafeRawBufferPointer) -> Void) throws(VirtioError) {
+        var remaining = count
+        while remaining > 0 {
+            try waiter.wait(for: &queue)
+            let base = buffers.pointer, size = bufferSize
+            var handed = 0
+            var done = 0
+            _ = try queue.drainUsed { token, length in
+                // The queue checked length against the buffer's size; the token is our slot number.
+                let n = min(Int(length), remaining - handed)
+                if n > 0 { body(UnsafeRawBufferPointer(start: base + Int(token) * size, count: n)) }
+                handed += n
+                done += 1
+                idle.push(Int(token))
+            }
+            remaining -= handed
+            bytesRead += handed
+            completions += done
+            try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        }
+    }
+
+    /// Posts every idle buffer slot as one device-writable buffer and tells the device.
+    static func post(_ idle: inout SlotStack, to queue: inout SplitQueue, buffers: DMASlice, bufferSize: Int) throws(VirtioError) {
+        while let slot = idle.pop() {
+            var segment = BufferSegment(address: buffers.deviceAddress + UInt64(slot * bufferSize),
+                                        length: UInt32(bufferSize), deviceWritable: true)
+            let added = try withUnsafePointer(to: &segment) { (p) throws(VirtioError) in
+                try queue.add(UnsafeBufferPointer(start: p, count: 1), token: UInt64(slot))
+            }
+            if !added { idle.push(slot); break }
+        }
+        queue.publish()
+    }
+
+    /// Shuts down as the seed says: reset first (the device then uses no buffer), then reclaim the
+    /// buffers and free the queue. Returns the transport for the next user.
+    public consuming func shutdown() throws(VirtioError) -> T {
+        try Lifecycle.reset(transport)
+        var cancelled = 0
+        queue.cancelAll { _ in cancelled += 1 }
+        transport.disableInterrupts()
+        transport.dma.reset()
+        return transport
+    }
+}
