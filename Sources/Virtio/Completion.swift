@@ -13,6 +13,32 @@ public enum CompletionMode: String, Sendable, CaseIterable {
     case hybrid
 }
 
+/// How a wait ended.
+public enum Wake: Sendable {
+    /// Used buffers were already there.
+    case ready
+    /// Found by polling.
+    case polled
+    /// An interrupt (the queue's eventfd) fired.
+    case interrupt
+    /// Found when re-checking after arming the interrupt, or after a poll timeout.
+    case recheck
+}
+
+/// Counts of how waits ended, for reports and tests.
+public struct WakeCounts: Sendable, Equatable {
+    public var ready = 0, polled = 0, interrupts = 0, rechecks = 0
+    public init() {}
+    public mutating func count(_ wake: Wake) {
+        switch wake {
+        case .ready: ready += 1
+        case .polled: polled += 1
+        case .interrupt: interrupts += 1
+        case .recheck: rechecks += 1
+        }
+    }
+}
+
 /// Waits for completions on one queue in the chosen mode. The eventfd is borrowed from the
 /// transport (which owns it) and only read here.
 public struct CompletionWaiter: Sendable {
@@ -33,18 +59,20 @@ public struct CompletionWaiter: Sendable {
     }
 
     /// Returns once `queue` has used buffers; throws if the device stays silent past `timeout`.
-    public func wait(for queue: inout SplitQueue) throws(VirtioError) {
-        if queue.hasUsed() { return }
+    @discardableResult
+    public func wait(for queue: inout SplitQueue) throws(VirtioError) -> Wake {
+        if queue.hasUsed() { return .ready }
         let clock = ContinuousClock()
         let start = clock.now
         switch mode {
         case .poll:
             try spin(queue: &queue, until: start + timeout, clock: clock)
+            return .polled
         case .hybrid:
-            if (try? spin(queue: &queue, until: start + pollBudget, clock: clock)) != nil { return }
-            try sleep(queue: &queue, start: start, clock: clock)
+            if (try? spin(queue: &queue, until: start + pollBudget, clock: clock)) != nil { return .polled }
+            return try sleep(queue: &queue, start: start, clock: clock)
         case .msix:
-            try sleep(queue: &queue, start: start, clock: clock)
+            return try sleep(queue: &queue, start: start, clock: clock)
         }
     }
 
@@ -59,11 +87,11 @@ public struct CompletionWaiter: Sendable {
         }
     }
 
-    func sleep(queue: inout SplitQueue, start: ContinuousClock.Instant, clock: ContinuousClock) throws(VirtioError) {
+    func sleep(queue: inout SplitQueue, start: ContinuousClock.Instant, clock: ContinuousClock) throws(VirtioError) -> Wake {
         guard let eventfd else { preconditionFailure("interrupt mode without an eventfd") }
         while true {
             // Arm, then re-check: a completion that raced the arming is seen here (spec 2.7.7.1).
-            if !queue.armInterrupts() { queue.suppressInterrupts(); return }
+            if !queue.armInterrupts() { queue.suppressInterrupts(); return .recheck }
             let left = timeout - (clock.now - start)
             if left <= .zero {
                 queue.suppressInterrupts()
@@ -71,13 +99,14 @@ public struct CompletionWaiter: Sendable {
             }
             let (seconds, attoseconds) = left.components
             let milliseconds = Int32(clamping: seconds * 1000 + attoseconds / 1_000_000_000_000_000 + 1)
+            var fired = false
             switch Syscall.pollIn(eventfd, timeoutMilliseconds: milliseconds) {
             case .failure(let e): throw .interrupts("poll on the queue's eventfd: \(e)")
-            case .success(true): _ = Syscall.read64(eventfd)  // consume the count; the used ring is the truth
+            case .success(true): _ = Syscall.read64(eventfd); fired = true  // the used ring is the truth
             case .success(false): break
             }
             queue.suppressInterrupts()
-            if queue.hasUsed() { return }
+            if queue.hasUsed() { return fired ? .interrupt : .recheck }
         }
     }
 }

@@ -27,7 +27,7 @@ public struct SplitQueue: ~Copyable {
     public let index: Int
     public let size: UInt16
     public let memory: SplitQueueMemory
-    let doorbell: Doorbell
+    public let doorbell: Doorbell
     let eventIndex: Bool
     let useIndirect: Bool
     let mask: UInt16

@@ -18,6 +18,8 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     /// Bytes handed to the caller so far, and requests completed.
     public private(set) var bytesRead = 0
     public private(set) var completions = 0
+    /// How waits for the device ended (polled, interrupt...).
+    public private(set) var wakes = WakeCounts()
 
     /// Resets the device, negotiates `wanted` (what the device offers of it, plus VERSION_1 and
     /// ACCESS_PLATFORM), builds the queue with `bufferSize`-byte buffers and sets DRIVER_OK
@@ -63,7 +65,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     public mutating func read(_ count: Int, _ body: (UnsafeRawBufferPointer) -> Void) throws(VirtioError) {
         var remaining = count
         while remaining > 0 {
-            try waiter.wait(for: &queue)
+            wakes.count(try waiter.wait(for: &queue))
             let base = buffers.pointer, size = bufferSize
             var handed = 0
             var done = 0
@@ -93,6 +95,27 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             if !added { idle.push(slot); break }
         }
         queue.publish()
+    }
+
+    /// Resets only the request queue (VIRTIO_F_RING_RESET, spec 2.6.1) while the device stays live:
+    /// the device stops using the queue's buffers, every one of them is reclaimed, and the queue is
+    /// rebuilt on the same memory and enabled again. Returns how many buffers were reclaimed.
+    public mutating func resetQueue(timeout: Duration = .seconds(5)) throws(VirtioError) -> Int {
+        guard negotiation.accepted.contains(.ringReset) else {
+            throw .missingFeature("RING_RESET (negotiate it with --feature RING_RESET)")
+        }
+        try transport.resetQueue(0, timeout: timeout)
+        // After the queue reset the device uses none of its buffers: reclaim them all, then build
+        // the queue again on the same (zeroed) memory. The doorbell does not move (queue_notify_off
+        // is fixed), so the new queue keeps it.
+        var old = SplitQueue(index: 0, memory: queue.memory, features: negotiation.accepted, doorbell: queue.doorbell)
+        swap(&old, &queue)
+        var reclaimed = 0
+        old.cancelAll { slot in idle.push(Int(slot)); reclaimed += 1 }
+        _ = try transport.enableQueue(0, size: queue.size, rings: queue.rings, vector: mode == .poll ? nil : 0)
+        queue.suppressInterrupts()
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        return reclaimed
     }
 
     /// Shuts down as the seed says: reset first (the device then uses no buffer), then reclaim the

@@ -48,6 +48,16 @@ struct CommonConfigRegisters {
         mmio.store32(CommonConfig.driverFeature, UInt32(truncatingIfNeeded: value >> 32))
     }
 
+    /// The accepted bits as the device presents them (§4.1.4.3.1: the device MUST present the valid
+    /// feature bits the driver has written).
+    func driverFeatures() -> UInt64 {
+        mmio.store32(CommonConfig.driverFeatureSelect, 0)
+        let low = mmio.load32(CommonConfig.driverFeature)
+        mmio.store32(CommonConfig.driverFeatureSelect, 1)
+        let high = mmio.load32(CommonConfig.driverFeature)
+        return UInt64(low) | UInt64(high) << 32
+    }
+
     func numQueues() -> UInt16 { mmio.load16(CommonConfig.numQueues) }
     func configGeneration() -> UInt8 { mmio.load8(CommonConfig.configGeneration) }
 

@@ -158,6 +158,8 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     public func readDeviceFeatures() -> Features { Features(rawValue: common.deviceFeatures()) }
     public func writeDriverFeatures(_ features: Features) { common.setDriverFeatures(features.rawValue) }
     public func queueCount() -> Int { Int(common.numQueues()) }
+    /// The features the device says the driver accepted (meaningful once FEATURES_OK is set).
+    public func readDriverFeatures() -> Features { Features(rawValue: common.driverFeatures()) }
     public func configGeneration() -> UInt8 { common.configGeneration() }
 
     public func queueMaxSize(_ index: Int) -> UInt16 {

@@ -42,6 +42,9 @@ struct InfoCommand: ParsableCommand {
         var statusValue: UInt8
         var deviceFeatures: UInt64
         var deviceFeatureNames: [String]
+        /// What a driver negotiated, if the device is past FEATURES_OK (as the device presents it).
+        var negotiatedFeatures: UInt64?
+        var negotiatedFeatureNames: [String]?
         var queueCount: Int
         var queues: [Queue]
     }
@@ -66,6 +69,7 @@ struct InfoCommand: ParsableCommand {
             Report.Queue(index: $0, maxSize: t.queueMaxSize($0), notifyOffset: t.queueNotifyOffset($0))
         }
         let status = t.readStatus()
+        let negotiated = status.contains(.featuresOK) ? t.readDriverFeatures() : nil
         return Report(
             address: t.address.description,
             virtioType: t.deviceType.description,
@@ -87,6 +91,8 @@ struct InfoCommand: ParsableCommand {
             statusValue: status.rawValue,
             deviceFeatures: features.rawValue,
             deviceFeatureNames: features.names(for: t.deviceType),
+            negotiatedFeatures: negotiated?.rawValue,
+            negotiatedFeatureNames: negotiated?.names(for: t.deviceType),
             queueCount: queueCount,
             queues: queues
         )
@@ -114,6 +120,12 @@ struct InfoCommand: ParsableCommand {
         print("Status: \(r.status)")
         print("Device features 0x\(hex(r.deviceFeatures, width: 16)):")
         print("  " + r.deviceFeatureNames.joined(separator: " "))
+        if let negotiated = r.negotiatedFeatures, let names = r.negotiatedFeatureNames {
+            print("Negotiated features 0x\(hex(negotiated, width: 16)):")
+            print("  " + names.joined(separator: " "))
+        } else {
+            print("Negotiated features: none (status has no FEATURES_OK)")
+        }
         print("Queues: \(r.queueCount)")
         for q in r.queues { print("  queue \(q.index): max size \(q.maxSize), notify offset \(q.notifyOffset)") }
     }

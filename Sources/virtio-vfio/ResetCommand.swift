@@ -22,6 +22,12 @@ struct ResetCommand: ParsableCommand {
     var timeoutMilliseconds = 5000
     @Option(name: .customLong("feature"), help: "Also accept this feature if offered (name or bit number; repeatable).")
     var features: [String] = []
+    @Option(name: .customLong("alternate"), help: "Accept this feature (if offered) on odd cycles only (repeatable).")
+    var alternate: [String] = []
+    @Flag(help: "Leave the device negotiated (FEATURES_OK) after the last cycle instead of reset, so 'info' shows the set.")
+    var keep = false
+    @Option(help: ArgumentHelp("Reset only queue N of a running device (VIRTIO_F_RING_RESET, spec 2.6.1) instead.", valueName: "N"))
+    var queue: Int?
     @Flag(help: "Print only the summary, not every cycle.") var quiet = false
 
     func validate() throws {
@@ -32,10 +38,16 @@ struct ResetCommand: ParsableCommand {
     func run() throws {
         let address = try device.address()
         let transport: VirtioPCITransport
-        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot)) } catch {
+        // A per-queue reset runs the device, which needs DMA memory for its rings and buffers.
+        let dmaBytes = queue == nil ? 0 : 2 << 20
+        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot), dmaBytes: dmaBytes) } catch {
             throw Failure.exit(error)
         }
+        if let queue {
+            return try QueueResetRun(address: address, queue: queue, cycles: cycles).run(transport: transport, features: features)
+        }
         let wanted = try parseFeatures(features, for: transport.deviceType).union([.version1, .accessPlatform])
+        let alternating = try parseFeatures(alternate, for: transport.deviceType)
         let timeout = Duration.milliseconds(timeoutMilliseconds)
         let clock = ContinuousClock()
         var cycleTimes: [Int64] = []
@@ -44,7 +56,7 @@ struct ResetCommand: ParsableCommand {
             for cycle in 1...cycles {
                 let start = clock.now
                 let resetMicroseconds = try Lifecycle.reset(transport, timeout: timeout)
-                let negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
+                let negotiation = try Lifecycle.negotiate(transport, wanted: cycle % 2 == 1 ? wanted.union(alternating) : wanted)
                 let total = microseconds(clock.now - start)
                 cycleTimes.append(total)
                 if !quiet {
@@ -55,7 +67,7 @@ struct ResetCommand: ParsableCommand {
                 }
             }
             // Leave the device reset: no features, no queues, ready for whoever drives it next.
-            try Lifecycle.reset(transport, timeout: timeout)
+            if !keep { try Lifecycle.reset(transport, timeout: timeout) }
         } catch {
             throw Failure.exit(VirtioPCIError.virtio(address, error))
         }

@@ -63,6 +63,7 @@ struct RngCommand: ParsableCommand {
         let elapsed = clock.now - start
         let negotiated = rng.negotiation.accepted.names(for: .entropy).joined(separator: " ")
         let completions = rng.completions
+        let wakes = rng.wakes
         do { _ = try rng.shutdown() } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         if writeError != 0 {
             printError("virtio-vfio: error: writing to stdout: \(describeErrno(writeError))")
@@ -71,7 +72,8 @@ struct RngCommand: ParsableCommand {
         if !quiet {
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
             printError("\(address): \(bytes) bytes in \(completions) completions, \(irq) mode, "
-                       + "\(String(format2(Double(bytes) / seconds / 1e6))) MB/s; features [\(negotiated)]")
+                       + "\(String(format2(Double(bytes) / seconds / 1e6))) MB/s; waits: \(wakes.interrupts) interrupts, "
+                       + "\(wakes.polled) polled, \(wakes.rechecks) rechecks, \(wakes.ready) ready; features [\(negotiated)]")
         }
     }
 }
