@@ -44,6 +44,9 @@ struct RngCommand: ParsableCommand {
             transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot),
                                                dmaBytes: 1 << 20 + 256 * bufferSize)
         } catch { throw Failure.exit(error) }
+        guard transport.deviceType == .entropy else {
+            throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-rng"))
+        }
         let wanted = try parseFeatures(features, for: transport.deviceType)
         let clock = ContinuousClock()
         let start = clock.now
