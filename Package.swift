@@ -61,6 +61,9 @@ let package = Package(
         .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim", "Syscalls"]),
         // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
+        .testTarget(name: "VirtqueueTests", dependencies: ["Virtio"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
+        // The emulator itself, driven by a hand-written driver-side ring writer.
+        .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio"]),
     ]
 )
