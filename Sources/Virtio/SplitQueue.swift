@@ -316,8 +316,28 @@ public struct SplitQueue: ~Copyable {
     /// hands every request still in flight back to its owner (in head order).
     /// The queue is consumed; build a new one on the same memory to continue.
     public consuming func cancelAll(_ body: (UInt64) -> Void) {
+        reclaimAll(body)
+    }
+
+    /// `cancelAll` without giving the queue up: every request in flight is handed back and the
+    /// queue is as new (empty rings, all descriptors free, indices 0). Only after a reset; the
+    /// queue must be enabled on the device again before it is used.
+    public mutating func reclaimAll(_ body: (UInt64) -> Void) {
         for head in 0..<Int(size) where chainLength[head] != 0 {
             body(tokens[head])
+            chainLength[head] = 0
+            writableBytes[head] = 0
         }
+        for i in 0..<Int(size) { nextFree[i] = UInt16(truncatingIfNeeded: i + 1) }
+        descriptors.initializeMemory(as: UInt8.self, repeating: 0, count: memory.descriptors.size)
+        avail.initializeMemory(as: UInt8.self, repeating: 0, count: memory.avail.size)
+        used.initializeMemory(as: UInt8.self, repeating: 0, count: memory.used.size)
+        freeHead = 0
+        freeCount = Int(size)
+        availIndex = 0
+        publishedAvailIndex = 0
+        lastUsedIndex = 0
+        inFlight = 0
+        brokenReason = nil
     }
 }

@@ -1,0 +1,194 @@
+import Virtio
+
+/// What a block request can fail with, beyond a broken device.
+public enum BlockError: Error, Equatable, CustomStringConvertible {
+    case virtio(VirtioError)
+    /// The device answered VIRTIO_BLK_S_IOERR (or a short transfer).
+    case ioError(type: String, sector: UInt64)
+    /// The device answered VIRTIO_BLK_S_UNSUPP, or the feature was not negotiated.
+    case unsupported(String)
+    /// Writes to a device that offered VIRTIO_BLK_F_RO (§5.2.6.2: the driver MUST NOT).
+    case readOnly
+    /// A range past the device's capacity, or not a whole number of sectors.
+    case outOfRange(String)
+
+    public var description: String {
+        switch self {
+        case .virtio(let e): return e.description
+        case .ioError(let type, let sector): return "\(type) at sector \(sector) failed: the device reported an I/O error"
+        case .unsupported(let what): return "\(what) is not supported by this device"
+        case .readOnly: return "the device is read-only (VIRTIO_BLK_F_RO)"
+        case .outOfRange(let why): return why
+        }
+    }
+}
+
+/// virtio-blk (virtio 1.2 §5.2) over any transport: negotiation, validated configuration, and one
+/// request queue with pipelined synchronous helpers for scripting (`read`, `write`, `flush`, `id`).
+public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
+    public var transport: T
+    public let negotiation: Lifecycle.Negotiation
+    public let config: BlockConfig
+    public var queue: BlockQueue
+
+    /// The features this driver uses when offered (§5.2.3).
+    public static var supported: Features {
+        [.blkSizeMax, .blkSegMax, .blkBlockSize, .blkReadOnly, .blkFlush, .blkTopology, .blkConfigWCE,
+         .blkDiscard, .blkWriteZeroes, .ringIndirectDesc, .ringEventIdx]
+    }
+
+    public init(transport: consuming T, wanted: Features = BlockDevice.supported, mode: CompletionMode = .poll,
+                maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil) throws(VirtioError) {
+        guard transport.deviceType == .block else {
+            throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-blk")
+        }
+        try Lifecycle.reset(transport)
+        let negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
+        let config = try BlockConfig(reading: transport, features: negotiation.accepted)
+        transport.dma.reset()
+        var eventfd: Int32?
+        if mode != .poll { eventfd = try transport.enableInterrupts(count: 1).first }
+        try transport.setConfigVector(nil)
+        let queue = try BlockQueue(index: 0, transport: transport, config: config, features: negotiation.accepted,
+                                   maxTransfer: maxTransfer, queueSize: queueSize, mode: mode, eventfd: eventfd,
+                                   vector: mode == .poll ? nil : 0)
+        try Lifecycle.driverOK(transport)
+        self.queue = queue
+        self.config = config
+        self.negotiation = negotiation
+        self.transport = transport
+    }
+
+    func check(sector: UInt64, bytes: Int) throws(BlockError) {
+        guard bytes % BlockConfig.sectorSize == 0 else {
+            throw .outOfRange("\(bytes) bytes is not a whole number of 512-byte sectors")
+        }
+        let sectors = UInt64(bytes / BlockConfig.sectorSize)
+        guard sector <= config.capacitySectors, sectors <= config.capacitySectors - sector else {
+            throw .outOfRange("sectors \(sector)..<\(sector &+ sectors) are past the capacity of \(config.capacitySectors) sectors")
+        }
+    }
+
+    /// Runs `bytes` bytes from `sector` as requests of at most `maxTransfer`, keeping every slot
+    /// busy: `fill(slot, offset, length)` before submitting (writes), `drain(slot, offset, length)`
+    /// after completion (reads).
+    mutating func pipeline(_ type: BlockRequestType, sector: UInt64, bytes: Int,
+                           fill: (UnsafeMutableRawBufferPointer, Int, Int) -> Void,
+                           drain: (UnsafeMutableRawBufferPointer, Int, Int) -> Void) throws(BlockError) {
+        let chunk = queue.maxTransfer
+        var submitted = 0
+        var completed = 0
+        let offsets = UnsafeMutablePointer<Int>.allocate(capacity: queue.slots)
+        // Completions are collected first and handled after the drain (the queue is busy during it).
+        let doneSlots = UnsafeMutablePointer<Int>.allocate(capacity: queue.slots)
+        let doneStatus = UnsafeMutablePointer<UInt8>.allocate(capacity: queue.slots)
+        defer { offsets.deallocate(); doneSlots.deallocate(); doneStatus.deallocate() }
+        var failure: BlockError?
+        // A flush carries no data: one request of 0 bytes.
+        let total = max(bytes, 1)
+        while completed < total && failure == nil {
+            while submitted < total, let slot = queue.acquire() {
+                let length = min(chunk, bytes - submitted)
+                if length > 0 { fill(queue.buffer(slot), submitted, length) }
+                offsets[slot] = submitted
+                let at = sector + UInt64(submitted / BlockConfig.sectorSize)
+                do {
+                    guard try queue.submit(type, sector: at, bytes: length, slot: slot) else { queue.release(slot); break }
+                } catch { throw .virtio(error) }
+                submitted += max(length, 1)
+            }
+            queue.publish()
+            var count = 0
+            do {
+                try queue.wait()
+                count = try queue.complete { slot, status, _ in
+                    doneSlots[count] = slot
+                    doneStatus[count] = status
+                    count += 1
+                }
+            } catch { throw .virtio(error) }
+            for i in 0..<count {
+                let slot = doneSlots[i], offset = offsets[slot]
+                let length = min(chunk, bytes - offset)
+                if doneStatus[i] == BlockStatus.ok {
+                    if length > 0 { drain(queue.buffer(slot), offset, length) }
+                } else if failure == nil {
+                    failure = doneStatus[i] == BlockStatus.unsupported
+                        ? .unsupported("request type \(type)")
+                        : .ioError(type: "\(type)", sector: sector + UInt64(offset / BlockConfig.sectorSize))
+                }
+                completed += max(length, 1)
+                queue.release(slot)
+            }
+        }
+        // Requests still in flight after a failure finish before we return: their slots are reused.
+        while queue.inFlight > 0 {
+            var count = 0
+            do {
+                try queue.wait()
+                count = try queue.complete { slot, _, _ in doneSlots[count] = slot; count += 1 }
+            } catch { throw .virtio(error) }
+            for i in 0..<count { queue.release(doneSlots[i]) }
+        }
+        if let failure { throw failure }
+    }
+
+    /// Reads `into.count` bytes (a whole number of sectors) starting at `sector`.
+    public mutating func read(sector: UInt64, into destination: UnsafeMutableRawBufferPointer) throws(BlockError) {
+        try check(sector: sector, bytes: destination.count)
+        try pipeline(.read, sector: sector, bytes: destination.count, fill: { _, _, _ in }, drain: { buffer, offset, length in
+            (destination.baseAddress! + offset).copyMemory(from: buffer.baseAddress!, byteCount: length)
+        })
+    }
+
+    /// Writes `source` (a whole number of sectors) starting at `sector`.
+    public mutating func write(sector: UInt64, from source: UnsafeRawBufferPointer) throws(BlockError) {
+        guard !config.readOnly else { throw .readOnly }
+        try check(sector: sector, bytes: source.count)
+        try pipeline(.write, sector: sector, bytes: source.count, fill: { buffer, offset, length in
+            buffer.baseAddress!.copyMemory(from: source.baseAddress! + offset, byteCount: length)
+        }, drain: { _, _, _ in })
+    }
+
+    /// VIRTIO_BLK_T_FLUSH (§5.2.6.2): everything completed before is on stable storage after it.
+    public mutating func flush() throws(BlockError) {
+        guard config.flush else { throw .unsupported("flush (VIRTIO_BLK_F_FLUSH not offered)") }
+        try pipeline(.flush, sector: 0, bytes: 0, fill: { _, _, _ in }, drain: { _, _, _ in })
+    }
+
+    /// VIRTIO_BLK_T_GET_ID: the device's serial (up to 20 bytes, NUL-padded).
+    public mutating func identify() throws(BlockError) -> String {
+        var result = ""
+        guard let slot = queue.acquire() else { throw .virtio(.queueSetup(queue: 0, "no free request slot")) }
+        defer { queue.release(slot) }
+        do {
+            guard try queue.submit(.getID, sector: 0, bytes: 20, slot: slot) else {
+                throw BlockError.virtio(.queueSetup(queue: 0, "ring full"))
+            }
+            queue.publish()
+            var status = BlockStatus.ioError, written = 0
+            while queue.inFlight > 0 {
+                try queue.wait()
+                _ = try queue.complete { _, s, n in status = s; written = n }
+            }
+            // (the slot goes back in the defer above)
+            guard status == BlockStatus.ok else {
+                throw status == BlockStatus.unsupported ? BlockError.unsupported("GET_ID") : .ioError(type: "GET_ID", sector: 0)
+            }
+            let bytes = queue.buffer(slot).prefix(written).prefix { $0 != 0 }
+            result = String(decoding: bytes, as: UTF8.self)
+        } catch let error as BlockError { throw error } catch let error as VirtioError { throw .virtio(error) } catch {
+            throw .virtio(.queueSetup(queue: 0, "\(error)"))
+        }
+        return result
+    }
+
+    /// Shuts down as the seed says: reset (the device then uses no buffer), reclaim, release.
+    public consuming func shutdown() throws(VirtioError) -> T {
+        try Lifecycle.reset(transport)
+        queue.cancelAll { _ in }
+        transport.disableInterrupts()
+        transport.dma.reset()
+        return transport
+    }
+}

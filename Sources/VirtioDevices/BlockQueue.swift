@@ -1,0 +1,156 @@
+import CVirtioShim
+import Virtio
+
+/// One virtio-blk request queue with its request slots (virtio 1.2 §5.2.6).
+///
+/// Each slot owns, in DMA memory, a request header, a status byte and a data buffer of
+/// `maxTransfer` bytes; a request is `header (readable) + data segments + status (writable)`.
+/// Data is split into segments of at most `size_max` bytes and at most `seg_max` of them
+/// (§5.2.6.1). The slot number is the request's token. Nothing here allocates per request.
+public struct BlockQueue: ~Copyable {
+    public let index: Int
+    var queue: SplitQueue
+    let headers: DMASlice
+    let statuses: DMASlice
+    let data: DMASlice
+    public let slots: Int
+    public let maxTransfer: Int
+    let segmentBytes: Int
+    let segments: UnsafeMutablePointer<BufferSegment>
+    let segmentCapacity: Int
+    /// What each slot's request was, to check its completion (type raw value, data bytes).
+    let pendingType: UnsafeMutablePointer<UInt32>
+    let pendingBytes: UnsafeMutablePointer<Int>
+    var idle: SlotStack
+    let waiter: CompletionWaiter
+    public private(set) var wakes = WakeCounts()
+
+    static let headerSize = 16
+
+    /// Builds queue `index` on `transport`: rings and slots from its DMA arena, then enables it.
+    public init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, config: BlockConfig, features: Features,
+                                          maxTransfer wanted: Int, queueSize: UInt16?, mode: CompletionMode,
+                                          eventfd: Int32?, vector: UInt16?) throws(VirtioError) {
+        let maximum = transport.queueMaxSize(index)
+        guard maximum > 0 else { throw .queueSetup(queue: index, "the device reports queue size 0") }
+        var size = UInt16(1) << UInt16(15 - min(maximum, UInt16(SplitQueueLayout.maximumSize)).leadingZeroBitCount)
+        if let queueSize { size = min(size, queueSize) }
+        // Segment limits (§5.2.6.1): at most seg_max data segments of at most size_max bytes each.
+        let segmentBytes = Int(config.sizeMax ?? UInt32(1 << 20))
+        let segMax = Int(config.segMax ?? 128)
+        let maxTransfer = max(512, min(wanted, segMax * segmentBytes) / 512 * 512)
+        let dataSegments = (maxTransfer + segmentBytes - 1) / segmentBytes
+        let perRequest = dataSegments + 2
+        let indirect = features.contains(.ringIndirectDesc) && perRequest > 1
+        // Without indirect descriptors every request takes `perRequest` ring entries.
+        let slots = indirect ? Int(size) : max(1, Int(size) / perRequest)
+        let memory = try SplitQueueMemory(arena: transport.dma, size: size, indirectEntries: indirect ? perRequest : 0)
+        let headers = try transport.dma.allocate(slots * BlockQueue.headerSize, alignment: 64)
+        let statuses = try transport.dma.allocate(slots, alignment: 64)
+        let data = try transport.dma.allocate(slots * maxTransfer, alignment: 4096)
+        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: vector)
+        var queue = SplitQueue(index: index, memory: memory, features: features, doorbell: doorbell)
+        queue.suppressInterrupts()
+        self.index = index
+        self.queue = queue
+        self.headers = headers
+        self.statuses = statuses
+        self.data = data
+        self.slots = slots
+        self.maxTransfer = maxTransfer
+        self.segmentBytes = segmentBytes
+        self.segmentCapacity = perRequest
+        self.segments = .allocate(capacity: perRequest)
+        self.pendingType = .allocate(capacity: slots)
+        self.pendingBytes = .allocate(capacity: slots)
+        self.pendingType.initialize(repeating: 0, count: slots)
+        self.pendingBytes.initialize(repeating: 0, count: slots)
+        self.idle = SlotStack(filledTo: slots)
+        self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd)
+    }
+
+    deinit {
+        segments.deallocate()
+        pendingType.deallocate()
+        pendingBytes.deallocate()
+    }
+
+    /// A slot's data buffer (CPU view).
+    public func buffer(_ slot: Int) -> UnsafeMutableRawBufferPointer {
+        precondition(slot >= 0 && slot < slots, "slot \(slot) out of range")
+        return UnsafeMutableRawBufferPointer(start: data.pointer + slot * maxTransfer, count: maxTransfer)
+    }
+
+    /// A free slot, or nil if every slot has a request in flight.
+    public mutating func acquire() -> Int? { idle.pop() }
+    /// Gives a slot back once its completion was handled.
+    public mutating func release(_ slot: Int) { idle.push(slot) }
+    public var inFlight: Int { queue.inFlight }
+
+    /// Queues a request in `slot` (data already in `buffer(slot)` for writes). Not visible to the
+    /// device until `publish()`. Returns false if the ring is full.
+    public mutating func submit(_ type: BlockRequestType, sector: UInt64, bytes: Int, slot: Int) throws(VirtioError) -> Bool {
+        precondition(bytes >= 0 && bytes <= maxTransfer, "request of \(bytes) bytes exceeds the slot's \(maxTransfer)")
+        let header = headers.pointer + slot * BlockQueue.headerSize
+        // struct virtio_blk_req header: le32 type, le32 reserved, le64 sector (§5.2.6).
+        header.storeBytes(of: type.rawValue.littleEndian, toByteOffset: 0, as: UInt32.self)
+        header.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
+        header.storeBytes(of: sector.littleEndian, toByteOffset: 8, as: UInt64.self)
+        // A status the device never writes must not read as OK.
+        (statuses.pointer + slot).storeBytes(of: 0xFF, as: UInt8.self)
+        var n = 0
+        segments[n] = BufferSegment(address: headers.deviceAddress + UInt64(slot * BlockQueue.headerSize),
+                                    length: UInt32(BlockQueue.headerSize), deviceWritable: false)
+        n += 1
+        let deviceWrites = type == .read || type == .getID
+        var offset = 0
+        while offset < bytes {
+            let length = min(segmentBytes, bytes - offset)
+            segments[n] = BufferSegment(address: data.deviceAddress + UInt64(slot * maxTransfer + offset),
+                                        length: UInt32(length), deviceWritable: deviceWrites)
+            n += 1
+            offset += length
+        }
+        segments[n] = BufferSegment(address: statuses.deviceAddress + UInt64(slot), length: 1, deviceWritable: true)
+        n += 1
+        pendingType[slot] = type.rawValue
+        pendingBytes[slot] = bytes
+        return try queue.add(UnsafeBufferPointer(start: segments, count: n), token: UInt64(slot))
+    }
+
+    @discardableResult
+    public mutating func publish() -> Bool { queue.publish() }
+
+    /// Waits (in the queue's completion mode) until at least one request completed.
+    public mutating func wait() throws(VirtioError) {
+        wakes.count(try waiter.wait(for: &queue))
+    }
+
+    /// Hands each completed request to `body` as (slot, status, data bytes the device wrote).
+    /// The status byte is read once. A read (or GET_ID) that wrote fewer bytes than asked plus the
+    /// status byte is reported as IOERR: its buffer holds stale memory, not data (§5.2.6).
+    public mutating func complete(_ body: (Int, UInt8, Int) -> Void) throws(VirtioError) -> Int {
+        let statusBase = statuses.pointer
+        let types = pendingType, sizes = pendingBytes
+        return try queue.drainUsed { token, length in
+            let slot = Int(token)
+            var status = CVirtioShim_mmio_read8(statusBase + slot)
+            var written = 0
+            let type = types[slot]
+            if type == BlockRequestType.read.rawValue {
+                // The device writes all the data and then the status byte.
+                if Int(length) != sizes[slot] + 1 && status == BlockStatus.ok { status = BlockStatus.ioError }
+                written = sizes[slot]
+            } else if type == BlockRequestType.getID.rawValue {
+                written = max(0, min(Int(length) - 1, sizes[slot]))
+            }
+            if status > BlockStatus.unsupported { status = BlockStatus.ioError }
+            body(slot, status, written)
+        }
+    }
+
+    /// After a device reset: every request in flight is handed back (slot) to be failed or resubmitted.
+    public mutating func cancelAll(_ body: (Int) -> Void) {
+        queue.reclaimAll { body(Int($0)) }
+    }
+}
