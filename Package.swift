@@ -43,7 +43,7 @@ let package = Package(
         // Virtio: transport-independent status, features, device types and the reset/negotiate lifecycle.
         .target(name: "Virtio", dependencies: ["CVirtioShim", "Syscalls"]),
         // VirtioEmulator: a spec-strict software device behind the same Transport, for tests.
-        .target(name: "VirtioEmulator", dependencies: ["Virtio"]),
+        .target(name: "VirtioEmulator", dependencies: ["Virtio", "Syscalls", "CVirtioShim"]),
         // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
         .target(name: "VirtioPCI", dependencies: [
             "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls",
@@ -64,6 +64,6 @@ let package = Package(
         .testTarget(name: "VirtqueueTests", dependencies: ["Virtio"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
         // The emulator itself, driven by a hand-written driver-side ring writer.
-        .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio"]),
+        .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),
     ]
 )
