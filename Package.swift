@@ -52,7 +52,7 @@ let package = Package(
         // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
         .target(name: "VirtioDevices", dependencies: ["Virtio"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "VirtioDevices", "Virtio", "VFIO", "PCI", "Syscalls",
+            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
@@ -62,6 +62,7 @@ let package = Package(
         // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
         .testTarget(name: "VirtqueueTests", dependencies: ["Virtio"]),
+        .testTarget(name: "DeviceTests", dependencies: ["VirtioDevices", "VirtioEmulator", "Virtio"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
         // The emulator itself, driven by a hand-written driver-side ring writer.
         .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),

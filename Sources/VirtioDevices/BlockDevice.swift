@@ -38,7 +38,8 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     }
 
     public init(transport: consuming T, wanted: Features = BlockDevice.supported, mode: CompletionMode = .poll,
-                maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil) throws(VirtioError) {
+                maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil,
+                completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
         guard transport.deviceType == .block else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-blk")
         }
@@ -51,7 +52,7 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         try transport.setConfigVector(nil)
         let queue = try BlockQueue(index: 0, transport: transport, config: config, features: negotiation.accepted,
                                    maxTransfer: maxTransfer, queueSize: queueSize, mode: mode, eventfd: eventfd,
-                                   vector: mode == .poll ? nil : 0)
+                                   vector: mode == .poll ? nil : 0, completionTimeout: completionTimeout)
         try Lifecycle.driverOK(transport)
         self.queue = queue
         self.config = config

@@ -30,7 +30,8 @@ public struct BlockQueue: ~Copyable {
     /// Builds queue `index` on `transport`: rings and slots from its DMA arena, then enables it.
     public init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, config: BlockConfig, features: Features,
                                           maxTransfer wanted: Int, queueSize: UInt16?, mode: CompletionMode,
-                                          eventfd: Int32?, vector: UInt16?) throws(VirtioError) {
+                                          eventfd: Int32?, vector: UInt16?,
+                                          completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
         let maximum = transport.queueMaxSize(index)
         guard maximum > 0 else { throw .queueSetup(queue: index, "the device reports queue size 0") }
         var size = UInt16(1) << UInt16(15 - min(maximum, UInt16(SplitQueueLayout.maximumSize)).leadingZeroBitCount)
@@ -66,7 +67,7 @@ public struct BlockQueue: ~Copyable {
         self.pendingType.initialize(repeating: 0, count: slots)
         self.pendingBytes.initialize(repeating: 0, count: slots)
         self.idle = SlotStack(filledTo: slots)
-        self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd)
+        self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
     }
 
     deinit {

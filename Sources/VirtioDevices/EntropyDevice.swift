@@ -25,7 +25,8 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     /// ACCESS_PLATFORM), builds the queue with `bufferSize`-byte buffers and sets DRIVER_OK
     /// (spec 3.1.1 steps 1-8).
     public init(transport: consuming T, wanted: Features = [], mode: CompletionMode = .poll,
-                bufferSize: Int = 4096, queueSize: UInt16? = nil) throws(VirtioError) {
+                bufferSize: Int = 4096, queueSize: UInt16? = nil,
+                completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
         guard transport.deviceType == .entropy else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-rng")
         }
@@ -52,7 +53,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         // Post every buffer (spec 5.4.6: the driver supplies device-writable buffers).
         try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
         self.idle = idle
-        self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd)
+        self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
         self.queue = queue
         self.buffers = buffers
         self.bufferSize = bufferSize
