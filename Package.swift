@@ -49,6 +49,8 @@ let package = Package(
             "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls",
             .product(name: "Logging", package: "swift-log"),
         ]),
+        // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend.
+        .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")]),
         // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
         .target(name: "VirtioDevices", dependencies: ["Virtio"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
