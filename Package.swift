@@ -53,6 +53,8 @@ let package = Package(
         .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")]),
         // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
         .target(name: "VirtioDevices", dependencies: ["Virtio"]),
+        // Services: devices exposed to real clients (NBD export of virtio-blk).
+        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
             "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls",
             .product(name: "SystemPackage", package: "swift-system"),
@@ -64,7 +66,7 @@ let package = Package(
         // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
         .testTarget(name: "VirtqueueTests", dependencies: ["Virtio"]),
-        .testTarget(name: "DeviceTests", dependencies: ["VirtioDevices", "VirtioEmulator", "Virtio"]),
+        .testTarget(name: "DeviceTests", dependencies: ["VirtioDevices", "VirtioEmulator", "Virtio", "Services", "NBD"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
         // The emulator itself, driven by a hand-written driver-side ring writer.
         .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),

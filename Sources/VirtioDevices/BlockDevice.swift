@@ -30,6 +30,8 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     public let negotiation: Lifecycle.Negotiation
     public let config: BlockConfig
     public var queue: BlockQueue
+    /// The eventfd queue 0's completions interrupt (owned by the transport), nil in poll mode.
+    public let interruptDescriptor: Int32?
 
     /// The features this driver uses when offered (§5.2.3).
     public static var supported: Features {
@@ -54,6 +56,7 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
                                    maxTransfer: maxTransfer, queueSize: queueSize, mode: mode, eventfd: eventfd,
                                    vector: mode == .poll ? nil : 0, completionTimeout: completionTimeout)
         try Lifecycle.driverOK(transport)
+        self.interruptDescriptor = eventfd
         self.queue = queue
         self.config = config
         self.negotiation = negotiation

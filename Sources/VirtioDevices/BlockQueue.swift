@@ -122,6 +122,10 @@ public struct BlockQueue: ~Copyable {
     @discardableResult
     public mutating func publish() -> Bool { queue.publish() }
 
+    /// Asks for an interrupt at the next completion (interrupt modes). Returns false if completions
+    /// are already pending, in which case the caller must collect them instead of sleeping.
+    public mutating func armForNextCompletion() -> Bool { queue.armInterrupts() }
+
     /// Waits (in the queue's completion mode) until at least one request completed.
     public mutating func wait() throws(VirtioError) {
         wakes.count(try waiter.wait(for: &queue))

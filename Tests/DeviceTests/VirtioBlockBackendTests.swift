@@ -1,0 +1,98 @@
+import Testing
+import NBD
+import Services
+import Virtio
+import VirtioDevices
+import VirtioEmulator
+
+@Suite("virtio-blk as an NBD backend, against the emulator", .serialized)
+struct VirtioBlockBackendTests {
+    func backend(_ device: EmulatedDevice, mode: CompletionMode = .poll) throws -> VirtioBlockBackend<EmulatedTransport> {
+        let transport = EmulatedTransport(device: device)
+        let blk = try BlockDevice(transport: transport, mode: mode)
+        return VirtioBlockBackend(device: blk)
+    }
+
+    struct NoRoom: Error {}
+    func reserve(_ b: inout VirtioBlockBackend<EmulatedTransport>, _ length: Int) throws -> BackendBuffer {
+        guard let buffer = b.reserve(length: length) else { throw NoRoom() }
+        return buffer
+    }
+
+    /// Polls until `tag` completes; returns its result.
+    func wait(_ b: inout VirtioBlockBackend<EmulatedTransport>, for tag: UInt64) throws -> Int32 {
+        var result: Int32?
+        for _ in 0..<2_000_000 where result == nil {
+            _ = try b.poll { t, e in if t == tag { result = e } }
+        }
+        guard let result else { throw NoRoom() }
+        return result
+    }
+
+    @Test(arguments: [CompletionMode.poll, .msix])
+    func largeWriteReadFlushTrimAndZeroes(_ mode: CompletionMode) throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 1 << 16))
+        var b = try backend(device, mode: mode)
+        let (size, readOnly, flush, trim, zeroes) = (b.size, b.readOnly, b.canFlush, b.canTrim, b.canWriteZeroes)
+        #expect(size == 32 << 20 && !readOnly && flush && trim && zeroes)
+        let length = 1 << 20  // eight 128 KiB chunks in one contiguous buffer
+        let w = try reserve(&b, length)
+        let memory = b.memory(of: w)
+        for i in 0..<length { memory[i] = UInt8(truncatingIfNeeded: i &* 7 &+ 3) }
+        try b.submit(.writeFUA, offset: 4096, length: length, buffer: w, tag: 1)
+        do { let result = try wait(&b, for: 1); #expect(result == 0) }
+        b.release(w)
+        #expect(device.readDisk(offset: 4096, count: 16) == (0..<16).map { UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) })
+
+        let r = try reserve(&b, length)
+        try b.submit(.read, offset: 4096, length: length, buffer: r, tag: 2)
+        do { let result = try wait(&b, for: 2); #expect(result == 0) }
+        let back = b.memory(of: r)
+        #expect((0..<length).allSatisfy { back[$0] == UInt8(truncatingIfNeeded: $0 &* 7 &+ 3) })
+        b.release(r)
+
+        let z = try reserve(&b, 0)
+        try b.submit(.writeZeroes, offset: 4096, length: 8192, buffer: z, tag: 3)
+        do { let result = try wait(&b, for: 3); #expect(result == 0) }
+        #expect(device.readDisk(offset: 4096, count: 8192).allSatisfy { $0 == 0 })
+        try b.submit(.trim, offset: 1 << 20, length: 1 << 20, buffer: z, tag: 4)
+        do { let result = try wait(&b, for: 4); #expect(result == 0) }
+        try b.submit(.flush, offset: 0, length: 0, buffer: z, tag: 5)
+        do { let result = try wait(&b, for: 5); #expect(result == 0) }
+        b.release(z)
+        #expect(device.violations.isEmpty, "\(device.violations)")
+    }
+
+    @Test func reservationsAreContiguousAndBounded() throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 1 << 16, queueSize: 16))
+        var b = try backend(device)
+        let a = try reserve(&b, 4 * 128 * 1024)
+        let c = try reserve(&b, 12 * 128 * 1024)
+        #expect(a.first == 0 && a.count == 4 && c.first == 4 && c.count == 12)
+        let none = b.reserve(length: 1)
+        #expect(none == nil)   // every slot is taken
+        b.release(a)
+        let five = b.reserve(length: 5 * 128 * 1024)
+        #expect(five == nil)  // no run of 5 is free
+        let four = b.reserve(length: 4 * 128 * 1024)
+        #expect(four?.first == 0)
+    }
+
+    @Test func unalignedRequestsAreRefusedBeforeTheDevice() throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 1024))
+        var b = try backend(device)
+        let buffer = try reserve(&b, 1000)
+        do { try b.submit(.write, offset: 0, length: 1000, buffer: buffer, tag: 1); Issue.record("unaligned length accepted") } catch {}
+        do { try b.submit(.read, offset: 100, length: 512, buffer: buffer, tag: 1); Issue.record("unaligned offset accepted") } catch {}
+    }
+
+    @Test func deviceIOErrorsBecomeEIO() throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 1024, readOnly: true))
+        var b = try backend(device)
+        let readOnly = b.readOnly
+        #expect(readOnly)
+        let buffer = try reserve(&b, 512)
+        try b.submit(.write, offset: 0, length: 512, buffer: buffer, tag: 9)  // the device refuses writes
+        do { let result = try wait(&b, for: 9); #expect(result == 5) }  // EIO
+    }
+}
