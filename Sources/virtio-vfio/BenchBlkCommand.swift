@@ -1,0 +1,173 @@
+import ArgumentParser
+import Histogram
+import PCI
+import Virtio
+import VirtioDevices
+import VirtioPCI
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `virtio-vfio bench blk BDF`: IOPS, bandwidth and latency percentiles of the driver's data path.
+struct BenchBlk: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "blk",
+        abstract: "Benchmark a virtio-blk device: random/sequential reads/writes over queue depths, block sizes and completion modes.",
+        discussion: """
+            Runs every combination of --pattern, --qd, --bs and --irq for --seconds each against the \
+            first --span bytes of the device, keeping qd requests in flight, and reports IOPS, MB/s \
+            and latency percentiles (HdrHistogram). Write patterns overwrite data: they need \
+            --destroy-data. A progress line goes to stderr; --json prints the results as JSON.
+            """)
+
+    enum Pattern: String, ExpressibleByArgument, CaseIterable, Encodable {
+        case randread, randwrite, read, write
+        var isWrite: Bool { self == .randwrite || self == .write }
+        var isRandom: Bool { self == .randread || self == .randwrite }
+    }
+
+    @OptionGroup var global: GlobalOptions
+    @OptionGroup var device: DeviceArgument
+    @Option(parsing: .upToNextOption, help: "Patterns: randread, randwrite, read, write.") var pattern: [Pattern] = [.randread]
+    @Option(parsing: .upToNextOption, help: "Queue depths (1-256).") var qd: [Int] = [1, 32]
+    @Option(parsing: .upToNextOption, help: "Block sizes in bytes, multiples of 512 (e.g. 4096 131072).") var bs: [Int] = [4096]
+    @Option(parsing: .upToNextOption, help: "Completion modes.") var irq: [CompletionMode] = [.poll]
+    @Option(help: "Seconds per combination.") var seconds: Double = 3
+    @Option(help: "Bytes of the device to use, from its start.") var span: Int = 256 << 20
+    @Flag(help: "Allow write patterns, which overwrite the span.") var destroyData = false
+    @Flag(help: "Print results as JSON.") var json = false
+
+    struct Result: Encodable {
+        var pattern: Pattern, qd: Int, bs: Int, irq: String
+        var iops: Double, mbPerSecond: Double, requests: Int, errors: Int
+        var p50us: Double, p99us: Double, p999us: Double, maxus: Double
+        var interrupts: Int, polled: Int
+    }
+
+    func validate() throws {
+        guard qd.allSatisfy({ (1...256).contains($0) }) else { throw ValidationError("--qd values must be 1 to 256") }
+        guard bs.allSatisfy({ $0 >= 512 && $0 % 512 == 0 && $0 <= 1 << 20 }) else {
+            throw ValidationError("--bs values must be multiples of 512 up to 1 MiB")
+        }
+        guard seconds > 0, seconds <= 600 else { throw ValidationError("--seconds must be in (0, 600]") }
+        guard span >= 1 << 20, span % 512 == 0 else { throw ValidationError("--span must be at least 1 MiB and whole sectors") }
+        if pattern.contains(where: \.isWrite) && !destroyData {
+            throw ValidationError("write patterns overwrite the first \(span) bytes of the device: add --destroy-data")
+        }
+    }
+
+    func run() throws {
+        let address = try device.address()
+        var results: [Result] = []
+        for mode in irq {
+            let transport: VirtioPCITransport
+            do {
+                transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot),
+                                                   dmaBytes: 40 << 20)
+            } catch { throw Failure.exit(error) }
+            guard transport.deviceType == .block else {
+                throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-blk"))
+            }
+            var blk: BlockDevice<VirtioPCITransport>
+            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: max(bs.max() ?? 4096, 4096)) } catch {
+                throw Failure.exit(VirtioPCIError.virtio(address, error))
+            }
+            let usable = min(UInt64(span), blk.config.capacityBytes)
+            do throws(VirtioError) {
+                for p in pattern {
+                    for size in bs {
+                        for depth in qd {
+                            results.append(try runOne(&blk.queue, pattern: p, qd: min(depth, blk.queue.slots), bs: size,
+                                                      mode: mode, span: usable))
+                        }
+                    }
+                }
+                _ = try blk.shutdown()
+            } catch {
+                throw Failure.exit(VirtioPCIError.virtio(address, error))
+            }
+        }
+        if json { try JSONOutput.print(results); return }
+        printTable(header: ["PATTERN", "QD", "BS", "IRQ", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "ERRORS"],
+                   rows: results.map { r in
+                       [r.pattern.rawValue, "\(r.qd)", "\(r.bs)", r.irq, format2(r.iops), format2(r.mbPerSecond),
+                        format2(r.p50us), format2(r.p99us), format2(r.p999us), format2(r.maxus), "\(r.errors)"]
+                   })
+    }
+
+    func runOne(_ queue: inout BlockQueue, pattern: Pattern, qd: Int, bs: Int, mode: CompletionMode, span: UInt64) throws(VirtioError) -> Result {
+        let clock = ContinuousClock()
+        var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
+        let started = UnsafeMutablePointer<ContinuousClock.Instant>.allocate(capacity: queue.slots)
+        let doneSlots = UnsafeMutablePointer<Int>.allocate(capacity: queue.slots)
+        defer { started.deallocate(); doneSlots.deallocate() }
+        let blocks = span / UInt64(bs)
+        var random: UInt64 = 0x9E37_79B9_7F4A_7C15
+        var next: UInt64 = 0
+        var requests = 0, errors = 0
+        let wakesBefore = queue.wakes
+        let start = clock.now
+        let end = start + .milliseconds(Int(seconds * 1000))
+        var lastProgress = start
+        let type: BlockRequestType = pattern.isWrite ? .write : .read
+        while true {
+            let now = clock.now
+            let stopping = now >= end
+            if !stopping {
+                while queue.inFlight < qd, let slot = queue.acquire() {
+                    let block: UInt64
+                    if pattern.isRandom {
+                        random ^= random << 13; random ^= random >> 7; random ^= random << 17
+                        block = random % blocks
+                    } else {
+                        block = next; next = (next + 1) % blocks
+                    }
+                    started[slot] = clock.now
+                    guard try queue.submit(type, sector: block * UInt64(bs / 512), bytes: bs, slot: slot) else {
+                        queue.release(slot); break
+                    }
+                }
+                queue.publish()
+            }
+            if queue.inFlight == 0 { break }
+            try queue.wait()
+            var count = 0
+            _ = try queue.complete { slot, status, _ in
+                doneSlots[count] = slot; count += 1
+                if status != BlockStatus.ok { errors += 1 }
+            }
+            let finished = clock.now
+            for i in 0..<count {
+                let elapsed = finished - started[doneSlots[i]]
+                _ = histogram.record(UInt64(elapsed.components.seconds) * 1_000_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000))
+                queue.release(doneSlots[i])
+            }
+            requests += count
+            if finished - lastProgress > .seconds(1) {
+                lastProgress = finished
+                let secs = seconds(finished - start)
+                printProgress("\(pattern.rawValue) qd \(qd) bs \(bs) \(mode): \(format2(Double(requests) / secs)) IOPS")
+            }
+        }
+        let elapsed = seconds(clock.now - start)
+        printProgress("")
+        let wakes = queue.wakes
+        func us(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
+        return Result(pattern: pattern, qd: qd, bs: bs, irq: mode.rawValue,
+                      iops: Double(requests) / elapsed, mbPerSecond: Double(requests * bs) / elapsed / 1e6,
+                      requests: requests, errors: errors, p50us: us(50), p99us: us(99), p999us: us(99.9),
+                      maxus: Double(histogram.max) / 1000,
+                      interrupts: wakes.interrupts - wakesBefore.interrupts, polled: wakes.polled - wakesBefore.polled)
+    }
+
+    func seconds(_ d: Duration) -> Double {
+        Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+    }
+
+    /// One line on stderr, rewritten in place (a terminal shows it as a live status).
+    func printProgress(_ text: String) {
+        var line = "\r\u{1B}[K" + text
+        if text.isEmpty { line = "\r\u{1B}[K" }
+        line.withUTF8 { _ = write(2, $0.baseAddress, $0.count) }
+    }
+}
