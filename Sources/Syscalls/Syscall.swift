@@ -142,4 +142,55 @@ public enum Syscall {
         let e = errno
         return e == EINTR ? .success(false) : .failure(Errno(rawValue: e))
     }
+
+    @inline(never)
+    public static func socketpair(_ domain: Int32, _ type: Int32) -> Result<(Int32, Int32), Errno> {
+        var fds: [Int32] = [-1, -1]
+        if Glibc.socketpair(domain, type | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 { return .success((fds[0], fds[1])) }
+        return .failure(Errno(rawValue: errno))
+    }
+
+    /// sendmsg(2); EINTR retried.
+    @inline(never)
+    public static func sendmsg(_ fd: Int32, _ message: UnsafePointer<msghdr>, _ flags: Int32) -> Result<Int, Errno> {
+        while true {
+            let n = Glibc.sendmsg(fd, message, flags | Int32(MSG_NOSIGNAL))
+            if n >= 0 { return .success(n) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    /// recvmsg(2) with MSG_CMSG_CLOEXEC, so received descriptors never leak into children; EINTR retried.
+    @inline(never)
+    public static func recvmsg(_ fd: Int32, _ message: UnsafeMutablePointer<msghdr>, _ flags: Int32) -> Result<Int, Errno> {
+        while true {
+            let n = Glibc.recvmsg(fd, message, flags | Int32(MSG_CMSG_CLOEXEC))
+            if n >= 0 { return .success(n) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    /// read(2) into a buffer; EINTR retried. Returns 0 at end of file.
+    @inline(never)
+    public static func read(_ fd: Int32, _ buffer: UnsafeMutableRawBufferPointer) -> Result<Int, Errno> {
+        while true {
+            let n = Glibc.read(fd, buffer.baseAddress, buffer.count)
+            if n >= 0 { return .success(n) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
+    /// write(2) from a buffer; EINTR retried. May write less than asked.
+    @inline(never)
+    public static func write(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) -> Result<Int, Errno> {
+        while true {
+            let n = Glibc.write(fd, buffer.baseAddress, buffer.count)
+            if n >= 0 { return .success(n) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
 }

@@ -1,0 +1,58 @@
+/// Little-endian byte writing and bounds-checked reading for the upgrade state record.
+struct ByteWriter {
+    private(set) var bytes: [UInt8] = []
+
+    mutating func u8(_ v: UInt8) { bytes.append(v) }
+    mutating func u16(_ v: UInt16) { for i in 0..<2 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt16(i)))) } }
+    mutating func u32(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(i)))) } }
+    mutating func u64(_ v: UInt64) { for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(i)))) } }
+    mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
+    mutating func string(_ s: String) {
+        let utf8 = Array(s.utf8)
+        u16(UInt16(min(utf8.count, Int(UInt16.max))))
+        raw(Array(utf8.prefix(Int(UInt16.max))))
+    }
+}
+
+/// Reads what `ByteWriter` wrote; every read is checked against the end, and each failure names
+/// the field, so a damaged record is refused with a reason.
+struct ByteReader {
+    let bytes: [UInt8]
+    private(set) var offset = 0
+
+    init(_ bytes: [UInt8]) { self.bytes = bytes }
+
+    var remaining: Int { bytes.count - offset }
+
+    mutating func take(_ n: Int, _ field: String) throws(StateRecordError) -> ArraySlice<UInt8> {
+        guard n >= 0, n <= remaining else { throw .truncated(field: field, at: offset) }
+        defer { offset += n }
+        return bytes[offset..<(offset + n)]
+    }
+
+    mutating func u8(_ field: String) throws(StateRecordError) -> UInt8 { try take(1, field).first! }
+    mutating func u16(_ field: String) throws(StateRecordError) -> UInt16 {
+        try take(2, field).reversed().reduce(0) { $0 << 8 | UInt16($1) }
+    }
+    mutating func u32(_ field: String) throws(StateRecordError) -> UInt32 {
+        try take(4, field).reversed().reduce(0) { $0 << 8 | UInt32($1) }
+    }
+    mutating func u64(_ field: String) throws(StateRecordError) -> UInt64 {
+        try take(8, field).reversed().reduce(0) { $0 << 8 | UInt64($1) }
+    }
+    mutating func string(_ field: String, max: Int) throws(StateRecordError) -> String {
+        let n = Int(try u16(field + " length"))
+        guard n <= max else { throw .invalid(field: field, "length \(n) is above \(max)") }
+        let raw = try take(n, field)
+        guard let s = String(validating: raw, as: UTF8.self) else { throw .invalid(field: field, "not UTF-8") }
+        return s
+    }
+}
+
+/// FNV-1a, 64 bits: detects accidental damage of the record in transit (not an adversary: the
+/// control socket already admits only the same user).
+func fnv1a(_ bytes: ArraySlice<UInt8>) -> UInt64 {
+    var hash: UInt64 = 0xCBF2_9CE4_8422_2325
+    for b in bytes { hash = (hash ^ UInt64(b)) &* 0x0000_0100_0000_01B3 }
+    return hash
+}

@@ -1,0 +1,221 @@
+/// What a running driver hands to its successor along with its file descriptors: a versioned,
+/// checksummed record, validated field by field before anything in it is used (STYLE.md habit 7).
+///
+/// Layout (little-endian): magic "VVFIOUPG", format version u16, body length u32, body, FNV-1a 64
+/// of the body. A reader refuses a format version it does not know before it looks at the body, so
+/// an incompatible successor never touches the device.
+public struct StateRecord: Sendable, Equatable {
+    public static let magic = Array("VVFIOUPG".utf8)
+    /// The format this build writes and the only one it reads.
+    public static let formatVersion: UInt16 = 1
+    public static let maxQueues = 64, maxInFlight = 65536, maxDescriptors = 253, maxString = 256
+
+    /// A queue as the old driver left it.
+    public struct Queue: Sendable, Equatable {
+        public var index: UInt16
+        public var size: UInt16
+        public var descriptors: UInt64
+        public var driver: UInt64
+        public var device: UInt64
+        /// The driver's shadow indices: next available slot to fill, next used element to consume.
+        public var availIndex: UInt16
+        public var lastUsedIndex: UInt16
+
+        public init(index: UInt16, size: UInt16, descriptors: UInt64, driver: UInt64, device: UInt64,
+                    availIndex: UInt16, lastUsedIndex: UInt16) {
+            self.index = index; self.size = size; self.descriptors = descriptors; self.driver = driver
+            self.device = device; self.availIndex = availIndex; self.lastUsedIndex = lastUsedIndex
+        }
+    }
+
+    /// A request the device had not completed when the old driver stopped.
+    public struct InFlight: Sendable, Equatable {
+        public var queue: UInt16
+        /// The descriptor chain head (live mode) / the slot holding the request's memory.
+        public var head: UInt16
+        public var slot: UInt32
+        /// Which client connection (index into the handed-over client sockets) and its request tag.
+        public var client: UInt32
+        public var tag: UInt64
+        public var operation: UInt8
+        public var offset: UInt64
+        public var length: UInt32
+
+        public init(queue: UInt16, head: UInt16, slot: UInt32, client: UInt32, tag: UInt64, operation: UInt8,
+                    offset: UInt64, length: UInt32) {
+            self.queue = queue; self.head = head; self.slot = slot; self.client = client; self.tag = tag
+            self.operation = operation; self.offset = offset; self.length = length
+        }
+    }
+
+    /// What each handed-over file descriptor is, in the order they travel.
+    public enum DescriptorRole: UInt8, Sendable, CaseIterable {
+        case container = 1, group, device, dmaMemory, interrupt, listener, client
+    }
+
+    public var driverVersion: String
+    public var deviceAddress: String
+    public var deviceType: UInt16
+    public var features: UInt64
+    public var dmaIOVA: UInt64
+    public var dmaSize: UInt64
+    public var queues: [Queue]
+    public var inFlight: [InFlight]
+    public var descriptors: [DescriptorRole]
+
+    public init(driverVersion: String, deviceAddress: String, deviceType: UInt16, features: UInt64, dmaIOVA: UInt64,
+                dmaSize: UInt64, queues: [Queue], inFlight: [InFlight], descriptors: [DescriptorRole]) {
+        self.driverVersion = driverVersion; self.deviceAddress = deviceAddress; self.deviceType = deviceType
+        self.features = features; self.dmaIOVA = dmaIOVA; self.dmaSize = dmaSize; self.queues = queues
+        self.inFlight = inFlight; self.descriptors = descriptors
+    }
+
+    public func encoded() -> [UInt8] {
+        var body = ByteWriter()
+        body.string(driverVersion)
+        body.string(deviceAddress)
+        body.u16(deviceType)
+        body.u64(features)
+        body.u64(dmaIOVA)
+        body.u64(dmaSize)
+        body.u16(UInt16(queues.count))
+        for q in queues {
+            body.u16(q.index); body.u16(q.size); body.u64(q.descriptors); body.u64(q.driver); body.u64(q.device)
+            body.u16(q.availIndex); body.u16(q.lastUsedIndex)
+        }
+        body.u32(UInt32(inFlight.count))
+        for r in inFlight {
+            body.u16(r.queue); body.u16(r.head); body.u32(r.slot); body.u32(r.client); body.u64(r.tag)
+            body.u8(r.operation); body.u64(r.offset); body.u32(r.length)
+        }
+        body.u16(UInt16(descriptors.count))
+        for d in descriptors { body.u8(d.rawValue) }
+        var out = ByteWriter()
+        out.raw(StateRecord.magic)
+        out.u16(StateRecord.formatVersion)
+        out.u32(UInt32(body.bytes.count))
+        out.raw(body.bytes)
+        out.u64(fnv1a(body.bytes[...]))
+        return out.bytes
+    }
+
+    /// Decodes and validates. `descriptorCount` is how many fds actually arrived with the record.
+    public init(decoding bytes: [UInt8], descriptorCount: Int) throws(StateRecordError) {
+        var r = ByteReader(bytes)
+        guard Array(try r.take(8, "magic")) == StateRecord.magic else { throw .notARecord }
+        let version = try r.u16("format version")
+        guard version == StateRecord.formatVersion else {
+            throw .unsupportedVersion(found: version, supported: StateRecord.formatVersion)
+        }
+        let length = Int(try r.u32("body length"))
+        guard length == r.remaining - 8 else {
+            throw .invalid(field: "body length", "\(length) bytes announced, \(max(0, r.remaining - 8)) present")
+        }
+        let bodyStart = r.offset
+        _ = try r.take(length, "body")
+        let checksum = try r.u64("checksum")
+        guard checksum == fnv1a(bytes[bodyStart..<(bodyStart + length)]) else { throw .checksumMismatch }
+
+        var b = ByteReader(Array(bytes[bodyStart..<(bodyStart + length)]))
+        driverVersion = try b.string("driver version", max: StateRecord.maxString)
+        deviceAddress = try b.string("device address", max: StateRecord.maxString)
+        deviceType = try b.u16("device type")
+        features = try b.u64("features")
+        guard features & (1 << 32) != 0 else { throw .invalid(field: "features", "VERSION_1 is not set") }
+        let iova = try b.u64("DMA IOVA")
+        let size = try b.u64("DMA size")
+        guard size > 0, iova.addingReportingOverflow(size).overflow == false else {
+            throw .invalid(field: "DMA region", "IOVA 0x\(String(iova, radix: 16)) + \(size) bytes")
+        }
+        dmaIOVA = iova
+        dmaSize = size
+        func inDMA(_ address: UInt64, _ length: UInt64, _ field: String) throws(StateRecordError) {
+            guard address >= iova, address - iova <= size, length <= size - (address - iova) else {
+                throw .invalid(field: field, "0x\(String(address, radix: 16))+\(length) is outside the DMA region")
+            }
+        }
+        let queueCount = Int(try b.u16("queue count"))
+        guard queueCount <= StateRecord.maxQueues else { throw .invalid(field: "queue count", "\(queueCount) queues") }
+        var queues: [Queue] = []
+        var seen = Set<UInt16>()
+        for i in 0..<queueCount {
+            let q = Queue(index: try b.u16("queue \(i) index"), size: try b.u16("queue \(i) size"),
+                          descriptors: try b.u64("queue \(i) descriptor table"), driver: try b.u64("queue \(i) driver area"),
+                          device: try b.u64("queue \(i) device area"), availIndex: try b.u16("queue \(i) avail index"),
+                          lastUsedIndex: try b.u16("queue \(i) last used index"))
+            guard seen.insert(q.index).inserted else { throw .invalid(field: "queue \(i) index", "queue \(q.index) appears twice") }
+            guard q.size > 0, q.size & (q.size &- 1) == 0 else {
+                throw .invalid(field: "queue \(i) size", "\(q.size) is not a power of two")
+            }
+            let n = UInt64(q.size)
+            try inDMA(q.descriptors, 16 * n, "queue \(i) descriptor table")
+            try inDMA(q.driver, 6 + 2 * n, "queue \(i) driver area")
+            try inDMA(q.device, 6 + 8 * n, "queue \(i) device area")
+            // The driver cannot have more outstanding than the ring holds.
+            guard q.availIndex &- q.lastUsedIndex <= q.size else {
+                throw .invalid(field: "queue \(i) indices", "avail \(q.availIndex) is more than \(q.size) ahead of used \(q.lastUsedIndex)")
+            }
+            queues.append(q)
+        }
+        let inFlightCount = Int(try b.u32("in-flight count"))
+        guard inFlightCount <= StateRecord.maxInFlight, inFlightCount <= b.remaining / 35 else {
+            throw .invalid(field: "in-flight count", "\(inFlightCount) requests")
+        }
+        var requests: [InFlight] = []
+        for i in 0..<inFlightCount {
+            let request = InFlight(queue: try b.u16("request \(i) queue"), head: try b.u16("request \(i) head"),
+                                   slot: try b.u32("request \(i) slot"), client: try b.u32("request \(i) client"),
+                                   tag: try b.u64("request \(i) tag"), operation: try b.u8("request \(i) operation"),
+                                   offset: try b.u64("request \(i) offset"), length: try b.u32("request \(i) length"))
+            guard let queue = queues.first(where: { $0.index == request.queue }) else {
+                throw .invalid(field: "request \(i) queue", "queue \(request.queue) is not in the record")
+            }
+            guard request.head < queue.size else { throw .invalid(field: "request \(i) head", "\(request.head) ≥ queue size \(queue.size)") }
+            requests.append(request)
+        }
+        let descriptorTotal = Int(try b.u16("descriptor count"))
+        guard descriptorTotal <= StateRecord.maxDescriptors else { throw .invalid(field: "descriptor count", "\(descriptorTotal)") }
+        guard descriptorTotal == descriptorCount else {
+            throw .invalid(field: "descriptor count", "the record lists \(descriptorTotal) descriptors, \(descriptorCount) arrived")
+        }
+        var roles: [DescriptorRole] = []
+        for i in 0..<descriptorTotal {
+            let raw = try b.u8("descriptor \(i) role")
+            guard let role = DescriptorRole(rawValue: raw) else { throw .invalid(field: "descriptor \(i) role", "unknown role \(raw)") }
+            roles.append(role)
+        }
+        for role in [DescriptorRole.container, .group, .device, .dmaMemory] where roles.filter({ $0 == role }).count != 1 {
+            throw .invalid(field: "descriptors", "exactly one \(role) descriptor is needed")
+        }
+        for (i, r) in requests.enumerated() where r.client != UInt32.max {
+            let clients = roles.filter { $0 == .client }.count
+            guard Int(r.client) < clients else {
+                throw .invalid(field: "request \(i) client", "client \(r.client) but \(clients) client sockets were handed over")
+            }
+        }
+        guard b.remaining == 0 else { throw .invalid(field: "body", "\(b.remaining) unexpected bytes at the end") }
+        self.queues = queues
+        self.inFlight = requests
+        self.descriptors = roles
+    }
+}
+
+/// Why a state record was refused. Each names the field, so the log says what to fix.
+public enum StateRecordError: Error, Equatable, CustomStringConvertible {
+    case notARecord
+    case unsupportedVersion(found: UInt16, supported: UInt16)
+    case truncated(field: String, at: Int)
+    case checksumMismatch
+    case invalid(field: String, String)
+
+    public var description: String {
+        switch self {
+        case .notARecord: return "not a virtio-vfio upgrade state record (bad magic)"
+        case .unsupportedVersion(let found, let supported):
+            return "state record format \(found) is not supported by this build (it reads format \(supported)); upgrade refused before touching the device"
+        case .truncated(let field, let at): return "state record truncated at byte \(at) (\(field))"
+        case .checksumMismatch: return "state record checksum mismatch: damaged in transit"
+        case .invalid(let field, let why): return "state record field '\(field)' is invalid: \(why)"
+        }
+    }
+}
