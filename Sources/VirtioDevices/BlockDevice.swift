@@ -32,15 +32,17 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     public var queue: BlockQueue
     /// The eventfd queue 0's completions interrupt (owned by the transport), nil in poll mode.
     public let interruptDescriptor: Int32?
+    /// Request queues 1..n-1 with VIRTIO_BLK_F_MQ (§5.2.3), each meant for one worker thread.
+    public let workerQueues: [WorkerQueue]
 
     /// The features this driver uses when offered (§5.2.3).
     public static var supported: Features {
         [.blkSizeMax, .blkSegMax, .blkBlockSize, .blkReadOnly, .blkFlush, .blkTopology, .blkConfigWCE,
-         .blkDiscard, .blkWriteZeroes, .ringIndirectDesc, .ringEventIdx]
+         .blkDiscard, .blkWriteZeroes, .blkMultiQueue, .ringIndirectDesc, .ringEventIdx]
     }
 
     public init(transport: consuming T, wanted: Features = BlockDevice.supported, mode: CompletionMode = .poll,
-                maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil,
+                maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil, queues: Int = 1,
                 completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
         guard transport.deviceType == .block else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-blk")
@@ -49,14 +51,25 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         let negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
         let config = try BlockConfig(reading: transport, features: negotiation.accepted)
         transport.dma.reset()
-        var eventfd: Int32?
-        if mode != .poll { eventfd = try transport.enableInterrupts(count: 1).first }
+        // §5.2.5: with MQ the device has num_queues request queues; use up to `queues` of them.
+        let count = max(1, min(queues, Int(config.numQueues)))
+        var eventfds: [Int32] = []
+        if mode != .poll { eventfds = try transport.enableInterrupts(count: count) }
         try transport.setConfigVector(nil)
+        // Every queue is set up before DRIVER_OK (§3.1.1 step 7), each with its own MSI-X vector.
         let queue = try BlockQueue(index: 0, transport: transport, config: config, features: negotiation.accepted,
-                                   maxTransfer: maxTransfer, queueSize: queueSize, mode: mode, eventfd: eventfd,
+                                   maxTransfer: maxTransfer, queueSize: queueSize, mode: mode, eventfd: eventfds.first,
                                    vector: mode == .poll ? nil : 0, completionTimeout: completionTimeout)
+        var workers: [WorkerQueue] = []
+        for i in 1..<count {
+            workers.append(WorkerQueue(try BlockQueue(index: i, transport: transport, config: config, features: negotiation.accepted,
+                                                      maxTransfer: maxTransfer, queueSize: queueSize, mode: mode,
+                                                      eventfd: mode == .poll ? nil : eventfds[i], vector: mode == .poll ? nil : UInt16(i),
+                                                      completionTimeout: completionTimeout)))
+        }
         try Lifecycle.driverOK(transport)
-        self.interruptDescriptor = eventfd
+        self.workerQueues = workers
+        self.interruptDescriptor = eventfds.first
         self.queue = queue
         self.config = config
         self.negotiation = negotiation
@@ -191,8 +204,16 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     public consuming func shutdown() throws(VirtioError) -> T {
         try Lifecycle.reset(transport)
         queue.cancelAll { _ in }
+        for worker in workerQueues { worker.queue.cancelAll { _ in } }
         transport.disableInterrupts()
         transport.dma.reset()
         return transport
     }
+}
+
+/// A request queue handed to one worker thread (with VIRTIO_BLK_F_MQ). The box gives the thread a
+/// reference to the queue; only that thread may use it, and only while the device is live.
+public final class WorkerQueue: @unchecked Sendable {
+    public var queue: BlockQueue
+    init(_ queue: consuming BlockQueue) { self.queue = queue }
 }

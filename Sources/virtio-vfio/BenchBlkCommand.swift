@@ -1,4 +1,5 @@
 import ArgumentParser
+import Foundation
 import Histogram
 import PCI
 import Virtio
@@ -32,13 +33,14 @@ struct BenchBlk: ParsableCommand {
     @Option(parsing: .upToNextOption, help: "Queue depths (1-256).") var qd: [Int] = [1, 32]
     @Option(parsing: .upToNextOption, help: "Block sizes in bytes, multiples of 512 (e.g. 4096 131072).") var bs: [Int] = [4096]
     @Option(parsing: .upToNextOption, help: "Completion modes.") var irq: [CompletionMode] = [.poll]
+    @Option(help: "Request queues, one worker thread each (VIRTIO_BLK_F_MQ); qd is per queue.") var queues = 1
     @Option(help: "Seconds per combination.") var seconds: Double = 3
     @Option(help: "Bytes of the device to use, from its start.") var span: Int = 256 << 20
     @Flag(help: "Allow write patterns, which overwrite the span.") var destroyData = false
     @Flag(help: "Print results as JSON.") var json = false
 
     struct Result: Encodable {
-        var pattern: Pattern, qd: Int, bs: Int, irq: String
+        var pattern: Pattern, qd: Int, bs: Int, irq: String, queues: Int
         var iops: Double, mbPerSecond: Double, requests: Int, errors: Int
         var p50us: Double, p99us: Double, p999us: Double, maxus: Double
         var interrupts: Int, polled: Int
@@ -49,6 +51,7 @@ struct BenchBlk: ParsableCommand {
         guard bs.allSatisfy({ $0 >= 512 && $0 % 512 == 0 && $0 <= 1 << 20 }) else {
             throw ValidationError("--bs values must be multiples of 512 up to 1 MiB")
         }
+        guard (1...16).contains(queues) else { throw ValidationError("--queues must be 1 to 16") }
         guard seconds > 0, seconds <= 600 else { throw ValidationError("--seconds must be in (0, 600]") }
         guard span >= 1 << 20, span % 512 == 0 else { throw ValidationError("--span must be at least 1 MiB and whole sectors") }
         if pattern.contains(where: \.isWrite) && !destroyData {
@@ -62,14 +65,16 @@ struct BenchBlk: ParsableCommand {
         for mode in irq {
             let transport: VirtioPCITransport
             do {
+                // Per queue: up to 256 slots of the largest block size, plus rings.
+                let perQueue = 256 * max(bs.max() ?? 4096, 4096) + (1 << 20)
                 transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot),
-                                                   dmaBytes: 40 << 20)
+                                                   dmaBytes: queues * perQueue)
             } catch { throw Failure.exit(error) }
             guard transport.deviceType == .block else {
                 throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-blk"))
             }
             var blk: BlockDevice<VirtioPCITransport>
-            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: max(bs.max() ?? 4096, 4096)) } catch {
+            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: max(bs.max() ?? 4096, 4096), queues: queues) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
             }
             let usable = min(UInt64(span), blk.config.capacityBytes)
@@ -77,7 +82,7 @@ struct BenchBlk: ParsableCommand {
                 for p in pattern {
                     for size in bs {
                         for depth in qd {
-                            results.append(try runOne(&blk.queue, pattern: p, qd: min(depth, blk.queue.slots), bs: size,
+                            results.append(try runAll(&blk, pattern: p, qd: min(depth, blk.queue.slots), bs: size,
                                                       mode: mode, span: usable))
                         }
                     }
@@ -88,21 +93,66 @@ struct BenchBlk: ParsableCommand {
             }
         }
         if json { try JSONOutput.print(results); return }
-        printTable(header: ["PATTERN", "QD", "BS", "IRQ", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "ERRORS"],
+        printTable(header: ["PATTERN", "QUEUES", "QD", "BS", "IRQ", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "ERRORS"],
                    rows: results.map { r in
-                       [r.pattern.rawValue, "\(r.qd)", "\(r.bs)", r.irq, format2(r.iops), format2(r.mbPerSecond),
+                       [r.pattern.rawValue, "\(r.queues)", "\(r.qd)", "\(r.bs)", r.irq, format2(r.iops), format2(r.mbPerSecond),
                         format2(r.p50us), format2(r.p99us), format2(r.p999us), format2(r.maxus), "\(r.errors)"]
                    })
     }
 
-    func runOne(_ queue: inout BlockQueue, pattern: Pattern, qd: Int, bs: Int, mode: CompletionMode, span: UInt64) throws(VirtioError) -> Result {
+    /// One combination on every queue at once: queue 0 on this thread, each worker queue on its own.
+    func runAll(_ blk: inout BlockDevice<VirtioPCITransport>, pattern: Pattern, qd: Int, bs: Int, mode: CompletionMode,
+                span: UInt64) throws(VirtioError) -> Result {
+        final class Outcome: @unchecked Sendable { var run: Run?; var error: VirtioError? }
+        var threads: [Thread] = []
+        var outcomes: [Outcome] = []
+        for (i, worker) in blk.workerQueues.enumerated() {
+            let outcome = Outcome()
+            outcomes.append(outcome)
+            let thread = Thread {
+                do throws(VirtioError) {
+                    outcome.run = try self.runOne(&worker.queue, pattern: pattern, qd: qd, bs: bs, mode: mode, span: span,
+                                                  seed: UInt64(i + 2), progress: false)
+                } catch { outcome.error = error }
+            }
+            thread.start()
+            threads.append(thread)
+        }
+        var total = try runOne(&blk.queue, pattern: pattern, qd: qd, bs: bs, mode: mode, span: span, seed: 1, progress: true)
+        while outcomes.contains(where: { $0.run == nil && $0.error == nil }) { usleep(1000) }
+        for outcome in outcomes {
+            if let error = outcome.error { throw error }
+            total.merge(outcome.run!)
+        }
+        _ = threads
+        printProgress("")
+        func us(_ p: Double) -> Double { Double(total.histogram.valueAtPercentile(p)) / 1000 }
+        return Result(pattern: pattern, qd: qd, bs: bs, irq: mode.rawValue, queues: 1 + blk.workerQueues.count,
+                      iops: Double(total.requests) / total.seconds, mbPerSecond: Double(total.requests * bs) / total.seconds / 1e6,
+                      requests: total.requests, errors: total.errors, p50us: us(50), p99us: us(99), p999us: us(99.9),
+                      maxus: Double(total.histogram.max) / 1000, interrupts: total.interrupts, polled: total.polled)
+    }
+
+    /// What one queue did in one combination.
+    struct Run {
+        var histogram: Histogram<UInt64>
+        var requests: Int, errors: Int, seconds: Double, interrupts: Int, polled: Int
+        mutating func merge(_ other: Run) {
+            histogram.add(other.histogram)
+            requests += other.requests; errors += other.errors; seconds = max(seconds, other.seconds)
+            interrupts += other.interrupts; polled += other.polled
+        }
+    }
+
+    func runOne(_ queue: inout BlockQueue, pattern: Pattern, qd: Int, bs: Int, mode: CompletionMode, span: UInt64,
+                seed: UInt64, progress: Bool) throws(VirtioError) -> Run {
         let clock = ContinuousClock()
         var histogram = Histogram<UInt64>(highestTrackableValue: 60_000_000_000, numberOfSignificantValueDigits: .three)
         let started = UnsafeMutablePointer<ContinuousClock.Instant>.allocate(capacity: queue.slots)
         let doneSlots = UnsafeMutablePointer<Int>.allocate(capacity: queue.slots)
         defer { started.deallocate(); doneSlots.deallocate() }
         let blocks = span / UInt64(bs)
-        var random: UInt64 = 0x9E37_79B9_7F4A_7C15
+        var random: UInt64 = 0x9E37_79B9_7F4A_7C15 &* seed
         var next: UInt64 = 0
         var requests = 0, errors = 0
         let wakesBefore = queue.wakes
@@ -143,21 +193,16 @@ struct BenchBlk: ParsableCommand {
                 queue.release(doneSlots[i])
             }
             requests += count
-            if finished - lastProgress > .seconds(1) {
+            if progress && finished - lastProgress > .seconds(1) {
                 lastProgress = finished
                 let secs = seconds(finished - start)
                 printProgress("\(pattern.rawValue) qd \(qd) bs \(bs) \(mode): \(format2(Double(requests) / secs)) IOPS")
             }
         }
         let elapsed = seconds(clock.now - start)
-        printProgress("")
         let wakes = queue.wakes
-        func us(_ p: Double) -> Double { Double(histogram.valueAtPercentile(p)) / 1000 }
-        return Result(pattern: pattern, qd: qd, bs: bs, irq: mode.rawValue,
-                      iops: Double(requests) / elapsed, mbPerSecond: Double(requests * bs) / elapsed / 1e6,
-                      requests: requests, errors: errors, p50us: us(50), p99us: us(99), p999us: us(99.9),
-                      maxus: Double(histogram.max) / 1000,
-                      interrupts: wakes.interrupts - wakesBefore.interrupts, polled: wakes.polled - wakesBefore.polled)
+        return Run(histogram: histogram, requests: requests, errors: errors, seconds: elapsed,
+                   interrupts: wakes.interrupts - wakesBefore.interrupts, polled: wakes.polled - wakesBefore.polled)
     }
 
     func seconds(_ d: Duration) -> Double {

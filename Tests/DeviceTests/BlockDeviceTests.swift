@@ -1,4 +1,5 @@
 import Testing
+import Foundation
 import Virtio
 import VirtioDevices
 import VirtioEmulator
@@ -88,5 +89,35 @@ struct BlockDeviceTests {
         blk.queue.cancelAll { cancelled.append($0) }
         #expect(cancelled.sorted() == slots.sorted())
         #expect(blk.queue.inFlight == 0)
+    }
+
+    @Test func multiqueueGivesEachWorkerItsOwnQueue() throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 8192, queues: 3))
+        var blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: .msix, maxTransfer: 16 << 10, queues: 3)
+        #expect(blk.negotiation.accepted.contains(.blkMultiQueue))
+        #expect(blk.workerQueues.count == 2 && blk.queue.index == 0)
+        // Each worker writes its own sectors through its own queue, on its own thread.
+        let threads = blk.workerQueues.enumerated().map { (i, worker) in
+            Thread {
+                guard let slot = worker.queue.acquire() else { return }
+                let buffer = worker.queue.buffer(slot)
+                for j in 0..<4096 { buffer[j] = UInt8(i + 1) }
+                _ = try? worker.queue.submit(.write, sector: UInt64(1000 + 8 * i), bytes: 4096, slot: slot)
+                worker.queue.publish()
+                while worker.queue.inFlight > 0 {
+                    try? worker.queue.wait()
+                    _ = try? worker.queue.complete { _, _, _ in }
+                }
+                worker.queue.release(slot)
+            }
+        }
+        threads.forEach { $0.start() }
+        while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
+        var back = [UInt8](repeating: 0, count: 8192)
+        try back.withUnsafeMutableBytes { try blk.read(sector: 1000, into: $0) }
+        #expect(back[0..<4096].allSatisfy { $0 == 1 } && back[4096...].allSatisfy { $0 == 2 })
+        for i in 0..<3 { #expect(device.statistics(queue: i).completed >= 1, "queue \(i) did no work") }
+        _ = try blk.shutdown()
+        #expect(device.violations.isEmpty, "\(device.violations)")
     }
 }

@@ -31,6 +31,9 @@ head -c $((512 * 777)) /dev/urandom >"$work/odd"
 virtio-vfio blk write $BLK --sector 99 <"$work/odd" 2>/dev/null && virtio-vfio blk read $BLK --sector 99 --count 777 >"$work/oddback" \
   && cmp -s "$work/odd" "$work/oddback" && pass "777-sector request at an unaligned sector" || fail "odd-sized round trip"
 check "flush" virtio-vfio blk flush $BLK
+out=$(virtio-vfio bench blk $BLK --queues 2 --qd 8 --bs 4096 --irq msix --seconds 1 --json 2>/dev/null)
+[[ $(jq -r '.[0].queues' <<<"$out") == 2 && $(jq -r '.[0].errors' <<<"$out") == 0 && $(jq -r '.[0].requests > 100' <<<"$out") == true ]] \
+  && pass "bench blk on 2 queues (MQ), one worker thread each, no errors" || fail "MQ bench: $out"
 
 expect_exit 64 "a read past the capacity is refused" virtio-vfio blk read $BLK --sector 524287 --count 2
 contains "the refusal names the capacity" "$LAST_ERR" "past the capacity of 524288 sectors"
