@@ -23,7 +23,8 @@ enum BlockRequest {
 extension DeviceCore {
     func serveBlock(_ q: SplitQueueDevice, _ s: inout State) -> UInt32 {
         let chain = q.chain
-        let tag = "queue \(q.index): blk request at head \(chain.head)"
+        // Built only when a violation is recorded: a string per request would allocate on every request.
+        var tag: String { "queue \(q.index): blk request at head \(chain.head)" }
         guard chain.writableLength >= 1 else {
             s.record("\(tag) has no device-writable status byte (§5.2.6)")
             return 0

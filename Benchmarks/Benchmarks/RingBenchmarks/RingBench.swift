@@ -1,0 +1,1 @@
+../../../Sources/virtio-vfio/BenchCommand.swift
