@@ -54,10 +54,12 @@ let package = Package(
         .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")]),
         // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
         .target(name: "VirtioDevices", dependencies: ["Virtio"]),
+        // Upgrade: the versioned state record and descriptor passing of a hot upgrade.
+        .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")]),
         // Services: devices exposed to real clients (NBD export of virtio-blk).
         .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls",
+            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -68,9 +70,12 @@ let package = Package(
         // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
         .testTarget(name: "VirtqueueTests", dependencies: ["Virtio"]),
+        .testTarget(name: "UpgradeTests", dependencies: ["Upgrade", "Syscalls", "CVirtioShim"]),
         .testTarget(name: "DeviceTests", dependencies: ["VirtioDevices", "VirtioEmulator", "Virtio", "Services", "NBD"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
         // The emulator itself, driven by a hand-written driver-side ring writer.
         .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),
+        // The NBD server against an in-memory backend, a hand-written client, and nbdinfo/qemu-img/nbdcopy.
+        .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscalls"]),
     ]
 )
