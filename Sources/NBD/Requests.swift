@@ -132,7 +132,8 @@ extension NBDRequest {
             guard isAligned(export) else { return .reply(E.einval) }
             guard inRange(export) else { return .reply(type == C.trim ? E.einval : E.enospc) }
             if length == 0 { return .reply(E.ok) }
-            // NO_HOLE needs nothing: `.writeZeroes` never deallocates (see BackendOperation).
+            // NO_HOLE needs nothing as long as `.writeZeroes` never deallocates (virtio-blk
+            // WRITE_ZEROES without the unmap flag, as VirtioBlockBackend sends it).
             return .submit(type == C.trim ? .trim : .writeZeroes, flushAfter: flags.contains(.fua))
 
         default:

@@ -26,6 +26,10 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
     let tags: UnsafeMutablePointer<UInt64>
     let operations: UnsafeMutablePointer<UInt8>
     let flushing: UnsafeMutablePointer<Bool>
+    /// Discard and write-zeroes ranges longer than the device's limit go as consecutive requests in
+    /// the run's first slot: the next sector and the sectors still to do.
+    let rangeNext: UnsafeMutablePointer<UInt64>
+    let rangeLeft: UnsafeMutablePointer<Int>
     /// Which run each slot's request belongs to.
     let runOfSlot: UnsafeMutablePointer<Int32>
     /// Completed slots collected during a drain, handled after it.
@@ -45,6 +49,8 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         operations = .allocate(capacity: slots); operations.initialize(repeating: 0, count: slots)
         flushing = .allocate(capacity: slots); flushing.initialize(repeating: false, count: slots)
         runOfSlot = .allocate(capacity: slots); runOfSlot.initialize(repeating: -1, count: slots)
+        rangeNext = .allocate(capacity: slots); rangeNext.initialize(repeating: 0, count: slots)
+        rangeLeft = .allocate(capacity: slots); rangeLeft.initialize(repeating: 0, count: slots)
         done = .allocate(capacity: slots)
         doneStatus = .allocate(capacity: slots)
         // Half of all slots at most, so two large requests can be in flight together.
@@ -57,6 +63,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         for p in [remaining, failure] { p.deallocate() }
         used.deallocate(); tags.deallocate(); operations.deallocate(); flushing.deallocate()
         runOfSlot.deallocate(); done.deallocate(); doneStatus.deallocate()
+        rangeNext.deallocate(); rangeLeft.deallocate()
     }
 
     public var size: UInt64 { device.config.capacityBytes }
@@ -68,16 +75,33 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
     public var preferredBlockSize: Int { max(4096, Int(device.config.blockSize)) }
 
     /// How many slots an operation on `length` bytes takes: data operations one per `chunk` bytes;
-    /// discard and write-zeroes one per range of at most the device's limit; flush one.
+    /// flush, discard and write-zeroes one (long ranges run one after the other in it).
     func slotsNeeded(_ operation: BackendOperation, length: Int) -> Int {
         switch operation {
         case .read, .write, .writeFUA: return max(1, (length + chunk - 1) / chunk)
-        case .flush: return 1
-        case .trim, .writeZeroes:
-            let limit = Int(operation == .trim ? device.config.maxDiscardSectors ?? 1 : device.config.maxWriteZeroesSectors ?? 1)
-            let sectors = length / BlockConfig.sectorSize
-            return max(1, (sectors + max(limit, 1) - 1) / max(limit, 1))
+        case .flush, .trim, .writeZeroes: return 1
         }
+    }
+
+    /// The largest range one discard or write-zeroes request may carry (§5.2.4 limits).
+    func rangeLimit(_ operation: BackendOperation) -> Int {
+        let limit = operation == .trim ? device.config.maxDiscardSectors : device.config.maxWriteZeroesSectors
+        return max(1, Int(limit ?? 1))
+    }
+
+    /// Submits the next range of a discard or write-zeroes run in its first slot.
+    mutating func submitNextRange(_ operation: BackendOperation, first: Int) throws(VirtioError) {
+        let n = min(rangeLeft[first], rangeLimit(operation))
+        // struct virtio_blk_discard_write_zeroes { le64 sector; le32 num_sectors; le32 flags; } (§5.2.6);
+        // flags 0: write-zeroes never deallocates (NBD's NO_HOLE is always honoured).
+        let range = device.queue.buffer(first).baseAddress!
+        range.storeBytes(of: rangeNext[first].littleEndian, toByteOffset: 0, as: UInt64.self)
+        range.storeBytes(of: UInt32(n).littleEndian, toByteOffset: 8, as: UInt32.self)
+        range.storeBytes(of: UInt32(0), toByteOffset: 12, as: UInt32.self)
+        rangeNext[first] += UInt64(n)
+        rangeLeft[first] -= n
+        remaining[first] = 1
+        _ = try device.queue.submit(operation == .trim ? .discard : .writeZeroes, sector: 0, bytes: 16, slot: first)
     }
 
     public mutating func reserve(length: Int) -> BackendBuffer? {
@@ -137,19 +161,10 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
                 runOfSlot[first] = Int32(first)
                 _ = try device.queue.submit(.flush, sector: 0, bytes: 0, slot: first)
             case .trim, .writeZeroes:
-                let limit = Int(operation == .trim ? device.config.maxDiscardSectors ?? 1 : device.config.maxWriteZeroesSectors ?? 1)
-                var at = sector, left = length / BlockConfig.sectorSize
-                for i in 0..<needed {
-                    let n = min(left, max(limit, 1))
-                    // struct virtio_blk_discard_write_zeroes { le64 sector; le32 num_sectors; le32 flags; } (§5.2.6)
-                    let range = device.queue.buffer(first + i).baseAddress!
-                    range.storeBytes(of: at.littleEndian, toByteOffset: 0, as: UInt64.self)
-                    range.storeBytes(of: UInt32(n).littleEndian, toByteOffset: 8, as: UInt32.self)
-                    range.storeBytes(of: UInt32(0), toByteOffset: 12, as: UInt32.self)
-                    runOfSlot[first + i] = Int32(first)
-                    _ = try device.queue.submit(operation == .trim ? .discard : .writeZeroes, sector: 0, bytes: 16, slot: first + i)
-                    at += UInt64(n); left -= n
-                }
+                runOfSlot[first] = Int32(first)
+                rangeNext[first] = sector
+                rangeLeft[first] = length / BlockConfig.sectorSize
+                try submitNextRange(operation, first: first)
             }
         } catch {
             throw BackendError("\(error)")
@@ -180,6 +195,16 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
             }
             remaining[first] -= 1
             guard remaining[first] == 0 else { continue }
+            // A long discard or write-zeroes range continues in the same slot.
+            let code = operations[first]
+            if (code == VirtioBlockBackend.code(.trim) || code == VirtioBlockBackend.code(.writeZeroes))
+                && rangeLeft[first] > 0 && failure[first] == 0 {
+                do throws(VirtioError) {
+                    try submitNextRange(code == VirtioBlockBackend.code(.trim) ? .trim : .writeZeroes, first: first)
+                    device.queue.publish()
+                } catch { throw BackendError("\(error)") }
+                continue
+            }
             // A FUA write is durable only after a flush of the device's cache (virtio-blk has no FUA).
             if operations[first] == VirtioBlockBackend.code(.writeFUA) && !flushing[first] && failure[first] == 0 && canFlush {
                 flushing[first] = true

@@ -96,3 +96,29 @@ struct VirtioBlockBackendTests {
         do { let result = try wait(&b, for: 9); #expect(result == 5) }  // EIO
     }
 }
+
+@Suite("long discard and write-zeroes ranges", .serialized)
+struct LongRangeTests {
+    @Test func rangesLongerThanTheDeviceLimitRunInPieces() throws {
+        var model = EmulatedDevice.Model.blk(capacitySectors: 1 << 16)
+        model.block.maxWriteZeroesSectors = 64
+        model.block.maxDiscardSectors = 32
+        let device = EmulatedDevice(model: model)
+        device.writeDisk(offset: 0, [UInt8](repeating: 0xAB, count: 1 << 20))
+        var b = VirtioBlockBackend(device: try BlockDevice(transport: EmulatedTransport(device: device)))
+        guard let z = b.reserve(length: 0) else { Issue.record("no room"); return }
+        try b.submit(.writeZeroes, offset: 512, length: 1000 * 512, buffer: z, tag: 7)   // 16 pieces of 64 sectors
+        var result: Int32?
+        for _ in 0..<2_000_000 where result == nil { _ = try b.poll { t, e in if t == 7 { result = e } } }
+        #expect(result == 0)
+        let disk = device.readDisk(offset: 0, count: 1002 * 512)
+        #expect(disk[0..<512].allSatisfy { $0 == 0xAB })
+        #expect(disk[512..<(1001 * 512)].allSatisfy { $0 == 0 })
+        #expect(disk[(1001 * 512)...].allSatisfy { $0 == 0xAB })
+        result = nil
+        try b.submit(.trim, offset: 0, length: 200 * 512, buffer: z, tag: 8)            // 7 pieces of 32 sectors
+        for _ in 0..<2_000_000 where result == nil { _ = try b.poll { t, e in if t == 8 { result = e } } }
+        #expect(result == 0)
+        #expect(device.violations.isEmpty, "\(device.violations)")
+    }
+}
