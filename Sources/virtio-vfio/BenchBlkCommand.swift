@@ -63,16 +63,9 @@ struct BenchBlk: ParsableCommand {
         let address = try device.address()
         var results: [Result] = []
         for mode in irq {
-            let transport: VirtioPCITransport
-            do {
-                // Per queue: up to 256 slots of the largest block size, plus rings.
-                let perQueue = 256 * max(bs.max() ?? 4096, 4096) + (1 << 20)
-                transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot),
-                                                   dmaBytes: queues * perQueue)
-            } catch { throw Failure.exit(error) }
-            guard transport.deviceType == .block else {
-                throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-blk"))
-            }
+            // Per queue: up to 256 slots of the largest block size, plus rings.
+            let perQueue = 256 * max(bs.max() ?? 4096, 4096) + (1 << 20)
+            let transport = try global.openTransport(address, dmaBytes: queues * perQueue, expecting: .block)
             var blk: BlockDevice<VirtioPCITransport>
             do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: max(bs.max() ?? 4096, 4096), queues: queues) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))

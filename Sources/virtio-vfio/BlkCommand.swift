@@ -23,13 +23,7 @@ struct BlkOptions: ParsableArguments {
     /// Opens and initialises the device, runs `body`, and always shuts the device down (reset).
     func withDevice(_ body: (inout BlockDevice<VirtioPCITransport>) throws(BlockError) -> Void) throws {
         let address = try device.address()
-        let transport: VirtioPCITransport
-        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot), dmaBytes: 40 << 20) } catch {
-            throw Failure.exit(error)
-        }
-        guard transport.deviceType == .block else {
-            throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-blk"))
-        }
+        let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block)
         var blk: BlockDevice<VirtioPCITransport>
         do { blk = try BlockDevice(transport: transport, mode: irq) } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         var failure: BlockError?

@@ -10,3 +10,21 @@ struct DeviceArgument: ParsableArguments {
         do { return try PCIAddress(parsing: bdf) } catch { throw Failure.exit(error) }
     }
 }
+
+import Virtio
+import VirtioPCI
+
+extension GlobalOptions {
+    /// Opens `address` through VFIO with `dmaBytes` of device memory; if `type` is given, refuses
+    /// any other device type as a usage error (exit 64) before anything is written to it.
+    func openTransport(_ address: PCIAddress, dmaBytes: Int = 0, expecting type: DeviceType? = nil) throws -> VirtioPCITransport {
+        let transport: VirtioPCITransport
+        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: sysfsRoot), dmaBytes: dmaBytes) } catch {
+            throw Failure.exit(error)
+        }
+        if let type, transport.deviceType != type {
+            throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-\(type)"))
+        }
+        return transport
+    }
+}

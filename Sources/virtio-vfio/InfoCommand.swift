@@ -54,10 +54,7 @@ struct InfoCommand: ParsableCommand {
 
     func run() throws {
         let address = try device.address()
-        let transport: VirtioPCITransport
-        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot)) } catch {
-            throw Failure.exit(error)
-        }
+        let transport = try global.openTransport(address)
         let report = Self.report(transport)
         if json { try JSONOutput.print(report) } else { Self.printText(report) }
     }

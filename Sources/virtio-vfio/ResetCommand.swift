@@ -37,12 +37,8 @@ struct ResetCommand: ParsableCommand {
 
     func run() throws {
         let address = try device.address()
-        let transport: VirtioPCITransport
         // A per-queue reset runs the device, which needs DMA memory for its rings and buffers.
-        let dmaBytes = queue == nil ? 0 : 2 << 20
-        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot), dmaBytes: dmaBytes) } catch {
-            throw Failure.exit(error)
-        }
+        let transport = try global.openTransport(address, dmaBytes: queue == nil ? 0 : 2 << 20)
         if let queue {
             return try QueueResetRun(address: address, queue: queue, cycles: cycles).run(transport: transport, features: features)
         }

@@ -39,14 +39,7 @@ struct RngCommand: ParsableCommand {
 
     func run() throws {
         let address = try device.address()
-        let transport: VirtioPCITransport
-        do {
-            transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot),
-                                               dmaBytes: 1 << 20 + 256 * bufferSize)
-        } catch { throw Failure.exit(error) }
-        guard transport.deviceType == .entropy else {
-            throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-rng"))
-        }
+        let transport = try global.openTransport(address, dmaBytes: 1 << 20 + 256 * bufferSize, expecting: .entropy)
         let wanted = try parseFeatures(features, for: transport.deviceType)
         let clock = ContinuousClock()
         let start = clock.now

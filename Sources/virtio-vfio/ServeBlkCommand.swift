@@ -49,13 +49,7 @@ struct ServeBlkCommand: ParsableCommand {
 
     func run() throws {
         let address = try device.address()
-        let transport: VirtioPCITransport
-        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot), dmaBytes: 40 << 20) } catch {
-            throw Failure.exit(error)
-        }
-        guard transport.deviceType == .block else {
-            throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-blk"))
-        }
+        let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block)
         let blk: BlockDevice<VirtioPCITransport>
         do { blk = try BlockDevice(transport: transport, mode: irq) } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         var configuration = NBDServerConfiguration()

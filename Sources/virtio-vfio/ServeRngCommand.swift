@@ -54,10 +54,7 @@ struct ServeRngCommand: ParsableCommand {
             throw ExitCode(errno == EACCES ? Failure.permission : Failure.ioError)
         }
         let poolFD = OwnedFD(adopting: pool)
-        let transport: VirtioPCITransport
-        do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: global.sysfsRoot), dmaBytes: 2 << 20) } catch {
-            throw Failure.exit(error)
-        }
+        let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy)
         var rng: EntropyDevice<VirtioPCITransport>
         do { rng = try EntropyDevice(transport: transport, mode: irq) } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
