@@ -119,7 +119,8 @@ public enum Lifecycle {
         return seconds * 1_000_000 + attoseconds / 1_000_000_000_000
     }
 
-    static func sleep(_ d: Duration) {
+    /// Sleeps the calling thread (EINTR-safe); the driver's only blocking wait outside poll(2).
+    public static func sleep(_ d: Duration) {
         let (seconds, attoseconds) = d.components
         var request = timespec(tv_sec: Int(seconds), tv_nsec: Int(attoseconds / 1_000_000_000))
         var remaining = timespec()

@@ -62,11 +62,66 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         self.transport = transport
     }
 
+    /// Resets that brought the device back during reads.
+    public private(set) var recoveries = 0
+
     /// Reads exactly `count` bytes of entropy, passing each piece the device produced to `body`.
-    public mutating func read(_ count: Int, _ body: (UnsafeRawBufferPointer) -> Void) throws(VirtioError) {
+    ///
+    /// A device that breaks the queue protocol, stops answering or asks for a reset is recovered
+    /// up to `recoveries` times (reset, renegotiate, rebuild, post again; entropy has no state to
+    /// lose, so nothing is resubmitted), with a backoff of 1, 10, 100 ms...; the caller sees a
+    /// delay, not an error. Past that the error is thrown.
+    public mutating func read(_ count: Int, recoveries allowed: Int = 0, _ body: (UnsafeRawBufferPointer) -> Void) throws(VirtioError) {
         var remaining = count
+        var attempts = 0
+        while true {
+            do throws(VirtioError) {
+                try readSome(&remaining, body)
+                return
+            } catch {
+                switch error {
+                case .brokenQueue, .deviceFailed, .interrupts:
+                    guard attempts < allowed else { throw error }
+                    Lifecycle.sleep(.milliseconds(attempts >= 3 ? 1000 : [1, 10, 100][attempts]))
+                    attempts += 1
+                    try recover()
+                default:
+                    throw error
+                }
+            }
+        }
+    }
+
+    /// Brings a misbehaving device back, the seed's third use of reset: reset (after which the
+    /// device uses none of the buffers, §2.4), reclaim them all, renegotiate the same features,
+    /// rebuild the queue on the same memory, DRIVER_OK, post every buffer.
+    public mutating func recover() throws(VirtioError) {
+        try Lifecycle.reset(transport)
+        queue.reclaimAll { slot in idle.push(Int(slot)) }
+        let again = try Lifecycle.negotiate(transport, wanted: negotiation.accepted)
+        guard again.accepted == negotiation.accepted else {
+            throw .featuresRejected(offered: again.offered.rawValue, accepted: negotiation.accepted.rawValue,
+                                    status: transport.readStatus().rawValue)
+        }
+        try transport.setConfigVector(nil)
+        _ = try transport.enableQueue(0, size: queue.size, rings: queue.rings, vector: mode == .poll ? nil : 0)
+        queue.suppressInterrupts()
+        try Lifecycle.driverOK(transport)
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        recoveries += 1
+    }
+
+    mutating func readSome(_ remaining: inout Int, _ body: (UnsafeRawBufferPointer) -> Void) throws(VirtioError) {
         while remaining > 0 {
-            wakes.count(try waiter.wait(for: &queue))
+            // DEVICE_NEEDS_RESET (§2.1.2) is checked when the device goes quiet, not per request:
+            // a status read is an MMIO exit on real hardware.
+            do throws(VirtioError) {
+                wakes.count(try waiter.wait(for: &queue))
+            } catch {
+                let status = transport.readStatus()
+                if status.contains(.deviceNeedsReset) { throw .deviceFailed(status: status.rawValue, during: "reads (DEVICE_NEEDS_RESET)") }
+                throw error
+            }
             let base = buffers.pointer, size = bufferSize
             var handed = 0
             var done = 0

@@ -73,7 +73,9 @@ struct ServeRngCommand: ParsableCommand {
             let n = bytes == 0 ? chunk : min(chunk, bytes - fed)
             var filled = 0
             do {
-                try rng.read(n) { piece in
+                // A misbehaving device is reset and brought back (up to 5 times in a row): the
+                // kernel pool sees a pause, not an end of supply.
+                try rng.read(n, recoveries: 5) { piece in
                     (request + 8 + filled).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
                     filled += piece.count
                 }
@@ -91,9 +93,10 @@ struct ServeRngCommand: ParsableCommand {
             if clock.now < due { try? clock.sleepUntilSync(due) }
             logger.debug("fed \(fed) bytes")
         }
+        let recoveries = rng.recoveries
         var shutdownError: VirtioError?
         do throws(VirtioError) { _ = try rng.shutdown() } catch { shutdownError = error }
-        printError("\(address): fed \(fed) bytes (\(fed * credit) bits credited) to the kernel pool; device reset")
+        printError("\(address): fed \(fed) bytes (\(fed * credit) bits credited) to the kernel pool, \(recoveries) recoveries; device reset")
         if let failure { throw failure is ExitCode ? failure : Failure.exit(failure) }
         if let shutdownError { throw Failure.exit(VirtioPCIError.virtio(address, shutdownError)) }
     }

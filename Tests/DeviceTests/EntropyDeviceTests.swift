@@ -1,4 +1,5 @@
 import Testing
+import Foundation
 import Glibc
 import Virtio
 import VirtioDevices
@@ -126,5 +127,48 @@ struct HostileDeviceTests {
         #expect(throws: VirtioError.self) {
             _ = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .poll)
         }
+    }
+}
+
+@Suite("the rng driver recovers a misbehaving device by reset", .serialized)
+struct RecoveryTests {
+    /// Turns `fault` on mid-read; a watcher clears it as soon as the driver resets the device (a
+    /// transient fault); the read must finish with all bytes and one recovery.
+    func recoversFrom(_ fault: (inout EmulatedDevice.Faults) -> Void, needsReset: Bool = false) throws {
+        let device = EmulatedDevice(model: .rng(seed: 5))
+        var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .poll,
+                                    completionTimeout: .milliseconds(200))
+        try rng.read(1000) { _ in }
+        let baseline = device.resetCount
+        var faults = device.faults
+        fault(&faults)
+        device.faults = faults
+        if needsReset { device.setNeedsReset() }
+        let watcher = Thread {
+            for _ in 0..<5000 where device.resetCount == baseline { usleep(200) }
+            device.faults = .init()
+        }
+        watcher.start()
+        var n = 0
+        try rng.read(60_000, recoveries: 3) { n += $0.count }
+        #expect(n == 60_000)
+        #expect(rng.recoveries >= 1)
+        _ = try rng.shutdown()
+    }
+
+    @Test func fromABadUsedID() throws { try recoversFrom { $0.usedIDNotInFlight = true } }
+    @Test func fromALengthPastTheBuffer() throws { try recoversFrom { $0.usedLengthPastBuffer = true } }
+    @Test func fromADeviceThatStoppedCompleting() throws { try recoversFrom { $0.stopCompleting = true } }
+    @Test func fromDeviceNeedsReset() throws { try recoversFrom({ $0.stopCompleting = true }, needsReset: true) }
+
+    @Test func givesUpAfterTheAllowedRecoveries() throws {
+        let device = EmulatedDevice(model: .rng(seed: 5))
+        var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .poll,
+                                    completionTimeout: .milliseconds(50))
+        var faults = EmulatedDevice.Faults()
+        faults.usedIDNotInFlight = true  // never clears: a permanently broken device
+        device.faults = faults
+        #expect(throws: VirtioError.self) { try rng.read(60_000, recoveries: 2) { _ in } }
+        #expect(rng.recoveries == 2)
     }
 }
