@@ -158,7 +158,9 @@ public struct StateRecord: Sendable, Equatable {
             queues.append(q)
         }
         let inFlightCount = Int(try b.u32("in-flight count"))
-        guard inFlightCount <= StateRecord.maxInFlight, inFlightCount <= b.remaining / 35 else {
+        // Each request takes 33 bytes (u16 queue, u16 head, u32 slot, u32 client, u64 tag, u8
+        // operation, u64 offset, u32 length): a count the remaining bytes cannot hold is a lie.
+        guard inFlightCount <= StateRecord.maxInFlight, inFlightCount <= b.remaining / 33 else {
             throw .invalid(field: "in-flight count", "\(inFlightCount) requests")
         }
         var requests: [InFlight] = []

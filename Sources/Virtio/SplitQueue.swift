@@ -136,12 +136,15 @@ public struct SplitQueue: ~Copyable {
         let count = segments.count
         guard count > 0 else { throw .queueSetup(queue: index, "a request needs at least one buffer") }
         var sawWritable = false
-        var writable: UInt32 = 0
+        // Summed in 64 bits: a chain can describe more than 4 GiB of writable memory, and a used
+        // length (32 bits) can never exceed that, so the sum saturates at UInt32.max.
+        var writableSum: UInt64 = 0
         for s in segments {
-            if s.deviceWritable { sawWritable = true; writable &+= s.length } else if sawWritable {
+            if s.deviceWritable { sawWritable = true; writableSum += UInt64(s.length) } else if sawWritable {
                 throw .queueSetup(queue: index, "device-readable buffers must come before device-writable ones (§2.7.4.2)")
             }
         }
+        let writable = UInt32(clamping: writableSum)
         let indirect = useIndirect && count > 1 && count <= memory.indirectEntries
         let needed = indirect ? 1 : count
         guard needed <= freeCount else {

@@ -79,3 +79,17 @@ struct StateRecordTests {
         }
     }
 }
+
+@Suite("state record regressions found by fuzzing")
+struct StateRecordRegressionTests {
+    /// The in-flight bound divided the remaining bytes by 35 instead of the 33 a request takes, so
+    /// a valid record with many requests and few descriptors was refused (Fuzz/Regressions/FuzzStateRecord).
+    @Test func manyRequestsWithFewDescriptorsRoundTrip() throws {
+        var record = sample
+        record.inFlight = (0..<40).map { i in
+            .init(queue: 0, head: UInt16(i), slot: UInt32(i), client: UInt32.max, tag: UInt64(i), operation: 0, offset: 0, length: 512)
+        }
+        record.descriptors = [.container, .group, .device, .dmaMemory]
+        #expect(try StateRecord(decoding: record.encoded(), descriptorCount: 4) == record)
+    }
+}

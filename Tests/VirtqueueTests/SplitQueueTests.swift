@@ -265,3 +265,20 @@ struct HostileUsedRingTests {
         #expect(tokens == [2])
     }
 }
+
+@Suite("split queue regressions found by fuzzing")
+struct SplitQueueRegressionTests {
+    /// Writable lengths were summed in 32 bits and wrapped past 4 GiB, so a legitimate used length
+    /// was refused as "past the writable bytes" (Fuzz/Regressions/FuzzUsedRing).
+    @Test func writableBytesBeyondFourGiBDoNotWrap() throws {
+        let f = RingFixture()
+        var q = try f.queue()
+        let huge = BufferSegment(address: 0x6000_0000, length: 0xFFFF_FFFF, deviceWritable: true)
+        _ = try add(&q, [huge, huge], token: 5)
+        q.publish()
+        f.complete(q, slot: 0, id: 0, length: 0xFFFF_FFFF, index: 1)
+        var got: UInt32 = 0
+        let drained = try q.drainUsed { _, length in got = length }
+        #expect(drained == 1 && got == 0xFFFF_FFFF)
+    }
+}
