@@ -268,6 +268,11 @@ func seeds() -> [(name: String, bytes: [UInt8])] {
     shm.put32(0xB0 + 16, 1); shm.put32(0xB0 + 20, 2)
     shm.virtio(0xC8, next: 0x98, type: 9, bar: 0, offset: 0, length: 0)
     result.append(("shared-memory-64bit", [6, 0, 13, 64, 0, 15, 0] + shm.bytes))
+    // A vendor capability whose header is the last two bytes read: cap_len is past the end.
+    var end = ConfigBuilder(size: 0x42)
+    end.bytes[0x34] = 0x40
+    end.cap(0x40, id: 0x09, next: 0)
+    result.append(("cap-len-past-the-end", qemuBARHeader + end.bytes))
     // A loop, and a pointer into the header.
     var loop = ConfigBuilder()
     loop.bytes[0x34] = 0x40

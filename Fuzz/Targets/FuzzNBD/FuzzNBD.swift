@@ -7,8 +7,9 @@ import NBD
 /// longer data up to `maximumDiscardedOptionData` dropped, anything longer a hang-up) until an
 /// option enters transmission, then request headers each followed by its WRITE payload.
 ///
-/// Input: a 16-byte export description (flags, block size exponents, maximum payload, size),
-/// name and description (1 length byte each, then the bytes), then the client stream.
+/// Input: a 15-byte export description (flags, block size exponents, maximum payload, size),
+/// name and description (`text`: up to 31 bytes of input, or 3970-4097 generated letters), then
+/// the client stream.
 ///
 /// Asserts: no crash, no ASan report, no ByteWriter overflow (each option's answer goes into a
 /// buffer of exactly `maximumReplyBytes`, as in the server); every option answer is a well-formed
@@ -40,26 +41,38 @@ func makeExport(_ input: inout FuzzInput) -> NBDExport? {
     let preferredExponent = max(minimumExponent, 9) + Int(input.u8() % 8)
     let maximumRaw = Int(input.u32())
     let size = input.u64()
-    let name = String(decoding: input.take(Int(input.u8() % 32)), as: UTF8.self)
-    let description = String(decoding: input.take(Int(input.u8() % 32)), as: UTF8.self)
+    let name = text(&input)
+    let description = text(&input)
     let minimum = 1 << minimumExponent, preferred = 1 << preferredExponent
     let maximum = flagBits & 0x80 != 0 ? maximumRaw : max(maximumRaw, preferred)
     var flags: P.TransmissionFlags = []
     let bits: [P.TransmissionFlags] = [.readOnly, .sendFlush, .sendFUA, .sendTrim, .sendWriteZeroes, .canMultiConn, .rotational]
     for (i, f) in bits.enumerated() where flagBits & (1 << i) != 0 { flags.insert(f) }
+    let tooLong = name.utf8.count > P.maximumStringLength || description.utf8.count > P.maximumStringLength
     if let problem = NBDExport.problem(name: name, description: description, minimumBlockSize: minimum,
                                        preferredBlockSize: preferred, maximumPayload: maximum) {
-        require(maximum < preferred || name.utf8.contains(0) || description.utf8.contains(0),
+        require(maximum < preferred || name.utf8.contains(0) || description.utf8.contains(0) || tooLong,
                 "NBDExport.problem refused valid values: \(problem)")
         return nil
     }
-    require(maximum >= preferred && !name.utf8.contains(0) && !description.utf8.contains(0),
-            "NBDExport.problem accepted maximum \(maximum) < preferred \(preferred) or a NUL")
+    require(maximum >= preferred && !name.utf8.contains(0) && !description.utf8.contains(0) && !tooLong,
+            "NBDExport.problem accepted maximum \(maximum) < preferred \(preferred), a NUL or a string over 4096 bytes")
     let export = NBDExport(name: name, description: description, size: size, flags: flags,
                            minimumBlockSize: minimum, preferredBlockSize: preferred, maximumPayload: maximum)
     require(export.flags.contains(.hasFlags) && export.minimumBlockSize == UInt32(minimum)
             && export.maximumPayload == UInt32(clamping: maximum), "NBDExport does not hold what it was given")
     return export
+}
+
+/// An export name or description: a length byte, then (below 0x80) up to 31 bytes of the input,
+/// or (0x80 and above) 4097 - (b & 0x7F) letters: strings at and just past the protocol's
+/// 4096-byte limit, where the answers to LIST and INFO/GO are the longest (`maximumReplyBytes`).
+func text(_ input: inout FuzzInput) -> String {
+    let b = input.u8()
+    guard b & 0x80 != 0 else { return String(decoding: input.take(Int(b & 31)), as: UTF8.self) }
+    let seed = Int(input.u8())
+    let count = P.maximumStringLength + 1 - Int(b & 0x7F)
+    return String(decoding: (0..<count).map { UInt8(0x61 + (seed + $0) % 26) }, as: UTF8.self)
 }
 
 struct Session {
@@ -419,6 +432,19 @@ func seeds() -> [(name: String, bytes: [UInt8])] {
     q.request(C.write, offset: 0, length: 512)
     q.request(C.disc)
     result.append(("qemu-go", q.s.bytes))
+    // The longest answers: a 4096-byte name and description (length bytes 0x81), LIST, then
+    // INFO and GO for the default export asking for both.
+    var big = SeedBytes()
+    big.u8(0b0011_1110); big.u8(9); big.u8(3); big.le32(128 << 10); big.le64(256 << 20)
+    big.raw([0x81, 0, 0x81, 7])
+    big.be32(P.ClientFlags([.fixedNewstyle, .noZeroes]).rawValue)
+    var longest = Client()
+    longest.s = big
+    longest.option(O.list)
+    longest.option(O.info, Client.infoData(name: "", [P.Info.name, P.Info.description, P.Info.blockSize]))
+    longest.option(O.go, Client.infoData(name: "", [P.Info.description, P.Info.name]))
+    longest.request(C.disc)
+    result.append(("longest-strings", longest.s.bytes))
     // Refusals in haggling: unknown export, malformed INFO, LIST with data, ABORT.
     var r = Client(name: "blk0")
     r.option(O.info, Client.infoData(name: "other", []))
