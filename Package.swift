@@ -59,7 +59,7 @@ let package = Package(
         // Services: devices exposed to real clients (NBD export of virtio-blk).
         .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD",
+            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD", "Upgrade",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

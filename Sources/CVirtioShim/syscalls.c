@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <sys/ioctl.h>
 #include <linux/random.h>
+#include <sys/socket.h>
 
 const unsigned long CVirtioShim_VFIO_GET_API_VERSION = VFIO_GET_API_VERSION;
 const unsigned long CVirtioShim_VFIO_CHECK_EXTENSION = VFIO_CHECK_EXTENSION;
@@ -34,4 +35,14 @@ long CVirtioShim_ioctl_value(int fd, unsigned long request, unsigned long value)
 }
 
 int CVirtioShim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+
+int CVirtioShim_peer_credentials(int fd, int *pid, unsigned int *uid, unsigned int *gid) {
+    struct ucred credentials;
+    socklen_t length = sizeof credentials;
+    if (getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &credentials, &length) != 0) return -errno;
+    *pid = credentials.pid;
+    *uid = credentials.uid;
+    *gid = credentials.gid;
+    return 0;
+}
 const unsigned int CVirtioShim_MFD_CLOEXEC = MFD_CLOEXEC;

@@ -8,7 +8,7 @@
 ///   request (`NBDRequest.action(for:)`, Requests.swift).
 /// - `NBDServer` (NBDServer.swift, ServerInput.swift, ServerOutput.swift, ClientState.swift): a
 ///   single-threaded poll(2) loop serving many connections over UNIX and TCP sockets
-///   (Listener.swift), with the socket system calls in SocketSyscalls.swift.
+///   (Listener.swift), with the socket system calls in `SocketSyscall` (Syscalls module).
 ///
 /// Protocol reference: doc/proto.md of github.com/NetworkBlockDevice/nbd.
 enum NBDModule {}

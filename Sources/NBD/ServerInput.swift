@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import Syscalls
 import SystemPackage
 
 /// The input side of a connection: the handshake's client flags and options, then request headers

@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import Syscalls
 import SystemPackage
 
 /// The output side of a connection: handshake replies, then simple replies (header, and a READ's

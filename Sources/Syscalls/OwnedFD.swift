@@ -74,6 +74,12 @@ public final class EventFDSet: @unchecked Sendable {
         }
     }
 
+    /// Takes ownership of `descriptors` (eventfds handed over by a predecessor), replacing the set.
+    public func adopt(_ handed: [Int32]) {
+        closeAll()
+        descriptors = handed
+    }
+
     public func closeAll() {
         for fd in descriptors { Syscall.close(fd) }
         descriptors = []

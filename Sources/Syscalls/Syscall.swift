@@ -96,6 +96,13 @@ public enum Syscall {
         }
     }
 
+    /// fstat(2), for the size of a file (a handed-over memfd).
+    @inline(never)
+    public static func fileSize(_ fd: Int32) -> Result<Int, Errno> {
+        var s = stat()
+        return Glibc.fstat(fd, &s) == 0 ? .success(Int(s.st_size)) : .failure(Errno(rawValue: errno))
+    }
+
     @inline(never)
     public static func access(_ path: String, _ mode: Int32) -> Result<Void, Errno> {
         Glibc.access(path, mode) == 0 ? .success(()) : .failure(Errno(rawValue: errno))

@@ -9,6 +9,8 @@ public struct StateRecord: Sendable, Equatable {
     /// The format this build writes and the only one it reads.
     public static let formatVersion: UInt16 = 1
     public static let maxQueues = 64, maxInFlight = 65536, maxDescriptors = 253, maxString = 256
+    /// The service's own state (for `serve blk`: the NBD connections), opaque here.
+    public static let maxServiceState = 4 << 20
 
     /// A queue as the old driver left it.
     public struct Queue: Sendable, Equatable {
@@ -62,15 +64,25 @@ public struct StateRecord: Sendable, Equatable {
     public var queues: [Queue]
     public var inFlight: [InFlight]
     public var descriptors: [DescriptorRole]
+    /// CLOCK_MONOTONIC (ns) when the old instance stopped taking new work: the successor reports
+    /// the service gap from it (same machine, same clock).
+    public var quiesceStarted: UInt64
+    /// The service's state (opaque here, validated by the service): for `serve blk`, the NBD
+    /// connections; empty for `serve rng`.
+    public var serviceState: [UInt8]
 
     public init(driverVersion: String, deviceAddress: String, deviceType: UInt16, features: UInt64, dmaIOVA: UInt64,
-                dmaSize: UInt64, queues: [Queue], inFlight: [InFlight], descriptors: [DescriptorRole]) {
+                dmaSize: UInt64, queues: [Queue], inFlight: [InFlight], descriptors: [DescriptorRole],
+                quiesceStarted: UInt64 = 0, serviceState: [UInt8] = []) {
         self.driverVersion = driverVersion; self.deviceAddress = deviceAddress; self.deviceType = deviceType
         self.features = features; self.dmaIOVA = dmaIOVA; self.dmaSize = dmaSize; self.queues = queues
-        self.inFlight = inFlight; self.descriptors = descriptors
+        self.inFlight = inFlight; self.descriptors = descriptors; self.quiesceStarted = quiesceStarted
+        self.serviceState = serviceState
     }
 
-    public func encoded() -> [UInt8] {
+    /// The record's bytes. `format` is for tests of the refusal path only: a successor must refuse
+    /// any format but `formatVersion` before it touches the device.
+    public func encoded(format: UInt16 = StateRecord.formatVersion) -> [UInt8] {
         var body = ByteWriter()
         body.string(driverVersion)
         body.string(deviceAddress)
@@ -90,9 +102,12 @@ public struct StateRecord: Sendable, Equatable {
         }
         body.u16(UInt16(descriptors.count))
         for d in descriptors { body.u8(d.rawValue) }
+        body.u64(quiesceStarted)
+        body.u32(UInt32(serviceState.count))
+        body.raw(serviceState)
         var out = ByteWriter()
         out.raw(StateRecord.magic)
-        out.u16(StateRecord.formatVersion)
+        out.u16(format)
         out.u32(UInt32(body.bytes.count))
         out.raw(body.bytes)
         out.u64(fnv1a(body.bytes[...]))
@@ -195,6 +210,12 @@ public struct StateRecord: Sendable, Equatable {
                 throw .invalid(field: "request \(i) client", "client \(r.client) but \(clients) client sockets were handed over")
             }
         }
+        quiesceStarted = try b.u64("quiesce start")
+        let serviceBytes = Int(try b.u32("service state length"))
+        guard serviceBytes <= StateRecord.maxServiceState else {
+            throw .invalid(field: "service state length", "\(serviceBytes) bytes is above \(StateRecord.maxServiceState)")
+        }
+        serviceState = Array(try b.take(serviceBytes, "service state"))
         guard b.remaining == 0 else { throw .invalid(field: "body", "\(b.remaining) unexpected bytes at the end") }
         self.queues = queues
         self.inFlight = requests

@@ -66,6 +66,27 @@ extension VFIOSession {
         return DMABuffer(base: base, size: rounded, iova: iova, memfd: fd)
     }
 
+    /// Maps DMA memory a predecessor handed over: `memfd` is already mapped in the container at
+    /// `iova` (its pages pinned there), so only this process's view is created. The memfd must be
+    /// at least `size` bytes, and the range must have been reserved in `iovaAllocator`
+    /// (`init(adoptingContainer:...)`).
+    public static func adoptDMA(memfd: consuming OwnedFD, iova: UInt64, size: Int) throws(VFIOError) -> DMABuffer {
+        let actual: Int
+        switch Syscall.fileSize(memfd.raw) {
+        case .success(let n): actual = n
+        case .failure(let e): throw .dma("fstat of the handed-over DMA memfd", errno: e.rawValue)
+        }
+        guard size > 0, actual >= size else {
+            throw .handover("the DMA memfd holds \(actual) bytes, the record says \(size)")
+        }
+        let base: UnsafeMutableRawPointer
+        switch Syscall.mmap(length: size, protection: PROT_READ | PROT_WRITE, flags: MAP_SHARED, fd: memfd.raw, offset: 0) {
+        case .success(let p): base = p
+        case .failure(let e): throw .dma("mmap of \(size) bytes of handed-over DMA memory", errno: e.rawValue)
+        }
+        return DMABuffer(base: base, size: size, iova: iova, memfd: memfd)
+    }
+
     /// Removes the IOMMU mapping of `buffer`, returns its IOVA range and frees its memory.
     /// Only call this once the device can no longer use the buffer (after a reset, §2.4).
     public mutating func free(_ buffer: consuming DMABuffer) throws(VFIOError) {

@@ -44,6 +44,22 @@ public struct IOVAAllocator: Sendable {
         throw .iovaExhausted(requested: size)
     }
 
+    /// Takes `[iova, iova + size)` out of the free list: a range already mapped by someone else
+    /// (a predecessor's DMA memory). It must lie inside one free range and be aligned.
+    public mutating func reserve(_ iova: UInt64, size: UInt64) throws(VFIOError) {
+        guard size > 0, iova & (alignment - 1) == 0, let rounded = IOVAAllocator.alignUp(size, alignment),
+              iova.addingReportingOverflow(rounded).overflow == false else {
+            throw .handover("IOVA range 0x\(String(iova, radix: 16))+\(size) is not aligned to \(alignment) bytes")
+        }
+        let end = iova + rounded
+        guard let i = free.firstIndex(where: { $0.start <= iova && end <= $0.end }) else {
+            throw .handover("IOVA range 0x\(String(iova, radix: 16))+\(size) is outside the IOMMU's ranges or overlaps another")
+        }
+        let range = free.remove(at: i)
+        if end < range.end { free.insert((end, range.end), at: i) }
+        if range.start < iova { free.insert((range.start, iova), at: i) }
+    }
+
     /// Returns `[iova, iova + size)` to the free list. Freeing what was not allocated is a bug.
     public mutating func release(_ iova: UInt64, size: UInt64) {
         guard let rounded = IOVAAllocator.alignUp(size, alignment) else { preconditionFailure("bad IOVA size") }

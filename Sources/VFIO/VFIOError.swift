@@ -22,6 +22,8 @@ public enum VFIOError: Error, CustomStringConvertible {
     case iovaExhausted(requested: UInt64)
     /// Creating or mapping DMA memory failed.
     case dma(String, errno: Int32)
+    /// Descriptors or memory handed over by a predecessor do not check out.
+    case handover(String)
 
     public var description: String {
         switch self {
@@ -48,6 +50,7 @@ public enum VFIOError: Error, CustomStringConvertible {
         case .iovaExhausted(let requested):
             return "no free IOVA range of \(requested) bytes in the ranges the IOMMU reports"
         case .dma(let why, let errno): return "\(why): \(describeErrno(errno))"
+        case .handover(let why): return "handed-over VFIO state refused: \(why)"
         }
     }
 }

@@ -53,6 +53,15 @@ public enum Lifecycle {
     /// (§6.1: the driver SHOULD accept it; our DMA goes through the IOMMU, so it is always true).
     /// On failure the FAILED bit is set (§3.1.1: "the driver SHOULD set the FAILED status bit")
     /// and the device stays recoverable by reset.
+    /// The features a driver wanting `wanted` accepts from a device offering `offered`: what both
+    /// have, plus VERSION_1 (§6.1) and ACCESS_PLATFORM whenever offered (§6.1: the device then
+    /// may need it, and VFIO's IOMMU translates every address this driver hands out).
+    public static func acceptable(offered: Features, wanted: Features) -> Features {
+        var accepted = offered.intersection(wanted).union(.version1)
+        if offered.contains(.accessPlatform) { accepted.insert(.accessPlatform) }
+        return accepted
+    }
+
     public static func negotiate<T: Transport & ~Copyable>(
         _ transport: borrowing T, wanted: Features
     ) throws(VirtioError) -> Negotiation {
@@ -79,8 +88,7 @@ public enum Lifecycle {
         // Step 4: read the feature bits, accept a subset.
         let offered = transport.readDeviceFeatures()
         guard offered.contains(.version1) else { throw fail(.legacyOnly(offered: offered.rawValue)) }
-        var accepted = offered.intersection(wanted).union(.version1)
-        if offered.contains(.accessPlatform) { accepted.insert(.accessPlatform) }
+        let accepted = acceptable(offered: offered, wanted: wanted)
         transport.writeDriverFeatures(accepted)
         // Step 5: no new feature bits after this.
         status = set([.acknowledge, .driver, .featuresOK])

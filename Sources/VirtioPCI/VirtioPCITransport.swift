@@ -26,6 +26,8 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     let deviceConfig: MMIOWindow?
     /// The device's DMA memory (one memfd-backed block), carved up by `dma`.
     let dmaBuffer: DMABuffer?
+    /// The memfd behind `dmaBuffer` (-1: none), handed to a successor.
+    let dmaMemoryDescriptor: Int32
     public let dma: DMAArena
     let interrupts = EventFDSet()
     public private(set) var session: VFIOSession
@@ -37,15 +39,52 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     public init(address: PCIAddress, sysfs: SysfsPCI = SysfsPCI(), dmaBytes: Int = 0) throws(VirtioPCIError) {
         // Without VFIO nothing else matters: say so first, before any device is looked at.
         do { try VFIOAvailability.check(sysfs: sysfs) } catch { throw .vfio(error) }
+        let (function, type) = try Self.identify(address, sysfs: sysfs)
+        var session: VFIOSession
+        do { session = try VFIOSession(function: function, sysfs: sysfs) } catch { throw .vfio(error) }
+        var buffer: DMABuffer? = nil
+        if dmaBytes > 0 {
+            do { buffer = try session.allocateDMA(size: dmaBytes, name: "virtio-vfio-\(address)") } catch { throw .vfio(error) }
+        }
+        try self.init(function: function, type: type, session: session, dmaBuffer: buffer)
+    }
+
+    /// Takes over a device another driver process had open (a hot upgrade): its container, group
+    /// and device descriptors, its DMA memfd (still mapped in the container at `dmaIOVA`) and its
+    /// MSI-X eventfds (still routed). Nothing is written to the device: whether it is reset
+    /// (reset mode) or its rings adopted (live mode) is the caller's choice.
+    public init(adopting handover: consuming VFIOHandover, sysfs: SysfsPCI = SysfsPCI()) throws(VirtioPCIError) {
+        let address = handover.address
+        let (function, type) = try Self.identify(address, sysfs: sysfs)
+        let interrupts = handover.interrupts
+        let iova = handover.dmaIOVA, size = handover.dmaSize, groupNumber = handover.groupNumber
+        let memory = handover.dmaMemory
+        let session: VFIOSession
+        do {
+            session = try VFIOSession(adoptingContainer: handover.container, group: handover.group,
+                                      groupNumber: groupNumber, device: handover.device, address: address,
+                                      reservedIOVA: [(iova, UInt64(size))])
+        } catch { throw .vfio(error) }
+        let buffer: DMABuffer
+        do { buffer = try VFIOSession.adoptDMA(memfd: memory, iova: iova, size: size) } catch { throw .vfio(error) }
+        try self.init(function: function, type: type, session: session, dmaBuffer: buffer)
+        self.interrupts.adopt(interrupts)
+    }
+
+    static func identify(_ address: PCIAddress, sysfs: SysfsPCI) throws(VirtioPCIError) -> (PCIFunction, DeviceType) {
         let function: PCIFunction
         do { function = try sysfs.function(at: address) } catch { throw .pci(error) }
         guard let type = DeviceType(pciVendor: function.vendorID, pciDevice: function.deviceID,
                                     subsystemDevice: function.subsystemDeviceID) else {
             throw .notVirtio(function)
         }
-        var session: VFIOSession
-        do { session = try VFIOSession(function: function, sysfs: sysfs) } catch { throw .vfio(error) }
+        return (function, type)
+    }
 
+    /// Everything past opening: regions, interrupts, the capability walk and the BAR mappings.
+    init(function: PCIFunction, type: DeviceType, session: consuming VFIOSession,
+         dmaBuffer: consuming DMABuffer?) throws(VirtioPCIError) {
+        let address = function.address
         let deviceInfo: VFIODeviceInfo
         var regions: [VFIORegionInfo] = []
         var irqs: [VFIOIRQInfo] = []
@@ -104,14 +143,14 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         var deviceWindow: MMIOWindow?
         if let device = capabilities.device { deviceWindow = try Self.window(device, maximum: 4096, in: bars, address) }
 
-        if dmaBytes > 0 {
-            let buffer: DMABuffer
-            do { buffer = try session.allocateDMA(size: dmaBytes, name: "virtio-vfio-\(address)") } catch { throw .vfio(error) }
+        if let buffer = dmaBuffer {
             self.dma = DMAArena(memory: DMASlice(pointer: buffer.base, deviceAddress: buffer.iova, size: buffer.size))
+            self.dmaMemoryDescriptor = buffer.memfd.raw
             self.dmaBuffer = .some(buffer)
         } else {
             // No memory: every allocation from this arena fails with outOfDMAMemory.
             self.dma = DMAArena(memory: DMASlice(pointer: UnsafeMutableRawPointer(bitPattern: 0x1000)!, deviceAddress: 0, size: 0))
+            self.dmaMemoryDescriptor = -1
             self.dmaBuffer = nil
         }
         self.function = function
@@ -140,6 +179,14 @@ public struct VirtioPCITransport: ~Copyable, Transport {
     }
 
     public var address: PCIAddress { function.address }
+
+    /// The descriptors a successor needs to drive this device (they stay open here).
+    public var handoverDescriptors: VFIODescriptors {
+        VFIODescriptors(container: session.container.rawDescriptor, group: session.group.rawDescriptor,
+                        groupNumber: session.group.number, device: session.device.rawDescriptor,
+                        dmaMemory: dmaMemoryDescriptor, dmaIOVA: dma.memory.deviceAddress, dmaSize: dma.memory.size,
+                        interrupts: interrupts.descriptors)
+    }
 
     /// Device-visible memory mapped through this device's IOMMU container.
     public mutating func allocateDMA(size: Int) throws(VFIOError) -> DMABuffer {
@@ -254,6 +301,9 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         guard let msix = irqs.first(where: { $0.index == VFIOIRQIndex.msix }), msix.count >= count, count > 0 else {
             throw .interrupts("\(address) has \(irqs.first { $0.index == VFIOIRQIndex.msix }?.count ?? 0) MSI-X vectors, \(count) needed")
         }
+        // Eventfds already routed to `count` vectors (ours, or a predecessor's handed over) stay:
+        // a device reset does not touch VFIO's MSI-X routing, only the device's vector numbers.
+        if interrupts.descriptors.count == count { return interrupts.descriptors }
         do { try interrupts.create(count: count) } catch { throw .interrupts("eventfd: \(error)") }
         do { try session.device.setIRQs(index: VFIOIRQIndex.msix, eventfds: interrupts.descriptors) } catch {
             interrupts.closeAll()

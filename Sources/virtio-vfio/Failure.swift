@@ -43,6 +43,7 @@ enum Failure {
                 if errno == ENOENT || errno == ENODEV { return unavailable }
                 return ioError
             case .region, .regionIO, .iovaExhausted, .dma: return ioError
+            case .handover: return protocolError
             }
         case is VirtioError: return protocolError
         case is ValidationError: return usage

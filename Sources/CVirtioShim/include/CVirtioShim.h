@@ -47,6 +47,10 @@ long CVirtioShim_ioctl_value(int fd, unsigned long request, unsigned long value)
 /// memfd_create(2): anonymous memory with an fd, used for DMA memory that can be handed to the next
 /// driver version. Returns the fd or -1 with errno set.
 int CVirtioShim_memfd_create(const char *name, unsigned int flags);
+
+/// getsockopt(SO_PEERCRED) (struct ucred needs _GNU_SOURCE, which Swift's Glibc module lacks).
+/// Returns 0 or -errno.
+int CVirtioShim_peer_credentials(int fd, int *pid, unsigned int *uid, unsigned int *gid);
 extern const unsigned int CVirtioShim_MFD_CLOEXEC;
 
 // MARK: - volatile MMIO (one layer; every device register access goes through these)

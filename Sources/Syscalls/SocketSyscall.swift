@@ -3,9 +3,10 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CVirtioShim
 import SystemPackage
 
-/// One wrapper per socket system call the NBD server makes, in the style of `Syscall`
+/// One wrapper per socket system call (the NBD server, the upgrade control socket), in the style of `Syscall`
 /// (Sources/Syscalls/Syscall.swift): each returns the result or the errno.
 ///
 /// EINTR policy: `accept4`, `read`, `sendmsg`, `connect`... are retried on EINTR; `ppoll` returns
@@ -75,6 +76,21 @@ public enum SocketSyscall {
         Glibc.getsockname(fd, address, &length) == 0 ? .success(()) : .failure(Errno(rawValue: errno))
     }
 
+    /// getsockopt(SO_PEERCRED): the pid, uid and gid of the process at the other end of a connected
+    /// UNIX socket, as the kernel recorded them at connect(2) (not forgeable by the peer).
+    @inline(never)
+    public static func peerCredentials(_ fd: Int32) -> Result<(pid: Int32, uid: UInt32, gid: UInt32), Errno> {
+        var pid: Int32 = 0, uid: UInt32 = 0, gid: UInt32 = 0
+        let r = CVirtioShim_peer_credentials(fd, &pid, &uid, &gid)
+        return r == 0 ? .success((pid, uid, gid)) : .failure(Errno(rawValue: -r))
+    }
+
+    /// rename(2): atomically replaces `to` (a socket file put in place for the next instance).
+    @inline(never)
+    public static func rename(_ from: String, _ to: String) -> Result<Void, Errno> {
+        Glibc.rename(from, to) == 0 ? .success(()) : .failure(Errno(rawValue: errno))
+    }
+
     /// read(2). 0 is end of stream; EAGAIN returned.
     @inline(never)
     public static func read(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ count: Int) -> Result<Int, Errno> {
@@ -140,12 +156,4 @@ public enum SocketSyscall {
     public static func chmod(_ path: String, _ mode: UInt32) -> Result<Void, Errno> {
         Glibc.chmod(path, mode_t(mode)) == 0 ? .success(()) : .failure(Errno(rawValue: errno))
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds (vDSO, no system call on x86-64 and arm64).
-@inline(__always)
-func monotonicNanoseconds() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }

@@ -1,0 +1,108 @@
+/// The messages of a handover on the control socket, in the order they travel:
+///
+///     successor                         serving driver
+///     hello(mode, version) ───────────▶ quiesces the service (no new work, in flight finished)
+///                          ◀─────────── stateFollows, then the state record + descriptors (DescriptorPassing)
+///                                       or refused(reason): nothing changed, it keeps serving
+///     validates the record, brings the device up (reset mode: reset + renegotiate + rebuild;
+///     live mode: adopt the rings), completes a first request
+///     ready(summary) ─────────────────▶ go: it ends at once, touching nothing (exit)
+///     or declined(reason, touched) ───▶ it resumes: resets and rebuilds first if `touched`
+///                          ◀─────────── abort (the deadline passed first): the successor exits
+///
+/// The serving driver keeps every descriptor and the device until it sends `go`; a successor that
+/// dies, declines or misses the deadline leaves it serving (rollback). `describe` is answered at
+/// any time with what `virtio-vfio upgrade` needs to start a successor.
+public enum HandoverMessage: Equatable, Sendable {
+    public enum Mode: UInt8, Sendable, CaseIterable, CustomStringConvertible {
+        /// The seed's way: reset, renegotiate (features may differ), rebuild the queues.
+        case reset = 1
+        /// Same features: adopt the rings and indices as they are, no reset.
+        case live = 2
+        /// Live when the features match, reset otherwise.
+        case auto = 3
+        public var description: String { self == .reset ? "reset" : self == .live ? "live" : "auto" }
+    }
+
+    case hello(mode: Mode, driverVersion: String, pid: Int32)
+    case refused(String)
+    /// The state record and the descriptors follow (DescriptorPassing) on the same connection.
+    case stateFollows
+    case ready(String)
+    case declined(String, touchedDevice: Bool)
+    case go
+    case abort(String)
+    case describe
+    case described(pid: Int32, driverVersion: String, features: UInt64, arguments: [String])
+
+    enum Kind: UInt8 { case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described }
+
+    public func encoded() -> [UInt8] {
+        var w = ByteWriter()
+        switch self {
+        case .hello(let mode, let version, let pid):
+            w.u8(Kind.hello.rawValue); w.u8(mode.rawValue); w.string(version); w.u32(UInt32(bitPattern: pid))
+        case .refused(let why): w.u8(Kind.refused.rawValue); w.string(why)
+        case .stateFollows: w.u8(Kind.stateFollows.rawValue)
+        case .ready(let summary): w.u8(Kind.ready.rawValue); w.string(summary)
+        case .declined(let why, let touched): w.u8(Kind.declined.rawValue); w.string(why); w.u8(touched ? 1 : 0)
+        case .go: w.u8(Kind.go.rawValue)
+        case .abort(let why): w.u8(Kind.abort.rawValue); w.string(why)
+        case .describe: w.u8(Kind.describe.rawValue)
+        case .described(let pid, let version, let features, let arguments):
+            w.u8(Kind.described.rawValue); w.u32(UInt32(bitPattern: pid)); w.string(version); w.u64(features)
+            w.u16(UInt16(min(arguments.count, 256)))
+            for a in arguments.prefix(256) { w.string(a) }
+        }
+        return w.bytes
+    }
+
+    /// Decodes one message; anything malformed, truncated or followed by extra bytes is refused.
+    public init(decoding bytes: [UInt8]) throws(StateRecordError) {
+        var r = ByteReader(bytes)
+        let raw = try r.u8("message kind")
+        guard let kind = Kind(rawValue: raw) else { throw .invalid(field: "message kind", "unknown kind \(raw)") }
+        let text = { (r: inout ByteReader, field: String) throws(StateRecordError) -> String in
+            try r.string(field, max: 4096)
+        }
+        switch kind {
+        case .hello:
+            let m = try r.u8("mode")
+            guard let mode = Mode(rawValue: m) else { throw .invalid(field: "mode", "unknown mode \(m)") }
+            self = .hello(mode: mode, driverVersion: try text(&r, "driver version"), pid: Int32(bitPattern: try r.u32("pid")))
+        case .refused: self = .refused(try text(&r, "reason"))
+        case .stateFollows: self = .stateFollows
+        case .ready: self = .ready(try text(&r, "summary"))
+        case .declined:
+            let why = try text(&r, "reason")
+            let touched = try r.u8("touched")
+            guard touched <= 1 else { throw .invalid(field: "touched", "\(touched) is not 0 or 1") }
+            self = .declined(why, touchedDevice: touched == 1)
+        case .go: self = .go
+        case .abort: self = .abort(try text(&r, "reason"))
+        case .describe: self = .describe
+        case .described:
+            let pid = Int32(bitPattern: try r.u32("pid"))
+            let version = try text(&r, "driver version")
+            let features = try r.u64("features")
+            let count = Int(try r.u16("argument count"))
+            guard count <= 256 else { throw .invalid(field: "argument count", "\(count)") }
+            var arguments: [String] = []
+            for i in 0..<count { arguments.append(try text(&r, "argument \(i)")) }
+            self = .described(pid: pid, driverVersion: version, features: features, arguments: arguments)
+        }
+        guard r.remaining == 0 else { throw .invalid(field: "message", "\(r.remaining) unexpected bytes at the end") }
+    }
+}
+
+extension ControlConnection {
+    public func send(_ message: HandoverMessage, timeoutMilliseconds: Int32 = 5000) throws(ControlSocketError) {
+        try send(message.encoded(), timeoutMilliseconds: timeoutMilliseconds)
+    }
+
+    /// The next message; nil when the peer closed the connection between messages.
+    public func receiveMessage(timeoutMilliseconds: Int32 = 5000) throws(ControlSocketError) -> HandoverMessage? {
+        guard let bytes = try receive(timeoutMilliseconds: timeoutMilliseconds) else { return nil }
+        do { return try HandoverMessage(decoding: bytes) } catch { throw .protocolError("\(error)") }
+    }
+}

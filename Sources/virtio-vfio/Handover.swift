@@ -1,0 +1,317 @@
+import ArgumentParser
+import PCI
+import Synchronization
+import Syscalls
+import Upgrade
+import VFIO
+import Virtio
+import VirtioPCI
+#if canImport(Glibc)
+import Glibc
+#endif
+
+extension HandoverMessage.Mode: ExpressibleByArgument {
+    public init?(argument: String) {
+        guard let mode = Self.allCases.first(where: { $0.description == argument }) else { return nil }
+        self = mode
+    }
+}
+
+/// Test hooks of the upgrade path (hidden options): a successor that fails on purpose.
+enum HandoverFault: String, ExpressibleByArgument {
+    /// Dies (SIGKILL) right after it brought the device up, before reporting healthy.
+    case crashAfterDeviceUp = "crash-after-device-up"
+    /// Reports its first request as failed.
+    case firstRequestFails = "first-request-fails"
+}
+
+/// The options every `serve` command has for hot upgrades.
+struct HandoverOptions: ParsableArguments {
+    @Flag(help: "Take the device over from the driver serving it now (a hot upgrade) instead of opening it.")
+    var takeOver = false
+    @Option(help: "With --take-over: reset (reset, renegotiate, rebuild), live (adopt the rings; refused if the features differ) or auto (live when possible).")
+    var mode: HandoverMessage.Mode = .auto
+    @Option(help: ArgumentHelp("How long this driver waits for a successor to report healthy before it takes the device back (milliseconds).", valueName: "ms"))
+    var handoverTimeout: Int32 = 10_000
+    @Option(help: ArgumentHelp("Directory of the control sockets.", valueName: "dir"))
+    var controlDirectory = ControlListener.directory
+    @Option(help: .hidden) var debugStateFormat: UInt16?
+    @Option(help: .hidden) var debugFault: HandoverFault?
+
+    func validate() throws {
+        guard handoverTimeout > 0 else { throw ValidationError("--handover-timeout must be positive") }
+    }
+
+    func controlPath(_ address: PCIAddress) -> String {
+        ControlListener.path(for: "\(address)", directory: controlDirectory)
+    }
+}
+
+// MARK: - The serving side
+
+/// A handover a successor asked for, waiting for the service to quiesce.
+struct HandoverRequest: Sendable {
+    let connection: Int32
+    let peer: Int32
+    let mode: HandoverMessage.Mode
+    let version: String
+}
+
+/// The control socket of a serving driver, answered by a thread of its own: `describe` at once;
+/// `hello` is parked for the service loop (`take()`), which is woken through `wake`.
+final class ControlService: @unchecked Sendable {
+    let listener: ControlListener
+    let wake: EventFD
+    let pending = Mutex<HandoverRequest?>(nil)
+    let stopping = Atomic<Bool>(false)
+    let description: @Sendable () -> HandoverMessage
+    var thread = pthread_t()
+
+    init(path: String, replacing: Bool, describe: @escaping @Sendable () -> HandoverMessage) throws {
+        do { listener = try ControlListener(path: path, replacing: replacing) } catch {
+            printError("virtio-vfio: error: control socket: \(error)")
+            throw ExitCode(error.isInUse ? Failure.busy : Failure.ioError)
+        }
+        do { wake = try EventFD() } catch { throw ExitCode(Failure.ioError) }
+        description = describe
+        let box = Unmanaged.passRetained(self).toOpaque()
+        pthread_create(&thread, nil, { raw in
+            let service = Unmanaged<ControlService>.fromOpaque(raw!).takeRetainedValue()
+            service.serve()
+            return nil
+        }, box)
+    }
+
+    var path: String { listener.path }
+    var requested: Bool { pending.withLock { $0 != nil } }
+
+    /// Ends the thread (the process is about to exit or hand over).
+    func stop() {
+        stopping.store(true, ordering: .relaxed)
+        pthread_join(thread, nil)
+    }
+
+    /// The parked handover request, if any (the service has quiesced and handles it now).
+    func take() -> HandoverRequest? {
+        pending.withLock { p in defer { p = nil }; return p }
+    }
+
+    func serve() {
+        while !stopping.load(ordering: .relaxed) {
+            guard case .success(let ready) = Syscall.pollIn(listener.fd.raw, timeoutMilliseconds: 100), ready else { continue }
+            guard let connection = listener.accept(log: { printError("virtio-vfio: \($0)") }) else { continue }
+            let message: HandoverMessage?
+            do { message = try connection.receiveMessage(timeoutMilliseconds: 2000) } catch {
+                printError("virtio-vfio: control socket: \(error)")
+                continue
+            }
+            switch message {
+            case .describe?:
+                try? connection.send(description())
+            case .hello(let mode, let version, let pid)?:
+                let peer = connection.peer.pid
+                let parked = pending.withLock { p -> Bool in
+                    guard p == nil else { return false }
+                    p = HandoverRequest(connection: -1, peer: peer, mode: mode, version: version)
+                    return true
+                }
+                guard parked else {
+                    try? connection.send(.refused("another handover is in progress"))
+                    continue
+                }
+                printError("virtio-vfio: handover requested by pid \(pid) (driver \(version), \(mode) mode); quiescing")
+                let fd = connection.releaseDescriptor()
+                pending.withLock { $0 = HandoverRequest(connection: fd, peer: peer, mode: mode, version: version) }
+                wake.signal()
+            default:
+                try? connection.send(.refused("expected hello or describe"))
+            }
+        }
+    }
+}
+
+extension ControlSocketError {
+    var isInUse: Bool { if case .inUse = self { return true } else { return false } }
+}
+
+/// How a handover ended for the serving driver when it did not end the process.
+struct Rollback {
+    /// The successor may have written to the device: reset and rebuild before serving again.
+    let deviceTouched: Bool
+    let reason: String
+}
+
+/// Sends the state and descriptors to the successor in `request`, then waits for its verdict.
+/// On `ready` it answers `go` and ends this process at once with _exit(0): from then on nothing
+/// here may touch the device, the sockets or the socket files, which belong to the successor
+/// (no deinit runs, so no reset and no unlink). Otherwise returns why it rolled back; a successor
+/// that misses `timeout` is killed first, so it can never race the resumed service.
+func handOver(_ request: HandoverRequest, record: StateRecord, descriptors: [Int32], format: UInt16?,
+              timeoutMilliseconds: Int32, beforeExit: () -> Void) -> Rollback {
+    let connection = ControlConnection(adopting: OwnedFD(adopting: request.connection), peerPID: request.peer)
+    do {
+        try connection.send(.stateFollows)
+        do { try DescriptorPassing.send(socket: connection.fd.raw, record: record.encoded(format: format ?? StateRecord.formatVersion),
+                                        descriptors: descriptors) } catch {
+            return Rollback(deviceTouched: false, reason: "sending the state to pid \(request.peer): \(error)")
+        }
+        switch try connection.receiveMessage(timeoutMilliseconds: timeoutMilliseconds) {
+        case .ready(let summary)?:
+            try? connection.send(.go)
+            printError("virtio-vfio: handed over to pid \(request.peer) (driver \(request.version)): \(summary)")
+            beforeExit()
+            _exit(0)
+        case .declined(let why, let touched)?:
+            return Rollback(deviceTouched: touched, reason: "the successor (pid \(request.peer)) declined: \(why)")
+        case nil:
+            return Rollback(deviceTouched: true, reason: "the successor (pid \(request.peer)) went away before reporting healthy")
+        case let other?:
+            kill(request.peer, SIGKILL)
+            return Rollback(deviceTouched: true, reason: "the successor (pid \(request.peer)) sent \(other); killed it")
+        }
+    } catch .timedOut {
+        try? connection.send(.abort("not healthy within \(timeoutMilliseconds) ms"))
+        kill(request.peer, SIGKILL)
+        // Its descriptors (and its hold on the device) are gone once the connection reports the end.
+        _ = try? connection.receiveMessage(timeoutMilliseconds: 5000)
+        return Rollback(deviceTouched: true, reason: "the successor (pid \(request.peer)) was not healthy within \(timeoutMilliseconds) ms; killed it")
+    } catch {
+        kill(request.peer, SIGKILL)
+        return Rollback(deviceTouched: true, reason: "control connection to pid \(request.peer): \(error)")
+    }
+}
+
+/// The descriptors of a VFIO transport in the order the record lists their roles.
+func transportDescriptors(_ d: VFIODescriptors) -> (fds: [Int32], roles: [StateRecord.DescriptorRole]) {
+    var fds = [d.container, d.group, d.device, d.dmaMemory]
+    var roles: [StateRecord.DescriptorRole] = [.container, .group, .device, .dmaMemory]
+    for fd in d.interrupts { fds.append(fd); roles.append(.interrupt) }
+    return (fds, roles)
+}
+
+// MARK: - The successor's side
+
+/// What a successor received: the connection (kept until `go`), the validated record, and the
+/// descriptors by role.
+struct TakeOver: ~Copyable {
+    let connection: ControlConnection
+    let record: StateRecord
+    /// Received descriptors, in record order; each taken out (set to -1) when adopted.
+    var descriptors: [Int32]
+    let started: ContinuousClock.Instant
+
+    /// Connects to the driver serving `address`, asks for the device and validates what arrives.
+    /// A record this build cannot read is declined before anything is touched.
+    init(address: PCIAddress, options: HandoverOptions, expecting type: DeviceType) throws {
+        let started = ContinuousClock().now
+        let path = options.controlPath(address)
+        let connection: ControlConnection
+        do { connection = try ControlConnection(connectingTo: path) } catch {
+            printError("virtio-vfio: error: --take-over: \(error)")
+            throw ExitCode(Failure.unavailable)
+        }
+        do {
+            try connection.send(.hello(mode: options.mode, driverVersion: DriverVersion.string, pid: getpid()))
+            switch try connection.receiveMessage(timeoutMilliseconds: options.handoverTimeout) {
+            case .stateFollows?: break
+            case .refused(let why)?:
+                printError("virtio-vfio: error: the serving driver refused the handover: \(why)")
+                throw ExitCode(Failure.busy)
+            default:
+                printError("virtio-vfio: error: the serving driver answered the handover request with something else")
+                throw ExitCode(Failure.protocolError)
+            }
+        } catch let error as ControlSocketError {
+            printError("virtio-vfio: error: --take-over: \(error)")
+            throw ExitCode(Failure.protocolError)
+        }
+        let received: (record: [UInt8], descriptors: [Int32])
+        do { received = try DescriptorPassing.receive(socket: connection.fd.raw) } catch {
+            printError("virtio-vfio: error: receiving the device: \(error)")
+            throw ExitCode(Failure.protocolError)
+        }
+        let record: StateRecord
+        do {
+            record = try StateRecord(decoding: received.record, descriptorCount: received.descriptors.count)
+            guard record.deviceAddress == "\(address)" else {
+                throw StateRecordError.invalid(field: "device address", "\(record.deviceAddress), not \(address)")
+            }
+            guard record.deviceType == type.rawValue else {
+                throw StateRecordError.invalid(field: "device type", "\(record.deviceType), this service drives \(type)")
+            }
+        } catch {
+            // Nothing was touched: the old driver resumes as if nothing happened.
+            for fd in received.descriptors { Syscall.close(fd) }
+            try? connection.send(.declined("\(error)", touchedDevice: false))
+            printError("virtio-vfio: error: \(error)")
+            throw ExitCode(Failure.protocolError)
+        }
+        self.record = record
+        self.descriptors = received.descriptors
+        self.started = started
+        self.connection = connection
+    }
+
+    /// Descriptors of `role` in order, taken out of the received set (the caller owns them now).
+    mutating func take(_ role: StateRecord.DescriptorRole) -> [Int32] {
+        var result: [Int32] = []
+        for (i, r) in record.descriptors.enumerated() where r == role && descriptors[i] >= 0 {
+            result.append(descriptors[i])
+            descriptors[i] = -1
+        }
+        return result
+    }
+
+    /// The VFIO part of the handover, ready for `VirtioPCITransport(adopting:)`.
+    mutating func vfio(_ address: PCIAddress, sysfs: SysfsPCI) throws -> VFIOHandover {
+        let container = take(.container)[0], group = take(.group)[0], device = take(.device)[0], memory = take(.dmaMemory)[0]
+        let interrupts = take(.interrupt)
+        let groupNumber: Int
+        do { groupNumber = try VFIOAvailability.boundGroup(of: try sysfs.function(at: address)) } catch {
+            for fd in [container, group, device, memory] + interrupts { Syscall.close(fd) }
+            throw decline("\(error)", touched: false)
+        }
+        guard record.dmaSize <= UInt64(Int.max) else { throw decline("DMA size \(record.dmaSize)", touched: false) }
+        return VFIOHandover(address: address, container: OwnedFD(adopting: container), group: OwnedFD(adopting: group),
+                            groupNumber: groupNumber, device: OwnedFD(adopting: device), dmaMemory: OwnedFD(adopting: memory),
+                            dmaIOVA: record.dmaIOVA, dmaSize: Int(record.dmaSize), interrupts: interrupts)
+    }
+
+    /// Tells the old driver why this successor gives up, and returns the error to exit with.
+    func decline(_ why: String, touched: Bool) -> ExitCode {
+        try? connection.send(.declined(why, touchedDevice: touched))
+        printError("virtio-vfio: error: taking the device over failed: \(why)\(touched ? "; the old driver resets the device and resumes" : "; the old driver resumes")")
+        return ExitCode(Failure.protocolError)
+    }
+
+    /// Reports healthy and waits for `go`. Returns normally when this instance owns the device.
+    func confirm(_ summary: String, timeoutMilliseconds: Int32) throws {
+        do {
+            try connection.send(.ready(summary))
+            switch try connection.receiveMessage(timeoutMilliseconds: timeoutMilliseconds) {
+            case .go?, nil:
+                // nil: the old instance ended after sending the state; nobody else serves.
+                return
+            case .abort(let why)?:
+                printError("virtio-vfio: error: the old driver took the device back: \(why)")
+                throw ExitCode(Failure.busy)
+            default:
+                throw ExitCode(Failure.protocolError)
+            }
+        } catch let error as ControlSocketError {
+            printError("virtio-vfio: error: confirming the handover: \(error)")
+            throw ExitCode(Failure.protocolError)
+        }
+    }
+
+    deinit {
+        for fd in descriptors where fd >= 0 { Syscall.close(fd) }
+    }
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (the clock the state record's quiesce start uses).
+func monotonicNow() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
+}
