@@ -43,13 +43,15 @@ public struct SplitQueueMemory: Sendable {
     public let indirect: DMASlice?
     public let indirectEntries: Int
 
-    public init(arena: DMAArena, size: UInt16, indirectEntries: Int = 0) throws(VirtioError) {
+    /// Carves the rings (and indirect tables) from `arena`. With `zeroed: false` nothing is
+    /// written: the same layout is recomputed over the rings of a running queue to adopt it.
+    public init(arena: DMAArena, size: UInt16, indirectEntries: Int = 0, zeroed: Bool = true) throws(VirtioError) {
         let n = Int(size)
-        descriptors = try arena.allocate(SplitQueueLayout.descriptorTableSize(n), alignment: 4096)
-        avail = try arena.allocate(SplitQueueLayout.availSize(n), alignment: 64)
-        used = try arena.allocate(SplitQueueLayout.usedSize(n), alignment: 4096)
+        descriptors = try arena.allocate(SplitQueueLayout.descriptorTableSize(n), alignment: 4096, zeroed: zeroed)
+        avail = try arena.allocate(SplitQueueLayout.availSize(n), alignment: 64, zeroed: zeroed)
+        used = try arena.allocate(SplitQueueLayout.usedSize(n), alignment: 4096, zeroed: zeroed)
         indirect = indirectEntries > 0
-            ? try arena.allocate(n * indirectEntries * SplitQueueLayout.descriptorSize, alignment: 4096) : nil
+            ? try arena.allocate(n * indirectEntries * SplitQueueLayout.descriptorSize, alignment: 4096, zeroed: zeroed) : nil
         self.size = size
         self.indirectEntries = indirectEntries
     }
