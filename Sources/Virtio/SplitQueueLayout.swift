@@ -24,6 +24,15 @@ public enum SplitQueueLayout {
     /// Largest split queue (§2.7: Queue Size is at most 32768).
     public static let maximumSize = 32768
 
+    /// The size a driver uses for a queue whose maximum (`queue_size` as read) is `maximum`: the
+    /// largest power of two not above it (§2.7: split queue sizes are powers of 2), at most
+    /// `limit` when given.
+    public static func queueSize(maximum: UInt16, limit: UInt16?) -> UInt16 {
+        var size = UInt16(1) << UInt16(15 - min(maximum, UInt16(maximumSize)).leadingZeroBitCount)
+        if let limit { size = min(size, limit) }
+        return size
+    }
+
     /// vring_need_event (§2.7.7.2, §2.7.10.1): whether moving an index from `old` to `new` passes
     /// the other side's `event` index, i.e. whether it asked to be told.
     @inline(__always)
