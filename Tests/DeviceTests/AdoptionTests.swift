@@ -46,6 +46,28 @@ struct AdoptionTests {
         }
     }
 
+    @Test func adoptingASplitQueueWritesNothingAndChecksTheIndices() throws {
+        let size = 1 << 16
+        let block = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+        let bell = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
+        defer { block.deallocate(); bell.deallocate() }
+        for i in 0..<size { block.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ 1), toByteOffset: i, as: UInt8.self) }
+        let arena = DMAArena(memory: DMASlice(pointer: block, deviceAddress: 0x10_0000, size: size))
+        let memory = try SplitQueueMemory(arena: arena, size: 16, indirectEntries: 4, zeroed: false)
+        memory.used.pointer.storeBytes(of: UInt16(0x1234).littleEndian, toByteOffset: 2, as: UInt16.self)
+        let before = Array(UnsafeRawBufferPointer(start: block, count: size))
+        let doorbell = Doorbell(address: UnsafeMutableRawPointer(bell), value: 3)
+        let queue = try SplitQueue(adopting: memory, features: [.ringEventIdx, .ringIndirectDesc], doorbell: doorbell,
+                                   index: 3, availIndex: 0x1234, usedIndex: 0x1234)
+        #expect(queue.isIdle && queue.freeCount == 16)
+        #expect(queue.snapshot == QueueSnapshot(index: 3, size: 16, rings: memory.rings, availIndex: 0x1234, usedIndex: 0x1234))
+        #expect(Array(UnsafeRawBufferPointer(start: block, count: size)) == before, "adoption wrote to ring memory")
+        #expect { _ = try SplitQueue(adopting: memory, features: [], doorbell: doorbell, index: 3, availIndex: 0x1235, usedIndex: 0x1234) }
+            throws: { "\($0)".contains("queue 3: not idle: available index 4661, used index 4660") }
+        #expect { _ = try SplitQueue(adopting: memory, features: [], doorbell: doorbell, index: 3, availIndex: 0x1233, usedIndex: 0x1233) }
+            throws: { "\($0)".contains("queue 3: used idx is 4660 in the ring, expected 4659") }
+    }
+
     @Test(arguments: CompletionMode.allCases)
     func blkContinuesWithoutAReset(_ mode: CompletionMode) throws {
         let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
@@ -224,9 +246,8 @@ struct AdoptionTests {
         // And once more from the adopted one, with a stale snapshot refused.
         let next = try rng.queueSnapshot()
         _ = rng.detach()
-        #expect(throws: VirtioError.self) {
-            _ = try EntropyDevice(adopting: EmulatedTransport(device: device), features: features, queue: snapshot).detach()
-        }
+        #expect { _ = try EntropyDevice(adopting: EmulatedTransport(device: device), features: features, queue: snapshot).detach() }
+            throws: { "\($0)".contains("queue 0: used idx is \(next.usedIndex) in the ring, expected \(snapshot.usedIndex)") }
         var again = try EntropyDevice(adopting: EmulatedTransport(device: device), features: features, queue: next)
         try again.read(1000) { _ in }
         _ = try again.shutdown()
