@@ -80,6 +80,10 @@ struct ClientState {
     /// the server is stopping. The connection closes when what is in flight is answered.
     var inputOpen = false
     var clientFlags: NBDProtocol.ClientFlags = []
+    /// The transmission flags this connection was promised (NBD_OPT_GO / EXPORT_NAME): its
+    /// requests are checked against these. The export's own flags, unless the connection was
+    /// handed over from an earlier server whose backend could do more (see `NBDServer.init(adopting:)`).
+    var promisedFlags: NBDProtocol.TransmissionFlags = []
 
     /// Received bytes not yet consumed: `inStart..<inEnd` of `inBase`.
     let inBase: UnsafeMutableRawPointer
@@ -114,6 +118,10 @@ struct ClientState {
     var connectedAt: UInt64 = 0
     var lastActivity: UInt64 = 0
 
+    /// Room for received bytes: the largest option kept plus its header, at least 16 KiB. Also the
+    /// most unconsumed input a handed-over connection may bring (`NBDHandoverState`).
+    static var inputCapacity: Int { max(16384, NBDHandshake.maximumOptionData + NBDProtocol.optionHeaderSize) }
+
     init(inCapacity: Int, outCapacity: Int, depth: Int) {
         self.inCapacity = inCapacity
         self.outCapacity = outCapacity
@@ -144,6 +152,7 @@ struct ClientState {
         input = .clientFlags
         inputOpen = true
         clientFlags = []
+        promisedFlags = []
         inStart = 0; inEnd = 0; outStart = 0; outEnd = 0
         for i in 0..<depth {
             requests[i] = RequestSlot()
@@ -156,6 +165,21 @@ struct ClientState {
         pumpAgain = false
         connectedAt = now
         lastActivity = now
+    }
+
+    /// Resets the slot for a connection handed over by an earlier server: at a message boundary
+    /// (`input`), with the bytes it had received and not consumed, parsed first.
+    mutating func adopt(fd: Int32, isTCP: Bool, phase: ClientPhase, input: ClientInput, clientFlags: NBDProtocol.ClientFlags,
+                        promisedFlags: NBDProtocol.TransmissionFlags, pending: [UInt8], now: UInt64) {
+        precondition(pending.count <= inCapacity)
+        open(fd: fd, isTCP: isTCP, now: now)
+        self.phase = phase
+        self.input = input
+        self.clientFlags = clientFlags
+        self.promisedFlags = promisedFlags
+        pending.withUnsafeBytes { if $0.count > 0 { inBase.copyMemory(from: $0.baseAddress!, byteCount: $0.count) } }
+        inEnd = pending.count
+        pumpAgain = true
     }
 
     mutating func allocateSlot() -> Int32 {

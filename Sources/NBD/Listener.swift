@@ -27,6 +27,8 @@ public enum NBDServerError: Error, CustomStringConvertible {
     case badAddress(String)
     /// A system call failed: what was being done, on which path or address, and the errno.
     case system(String, target: String, Errno)
+    /// The state handed over by an earlier server cannot be taken on (`init(adopting:)`): why.
+    case handover(String)
 
     public var description: String {
         switch self {
@@ -39,6 +41,7 @@ public enum NBDServerError: Error, CustomStringConvertible {
         case .socketPathTooLong(let path): return "\(path) is longer than a UNIX socket path can be (107 bytes)"
         case .badAddress(let a): return "\(a) is not an IPv4 or IPv6 address"
         case .system(let what, let target, let e): return "\(what) \(target): \(e)"
+        case .handover(let why): return "cannot take over the NBD connections of the previous server: \(why)"
         }
     }
 }
@@ -51,6 +54,9 @@ struct Listener: ~Copyable {
     let identity: (device: UInt64, inode: UInt64)
     /// The TCP port listened on (0 for a UNIX socket).
     let port: UInt16
+    /// Whether going away removes the UNIX socket's file (not after a hand-over: the successor
+    /// listens on it).
+    var removesFile = true
 
     private init(fd: consuming OwnedFD, path: String?, identity: (UInt64, UInt64), port: UInt16 = 0) {
         self.fd = fd
@@ -63,10 +69,20 @@ struct Listener: ~Copyable {
     var isTCP: Bool { path == nil }
 
     deinit {
-        if let path, case .success(let now) = SocketSyscall.lstat(path),
+        if removesFile, let path, case .success(let now) = SocketSyscall.lstat(path),
            now.mode & UInt32(S_IFMT) == UInt32(S_IFSOCK), now.device == identity.device, now.inode == identity.inode {
             _ = SocketSyscall.unlink(path)
         }
+    }
+
+    /// A listening socket handed over by an earlier server. The UNIX socket's file becomes this
+    /// listener's (removed when it goes away) if `path` is a socket now.
+    static func adopted(fd: Int32, path: String?, port: UInt16) -> Listener {
+        var identity: (UInt64, UInt64) = (0, 0)
+        if let path, case .success(let s) = SocketSyscall.lstat(path), s.mode & UInt32(S_IFMT) == UInt32(S_IFSOCK) {
+            identity = (s.device, s.inode)
+        }
+        return Listener(fd: OwnedFD(adopting: fd), path: path, identity: identity, port: port)
     }
 
     /// `unix(path:mode:)` if `path` is given; sets `fd` to its descriptor.

@@ -37,6 +37,13 @@ public struct NBDServerConfiguration: Sendable {
     public var handshakeTimeout: Duration = .seconds(30)
     /// After stop: how long to wait for requests in flight to finish and their replies to go out.
     public var drainTimeout: Duration = .seconds(10)
+    /// How long a quiesce (`run(until:quiesceWhen:)`) may take before `run` gives up and returns
+    /// `.quiesceFailed`.
+    public var quiesceTimeout: Duration = .seconds(5)
+    /// An eventfd the server polls too: writing it wakes the loop at once, so that a stop or
+    /// quiesce request set from another thread is seen without waiting for the 100 ms check. The
+    /// server reads (resets) it when readable and never closes it.
+    public var wakeDescriptor: Int32?
     /// Connection events and errors (not called per request).
     public var log: (@Sendable (String) -> Void)?
 
@@ -66,6 +73,13 @@ public struct NBDServerStatistics: Sendable, Equatable {
     public var unknownCompletions = 0
     /// Requests still in the backend when `run` returned (the drain timed out).
     public var abandonedRequests = 0
+    /// Quiesces that ended with every connection at a message boundary, and those that timed out.
+    public var quiesces = 0
+    public var quiesceFailures = 0
+    /// The longest quiesce (successful or not), from the request to the outcome.
+    public var longestQuiesce: Duration = .zero
+    /// Connections taken over from an earlier server (`init(backend:configuration:adopting:)`).
+    public var connectionsAdopted = 0
     public init() {}
 }
 
@@ -106,6 +120,17 @@ public struct NBDServerStatistics: Sendable, Equatable {
 /// negotiating, answers requests that arrive from then on NBD_ESHUTDOWN, and closes each
 /// connection as soon as none of its requests is in flight or unanswered; after `drainTimeout`
 /// it closes the rest and returns.
+///
+/// Hand-over to a new process (driver upgrade; Handover.swift): `run(until:quiesceWhen:)` returns
+/// `.quiesced` once no connection has anything in progress: no new connection is accepted (the
+/// listeners stay open; connections wait in the kernel's backlog), no new request header or
+/// handshake message is parsed (bytes already read stay in the input buffer), while WRITE
+/// payloads already started are read and submitted, handshake messages already started are
+/// answered, every request in the backend completes and every reply is sent. `handoverState()`
+/// then describes the listeners and connections for `init(backend:configuration:adopting:)` in
+/// the new process, and `release()` lets go of them without closing anything the clients see.
+/// If the quiesce takes longer than `quiesceTimeout`, or the new process fails, `run` is called
+/// again and service resumes where it stopped.
 ///
 /// The backend contract as used here: the server reserves a buffer for every request (length 0
 /// for those without data), submits once (twice for the FUA flush above, after the first
@@ -157,11 +182,33 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     var idleSleep: Int64 = 20_000
     var draining = false
     var drainDeadline: UInt64 = 0
-    var ran = false
+    /// `run` stopped (or threw): it cannot run again.
+    var finished = false
+    /// Quiescing: see the type's documentation.
+    var quiescing = false
+    var quiesceStarted: UInt64 = 0
+    var quiesceDeadline: UInt64 = 0
+    /// The last `run` returned `.quiesced` (nothing ran since): `handoverState()` and `release()` are valid.
+    var quiesced = false
     var now: UInt64 = 0
 
     /// Starts listening for `backend`'s export. Nothing is served until `run(until:)`.
     public init(backend: consuming B, configuration: NBDServerConfiguration) throws(NBDServerError) {
+        let export = try Self.export(of: backend, configuration)
+        guard configuration.unixSocketPath != nil || configuration.tcpAddress != nil else {
+            throw .configuration("neither a UNIX socket path nor a TCP address to listen on")
+        }
+        // Everything that can throw happens before the first stored property is set.
+        var unixFD: Int32 = -1, tcpFD: Int32 = -1
+        var port: UInt16?
+        let unix = try Listener.unix(configuration.unixSocketPath, mode: configuration.unixSocketMode, fd: &unixFD)
+        let tcp = try Listener.tcp(configuration.tcpAddress, fd: &tcpFD, port: &port)
+        self.init(backend: backend, configuration: configuration, export: export, unix: unix, unixFD: unixFD,
+                  socketPath: configuration.unixSocketPath, tcp: tcp, tcpFD: tcpFD, port: port)
+    }
+
+    /// The export `backend` offers under `configuration` (which is checked too).
+    static func export(of backend: borrowing B, _ configuration: NBDServerConfiguration) throws(NBDServerError) -> NBDExport {
         let minimum = backend.minimumBlockSize, preferred = backend.preferredBlockSize, maximum = backend.maxPayload
         if let problem = NBDExport.problem(name: configuration.exportName, description: configuration.exportDescription,
                                            minimumBlockSize: minimum, preferredBlockSize: preferred, maximumPayload: maximum) {
@@ -173,9 +220,6 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
         guard configuration.requestsPerClient >= 1, configuration.requestsPerClient < 1 << 20 else {
             throw .configuration("requestsPerClient must be between 1 and 2^20 - 1")
         }
-        guard configuration.unixSocketPath != nil || configuration.tcpAddress != nil else {
-            throw .configuration("neither a UNIX socket path nor a TCP address to listen on")
-        }
         var flags: NBDProtocol.TransmissionFlags = [.hasFlags]
         if backend.readOnly {
             flags.insert(.readOnly)
@@ -186,16 +230,17 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
         // FUA is carried out as `.writeFUA`, or a flush after TRIM/WRITE_ZEROES: it needs flush.
         if backend.canFlush { flags.formUnion([.sendFlush, .sendFUA]) }
         if configuration.multiConnection { flags.insert(.canMultiConn) }
-        // Everything that can throw happens before the first stored property is set.
-        var unixFD: Int32 = -1, tcpFD: Int32 = -1
-        var port: UInt16?
-        let unix = try Listener.unix(configuration.unixSocketPath, mode: configuration.unixSocketMode, fd: &unixFD)
-        let tcp = try Listener.tcp(configuration.tcpAddress, fd: &tcpFD, port: &port)
-        export = NBDExport(name: configuration.exportName, description: configuration.exportDescription,
-                           size: backend.size, flags: flags, minimumBlockSize: minimum,
-                           preferredBlockSize: preferred, maximumPayload: maximum)
+        return NBDExport(name: configuration.exportName, description: configuration.exportDescription,
+                         size: backend.size, flags: flags, minimumBlockSize: minimum,
+                         preferredBlockSize: preferred, maximumPayload: maximum)
+    }
+
+    /// Sets everything up around listeners that exist already (nothing here can fail).
+    init(backend: consuming B, configuration: NBDServerConfiguration, export: NBDExport, unix: consuming Listener?,
+         unixFD: Int32, socketPath: String?, tcp: consuming Listener?, tcpFD: Int32, port: UInt16?) {
+        self.export = export
         self.configuration = configuration
-        socketPath = configuration.unixSocketPath
+        self.socketPath = socketPath
         unixListener = unix
         tcpListener = tcp
         unixListenerFD = unixFD
@@ -205,7 +250,7 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
         clientCount = configuration.maximumClients
         depth = configuration.requestsPerClient
         clients = .allocate(capacity: clientCount)
-        let inCapacity = max(16384, NBDHandshake.maximumOptionData + NBDProtocol.optionHeaderSize)
+        let inCapacity = ClientState.inputCapacity
         for i in 0..<clientCount {
             (clients + i).initialize(to: ClientState(inCapacity: inCapacity, outCapacity: NBDHandshake.maximumReplyBytes,
                                                      depth: depth))
@@ -213,8 +258,8 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
         completionCapacity = clientCount * depth
         completedTags = .allocate(capacity: completionCapacity)
         completedResults = .allocate(capacity: completionCapacity)
-        pollSet = .allocate(capacity: clientCount + 3)
-        pollOwner = .allocate(capacity: clientCount + 3)
+        pollSet = .allocate(capacity: clientCount + 4)
+        pollOwner = .allocate(capacity: clientCount + 4)
         headerScratch = .allocate(byteCount: NBDProtocol.simpleReplyHeaderSize * Self.repliesPerSend, alignment: 16)
         vectors = .allocate(capacity: 2 * Self.repliesPerSend)
     }
@@ -259,17 +304,63 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     ///
     /// Runs once; throws only if poll(2) itself fails.
     public mutating func run(until stop: borrowing Atomic<Bool>) throws(NBDServerError) {
-        precondition(!ran, "NBDServer.run runs once")
-        ran = true
-        defer { finish() }
+        let never = Atomic<Bool>(false)
+        try run(until: stop, quiesceWhen: never)
+    }
+
+    /// Serves until `stop` becomes true (then drains as `run(until:)` does and returns `.stopped`)
+    /// or `quiesce` becomes true: then it quiesces (see the type's documentation) and returns
+    /// `.quiesced`, or `.quiesceFailed` after `quiesceTimeout`. Both flags are read at least every
+    /// 100 ms, at once if `configuration.wakeDescriptor` is written after setting them.
+    ///
+    /// After `.quiesced` the caller may take `handoverState()` and `release()` the server; after
+    /// either quiesce outcome it may call `run` again (with `quiesce` false) to resume service
+    /// exactly where it stopped. After `.stopped`, or a throw (poll(2) failed), every connection
+    /// is closed and `run` may not be called again.
+    @discardableResult
+    public mutating func run(until stop: borrowing Atomic<Bool>, quiesceWhen quiesce: borrowing Atomic<Bool>)
+        throws(NBDServerError) -> NBDRunOutcome {
+        precondition(!finished, "NBDServer.run after the server stopped")
+        quiesced = false
+        // Input left unparsed by a quiesce (or brought by a hand-over) is looked at again.
+        for i in 0..<clientCount where clients[i].inputOpen { clients[i].pumpAgain = true }
+        let outcome: NBDRunOutcome
+        do throws(NBDServerError) {
+            outcome = try serve(until: stop, quiesceWhen: quiesce)
+        } catch {
+            finished = true
+            finish()
+            throw error
+        }
+        switch outcome {
+        case .stopped:
+            finished = true
+            finish()
+        case .quiesced: quiesced = true
+        case .quiesceFailed: break
+        }
+        return outcome
+    }
+
+    mutating func serve(until stop: borrowing Atomic<Bool>, quiesceWhen quiesce: borrowing Atomic<Bool>)
+        throws(NBDServerError) -> NBDRunOutcome {
         while true {
             now = monotonicNanoseconds()
-            if !draining && stop.load(ordering: .relaxed) { beginDrain() }
+            if !draining && stop.load(ordering: .relaxed) {
+                if quiescing { _ = endQuiesce(failure: nil, stopping: true) }
+                beginDrain()
+            }
             if draining {
-                if activeClients == 0 { return }
+                if activeClients == 0 { return .stopped }
                 if now >= drainDeadline {
                     log("stop: drain timed out with \(totalInFlight) requests in the backend; closing every connection")
-                    return
+                    return .stopped
+                }
+            } else {
+                if !quiescing && quiesce.load(ordering: .relaxed) { beginQuiesce() }
+                if quiescing {
+                    if isQuiescent() { return endQuiesce(failure: nil) }
+                    if now >= quiesceDeadline { return endQuiesce(failure: quiesceFailure()) }
                 }
             }
             let count = buildPollSet()
@@ -287,6 +378,8 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
                     serviceEvents(Int(owner), pollSet[i].revents)
                 } else if owner == -1 {
                     acceptAll(pollSet[i].fd)
+                } else if owner == -3 {
+                    _ = Syscall.read64(pollSet[i].fd)  // the wake-up: flags are checked at the top
                 } else {
                     backendSignalled = true
                     // The counter is non-zero (POLLIN), so this read does not block.
@@ -307,10 +400,15 @@ extension NBDServer where B: ~Copyable {
 
     // MARK: the poll set
 
-    /// Listeners (owner -1), the backend's descriptor (-2), then every open client.
+    /// Listeners (owner -1), the backend's descriptor (-2), the wake descriptor (-3), then every
+    /// open client. Listeners are left out while stopping (they are closed) and while quiescing
+    /// (they stay open: new connections wait in the backlog).
     mutating func buildPollSet() -> Int {
         var n = 0
-        if !draining {
+        if let fd = configuration.wakeDescriptor {
+            pollSet[n] = pollfd(fd: fd, events: Int16(POLLIN), revents: 0); pollOwner[n] = -3; n += 1
+        }
+        if !draining && !quiescing {
             if unixListenerFD >= 0 {
                 pollSet[n] = pollfd(fd: unixListenerFD, events: Int16(POLLIN), revents: 0); pollOwner[n] = -1; n += 1
             }
@@ -338,8 +436,9 @@ extension NBDServer where B: ~Copyable {
         let c = clients[i]
         guard c.inputOpen else { return false }
         switch c.input {
-        case .optionHeader: return !c.hasHandshakeOutput  // one option answered at a time
-        case .requestHeader: return c.freeHead >= 0
+        case .clientFlags: return !quiescing
+        case .optionHeader: return !c.hasHandshakeOutput && !quiescing  // one option answered at a time
+        case .requestHeader: return c.freeHead >= 0 && !quiescing
         case .request(let r): return c.requests[Int(r)].state != .waitingForRoom
         default: return true
         }
@@ -359,6 +458,7 @@ extension NBDServer where B: ~Copyable {
             idleSleep = min(idleSleep * 2, 1_000_000)
         }
         if draining { timeout = min(timeout, Int64(drainDeadline &- now)) }
+        if quiescing { timeout = min(timeout, Int64(quiesceDeadline &- now)) }
         return max(0, timeout)
     }
 
@@ -513,7 +613,9 @@ extension NBDServer where B: ~Copyable {
                 var partial = c.waitingToSend
                 switch c.input {
                 case .request(let r): partial = partial || c.requests[Int(r)].state != .waitingForRoom
-                case .requestHeader: partial = partial || (c.buffered > 0 && c.freeHead >= 0 && c.inputOpen)
+                case .requestHeader:
+                    // (Not while quiescing: then the server, not the client, leaves a header unread.)
+                    partial = partial || (c.buffered > 0 && c.freeHead >= 0 && c.inputOpen && !quiescing)
                 default: break
                 }
                 if partial && now &- c.lastActivity > stall { close(i, "stalled mid-request for \(configuration.stallTimeout)") }

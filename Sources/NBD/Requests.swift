@@ -90,8 +90,17 @@ extension NBDRequest {
     /// (EINVAL), payload above the maximum (EINVAL), alignment to the minimum block (EINVAL), range
     /// (EINVAL; ENOSPC for WRITE and WRITE_ZEROES, as "Error values" asks), zero length (success).
     public func action(for export: NBDExport) -> NBDRequestAction {
+        action(size: export.size, flags: export.flags, minimumBlockSize: export.minimumBlockSize,
+               maximumPayload: export.maximumPayload)
+    }
+
+    /// `action(for:)` with the export's parts given one by one: a connection handed over from an
+    /// earlier server is held to the flags it was promised, which may differ from this export's.
+    func action(size: UInt64, flags exportFlags: NBDProtocol.TransmissionFlags, minimumBlockSize: UInt32,
+                maximumPayload: UInt32) -> NBDRequestAction {
         typealias C = NBDProtocol.Command
         typealias E = NBDProtocol.Error
+        let export = (size: size, flags: exportFlags, minimumBlockSize: minimumBlockSize, maximumPayload: maximumPayload)
         let readOnly = export.flags.contains(.readOnly)
         let length = UInt64(self.length)
         // FUA is "valid for all commands, provided NBD_FLAG_SEND_FUA has been negotiated" (and is
@@ -108,8 +117,8 @@ extension NBDRequest {
             guard flags.subtracting(allowed).isEmpty else { return .reply(E.einval) }
             if type == C.write && readOnly { return .reply(E.eperm) }
             guard self.length <= export.maximumPayload else { return .reply(E.einval) }
-            guard isAligned(export) else { return .reply(E.einval) }
-            guard inRange(export) else { return .reply(type == C.write ? E.enospc : E.einval) }
+            guard isAligned(minimumBlockSize) else { return .reply(E.einval) }
+            guard inRange(size) else { return .reply(type == C.write ? E.enospc : E.einval) }
             if length == 0 { return .reply(E.ok) }
             if type == C.read { return .submit(.read, flushAfter: false) }
             return .submit(flags.contains(.fua) ? .writeFUA : .write, flushAfter: false)
@@ -129,8 +138,8 @@ extension NBDRequest {
             if readOnly { return .reply(E.eperm) }
             let advertised: NBDProtocol.TransmissionFlags = type == C.trim ? .sendTrim : .sendWriteZeroes
             guard export.flags.contains(advertised) else { return .reply(E.einval) }
-            guard isAligned(export) else { return .reply(E.einval) }
-            guard inRange(export) else { return .reply(type == C.trim ? E.einval : E.enospc) }
+            guard isAligned(minimumBlockSize) else { return .reply(E.einval) }
+            guard inRange(size) else { return .reply(type == C.trim ? E.einval : E.enospc) }
             if length == 0 { return .reply(E.ok) }
             // NO_HOLE needs nothing as long as `.writeZeroes` never deallocates (virtio-blk
             // WRITE_ZEROES without the unmap flag, as VirtioBlockBackend sends it).
@@ -145,13 +154,16 @@ extension NBDRequest {
         }
     }
 
-    /// offset + length within the export (no overflow).
-    func inRange(_ export: NBDExport) -> Bool {
-        offset <= export.size && UInt64(length) <= export.size - offset
+    func inRange(_ export: NBDExport) -> Bool { inRange(export.size) }
+    func isAligned(_ export: NBDExport) -> Bool { isAligned(export.minimumBlockSize) }
+
+    /// offset + length within an export of `size` bytes (no overflow).
+    func inRange(_ size: UInt64) -> Bool {
+        offset <= size && UInt64(length) <= size - offset
     }
 
-    func isAligned(_ export: NBDExport) -> Bool {
-        let mask = UInt64(export.minimumBlockSize) - 1
+    func isAligned(_ minimumBlockSize: UInt32) -> Bool {
+        let mask = UInt64(minimumBlockSize) - 1
         return offset & mask == 0 && UInt64(length) & mask == 0
     }
 

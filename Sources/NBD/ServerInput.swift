@@ -59,6 +59,7 @@ extension NBDServer where B: ~Copyable {
         while clients[i].inputOpen {
             switch clients[i].input {
             case .clientFlags:
+                if quiescing { return }  // a message boundary: stays for the successor
                 guard fill(i, 4) == .ready else { return }
                 let c = clients[i]
                 guard let flags = NBDHandshake.parseClientFlags(UnsafeRawBufferPointer(start: c.inBase + c.inStart, count: 4)) else {
@@ -72,6 +73,7 @@ extension NBDServer where B: ~Copyable {
 
             case .optionHeader:
                 if clients[i].hasHandshakeOutput { return }  // answer one option at a time
+                if quiescing { return }
                 guard fill(i, NBDProtocol.optionHeaderSize) == .ready else { return }
                 let c = clients[i]
                 guard let (option, length) = NBDHandshake.parseOptionHeader(
@@ -106,6 +108,8 @@ extension NBDServer where B: ~Copyable {
                 answerOption(i, option, length, nil)
 
             case .requestHeader:
+                // Quiescing: no new request is parsed; what is buffered stays for the successor.
+                if quiescing { return }
                 if clients[i].freeHead < 0 { return }  // every slot taken: resumed when a reply is sent
                 if budget == 0 { clients[i].pumpAgain = true; return }
                 budget -= 1
@@ -181,6 +185,7 @@ extension NBDServer where B: ~Copyable {
         case .enterTransmission:
             clients[i].input = .requestHeader
             clients[i].phase = .transmission
+            clients[i].promisedFlags = export.flags
             log("client \(i) entered transmission (\(option == NBDProtocol.Option.go ? "NBD_OPT_GO" : "NBD_OPT_EXPORT_NAME"))")
         case .closeAfterReplies:
             clients[i].inputOpen = false
@@ -195,7 +200,12 @@ extension NBDServer where B: ~Copyable {
     /// error value issued in respect of these requests and any subsequently received requests
     /// SHOULD be NBD_ESHUTDOWN"), payloads still read and dropped.
     mutating func startRequest(_ i: Int, _ request: NBDRequest, shuttingDown: Bool) {
-        var action = request.action(for: export)
+        let promised = clients[i].promisedFlags
+        var action = request.action(size: export.size, flags: promised, minimumBlockSize: export.minimumBlockSize,
+                                    maximumPayload: export.maximumPayload)
+        if promised != export.flags, case .submit(let operation, let flushAfter) = action {
+            action = Self.adoptedAction(operation, flushAfter: flushAfter, export: export.flags)
+        }
         if shuttingDown, case .submit = action { action = .reply(NBDProtocol.Error.eshutdown) }
         switch action {
         case .disconnect(let violation):
@@ -236,6 +246,25 @@ extension NBDServer where B: ~Copyable {
         } else {
             queueReply(i, r)
         }
+    }
+
+    /// A request of a connection handed over from a server whose backend could do more than this
+    /// one (the connection keeps the flags it was promised): what this backend cannot do is
+    /// answered without it. TRIM is a hint a server "MAY" ignore: success. Writes, TRIM and
+    /// WRITE_ZEROES on a backend that became read-only: NBD_EPERM ("SHOULD return NBD_EPERM if it
+    /// receives a write or trim request on a read-only export"). WRITE_ZEROES it cannot do:
+    /// NBD_ENOTSUP, as a device reporting it unsupported is answered (qemu falls back to writing
+    /// zeroes). FLUSH, and FUA (on WRITE, TRIM, WRITE_ZEROES), without a flush: NBD_EIO, never a
+    /// success that would claim durability.
+    static func adoptedAction(_ operation: BackendOperation, flushAfter: Bool,
+                              export flags: NBDProtocol.TransmissionFlags) -> NBDRequestAction {
+        typealias E = NBDProtocol.Error
+        let writes = operation != .read && operation != .flush
+        if writes && flags.contains(.readOnly) { return .reply(E.eperm) }
+        if (operation == .flush || operation == .writeFUA || flushAfter) && !flags.contains(.sendFlush) { return .reply(E.eio) }
+        if operation == .trim && !flags.contains(.sendTrim) { return .reply(E.ok) }
+        if operation == .writeZeroes && !flags.contains(.sendWriteZeroes) { return .reply(E.enotsup) }
+        return .submit(operation, flushAfter: flushAfter)
     }
 
     /// Reserves backend room for request `r` and moves it on: a WRITE to reading its payload,

@@ -91,6 +91,26 @@ public enum SocketSyscall {
         Glibc.rename(from, to) == 0 ? .success(()) : .failure(Errno(rawValue: errno))
     }
 
+    /// getsockopt(2) of an int option.
+    @inline(never)
+    public static func getsockopt(_ fd: Int32, _ level: Int32, _ name: Int32) -> Result<Int32, Errno> {
+        var v: Int32 = 0
+        var length = socklen_t(MemoryLayout<Int32>.size)
+        let r = Glibc.getsockopt(fd, level, name, &v, &length)
+        return r == 0 ? .success(v) : .failure(Errno(rawValue: errno))
+    }
+
+    /// fcntl(2): makes `fd` non-blocking and close-on-exec (descriptors received with SCM_RIGHTS
+    /// come without FD_CLOEXEC).
+    @inline(never)
+    public static func makeNonBlockingCloseOnExec(_ fd: Int32) -> Result<Void, Errno> {
+        let flags = Glibc.fcntl(fd, F_GETFL)
+        if flags < 0 || Glibc.fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0 || Glibc.fcntl(fd, F_SETFD, FD_CLOEXEC) < 0 {
+            return .failure(Errno(rawValue: errno))
+        }
+        return .success(())
+    }
+
     /// read(2). 0 is end of stream; EAGAIN returned.
     @inline(never)
     public static func read(_ fd: Int32, _ buffer: UnsafeMutableRawPointer, _ count: Int) -> Result<Int, Errno> {

@@ -31,8 +31,10 @@ public final class DMAArena: @unchecked Sendable {
         self.memory = memory
     }
 
-    /// `size` zeroed bytes aligned to `alignment` (a power of two) in both address spaces.
-    public func allocate(_ size: Int, alignment: Int = 64) throws(VirtioError) -> DMASlice {
+    /// `size` bytes aligned to `alignment` (a power of two) in both address spaces, zeroed unless
+    /// `zeroed` is false: then the same layout is recomputed over memory a running device still
+    /// uses (adopting it on a live upgrade), and not a byte of it is written.
+    public func allocate(_ size: Int, alignment: Int = 64, zeroed: Bool = true) throws(VirtioError) -> DMASlice {
         precondition(alignment > 0 && alignment & (alignment - 1) == 0, "alignment must be a power of two")
         // Align the device address; the CPU pointer shares the same offset from a page-aligned base.
         let misalignment = Int((memory.deviceAddress + UInt64(used)) & UInt64(alignment - 1))
@@ -42,7 +44,7 @@ public final class DMAArena: @unchecked Sendable {
         }
         used = start + size
         let slice = memory.slice(start, size)
-        slice.pointer.initializeMemory(as: UInt8.self, repeating: 0, count: size)
+        if zeroed { slice.pointer.initializeMemory(as: UInt8.self, repeating: 0, count: size) }
         return slice
     }
 

@@ -58,6 +58,43 @@ public struct SplitQueue: ~Copyable {
     /// Builds the queue on `memory` (zeroed here): after a device or queue reset the same memory is
     /// used again. `features` are the negotiated ones (EVENT_IDX, INDIRECT_DESC matter here).
     public init(index: Int, memory: SplitQueueMemory, features: Features, doorbell: Doorbell) {
+        // §2.7.10.1: the driver MUST initialize flags in the used ring to 0 (and a fresh queue
+        // starts with both indices at 0, §2.7.6, §2.7.8).
+        memory.descriptors.pointer.initializeMemory(as: UInt8.self, repeating: 0, count: memory.descriptors.size)
+        memory.avail.pointer.initializeMemory(as: UInt8.self, repeating: 0, count: memory.avail.size)
+        memory.used.pointer.initializeMemory(as: UInt8.self, repeating: 0, count: memory.used.size)
+        self.init(index: index, memory: memory, features: features, doorbell: doorbell, availIndex: 0, usedIndex: 0)
+    }
+
+    /// Takes over queue `index` of a running device that a previous driver left idle (live
+    /// upgrade, no reset): the same `memory` at the same device addresses, its indices continued
+    /// from `availIndex` and `usedIndex` (the handed-over state). Nothing in the rings is written
+    /// or zeroed, and nothing a driver wrote (the available ring) is read back. The device's
+    /// `used.idx` is read once and must equal `usedIndex`, and `availIndex` must equal
+    /// `usedIndex` (everything published was used): otherwise the device moved on or the queue
+    /// was not idle, and the queue is refused. All descriptors start free. With EVENT_IDX,
+    /// `used_event` and `avail_event` stay as they are (`suppressInterrupts`/`armInterrupts`
+    /// rewrite `used_event`; `avail_event` is the device's).
+    public init(adopting memory: SplitQueueMemory, features: Features, doorbell: Doorbell, index: Int,
+                availIndex: UInt16, usedIndex: UInt16) throws(VirtioError) {
+        guard availIndex == usedIndex else {
+            throw .adoption(queue: index, "not idle: available index \(availIndex), used index \(usedIndex) (requests were in flight)")
+        }
+        // §2.7.8: used.idx is the device's; one volatile load, validated before anything relies on it.
+        let deviceIndex = UInt16(littleEndian: CVirtioShim_mmio_read16(memory.used.pointer + 2))
+        guard deviceIndex == usedIndex else {
+            throw .adoption(queue: index, "used idx is \(deviceIndex) in the ring, expected \(usedIndex) from the handed-over state")
+        }
+        // §2.7.14: like drainUsed, order the used.idx load before any later read of the rings.
+        CVirtioShim_barrier_read()
+        self.init(index: index, memory: memory, features: features, doorbell: doorbell,
+                  availIndex: availIndex, usedIndex: usedIndex)
+    }
+
+    /// What both initialisers share: the shadow state (all descriptors free) and the indices.
+    /// Writes nothing to the rings.
+    init(index: Int, memory: SplitQueueMemory, features: Features, doorbell: Doorbell,
+         availIndex: UInt16, usedIndex: UInt16) {
         let n = Int(memory.size)
         precondition(n > 0 && n & (n - 1) == 0 && n <= SplitQueueLayout.maximumSize,
                      "split queue size must be a power of two up to 32768 (§2.7)")
@@ -70,9 +107,6 @@ public struct SplitQueue: ~Copyable {
         descriptors = memory.descriptors.pointer
         avail = memory.avail.pointer
         used = memory.used.pointer
-        descriptors.initializeMemory(as: UInt8.self, repeating: 0, count: memory.descriptors.size)
-        avail.initializeMemory(as: UInt8.self, repeating: 0, count: memory.avail.size)
-        used.initializeMemory(as: UInt8.self, repeating: 0, count: memory.used.size)
         nextFree = .allocate(capacity: n)
         chainLength = .allocate(capacity: n)
         writableBytes = .allocate(capacity: n)
@@ -83,9 +117,9 @@ public struct SplitQueue: ~Copyable {
         tokens.initialize(repeating: 0, count: n)
         freeHead = 0
         freeCount = n
-        availIndex = 0
-        publishedAvailIndex = 0
-        lastUsedIndex = 0
+        self.availIndex = availIndex
+        publishedAvailIndex = availIndex
+        lastUsedIndex = usedIndex
         useIndirect = features.contains(.ringIndirectDesc) && memory.indirect != nil
     }
 
@@ -97,6 +131,14 @@ public struct SplitQueue: ~Copyable {
     }
 
     public var rings: QueueRings { memory.rings }
+
+    /// Nothing in flight (and the device did not break the queue): a snapshot may be handed on.
+    public var isIdle: Bool { inFlight == 0 && brokenReason == nil }
+
+    /// The queue as a successor takes it over with `init(adopting:)`. Valid only when `isIdle`.
+    public var snapshot: QueueSnapshot {
+        QueueSnapshot(index: index, size: size, rings: rings, availIndex: publishedAvailIndex, usedIndex: lastUsedIndex)
+    }
 
     // MARK: - Ring memory accessors (little-endian, plain loads/stores ordered by the barriers below)
 

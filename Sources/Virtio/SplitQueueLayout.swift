@@ -24,6 +24,15 @@ public enum SplitQueueLayout {
     /// Largest split queue (§2.7: Queue Size is at most 32768).
     public static let maximumSize = 32768
 
+    /// The size a driver uses for a queue whose maximum (`queue_size` as read) is `maximum`: the
+    /// largest power of two not above it (§2.7: split queue sizes are powers of 2), at most
+    /// `limit` when given.
+    public static func queueSize(maximum: UInt16, limit: UInt16?) -> UInt16 {
+        var size = UInt16(1) << UInt16(15 - min(maximum, UInt16(maximumSize)).leadingZeroBitCount)
+        if let limit { size = min(size, limit) }
+        return size
+    }
+
     /// vring_need_event (§2.7.7.2, §2.7.10.1): whether moving an index from `old` to `new` passes
     /// the other side's `event` index, i.e. whether it asked to be told.
     @inline(__always)
@@ -43,13 +52,15 @@ public struct SplitQueueMemory: Sendable {
     public let indirect: DMASlice?
     public let indirectEntries: Int
 
-    public init(arena: DMAArena, size: UInt16, indirectEntries: Int = 0) throws(VirtioError) {
+    /// Carves the rings (and indirect tables) from `arena`. With `zeroed: false` nothing is
+    /// written: the same layout is recomputed over the rings of a running queue to adopt it.
+    public init(arena: DMAArena, size: UInt16, indirectEntries: Int = 0, zeroed: Bool = true) throws(VirtioError) {
         let n = Int(size)
-        descriptors = try arena.allocate(SplitQueueLayout.descriptorTableSize(n), alignment: 4096)
-        avail = try arena.allocate(SplitQueueLayout.availSize(n), alignment: 64)
-        used = try arena.allocate(SplitQueueLayout.usedSize(n), alignment: 4096)
+        descriptors = try arena.allocate(SplitQueueLayout.descriptorTableSize(n), alignment: 4096, zeroed: zeroed)
+        avail = try arena.allocate(SplitQueueLayout.availSize(n), alignment: 64, zeroed: zeroed)
+        used = try arena.allocate(SplitQueueLayout.usedSize(n), alignment: 4096, zeroed: zeroed)
         indirect = indirectEntries > 0
-            ? try arena.allocate(n * indirectEntries * SplitQueueLayout.descriptorSize, alignment: 4096) : nil
+            ? try arena.allocate(n * indirectEntries * SplitQueueLayout.descriptorSize, alignment: 4096, zeroed: zeroed) : nil
         self.size = size
         self.indirectEntries = indirectEntries
     }

@@ -19,6 +19,13 @@ public protocol Transport: ~Copyable {
     func queueCount() -> Int
     /// The maximum size of queue `index` (`queue_select`, then `queue_size`); 0 if unavailable.
     func queueMaxSize(_ index: Int) -> UInt16
+    /// The programmed state of queue `index` as the device reports it now (size, enable, ring
+    /// addresses, MSI-X vector, doorbell), or nil if the device has no such queue. For adopting a
+    /// running device (live upgrade); nothing is written but `queue_select`.
+    func queueState(_ index: Int) -> QueueState?
+    /// The accepted feature bits as the device presents them (§4.1.4.3.1), meaningful once
+    /// FEATURES_OK is set: a successor process compares them with what it was handed.
+    func readDriverFeatures() -> Features
     /// `config_generation` (§2.5.1, §4.1.4.3).
     func configGeneration() -> UInt8
 

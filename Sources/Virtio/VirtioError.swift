@@ -18,6 +18,9 @@ public enum VirtioError: Error, Equatable, CustomStringConvertible {
     case brokenQueue(queue: Int, String)
     /// Interrupts could not be set up or waited for.
     case interrupts(String)
+    /// A running device (or one of its queues; nil: the device as a whole) cannot be adopted
+    /// without a reset: it differs from the state it was handed over in, or is not idle.
+    case adoption(queue: Int?, String)
 
     public var description: String {
         switch self {
@@ -39,6 +42,9 @@ public enum VirtioError: Error, Equatable, CustomStringConvertible {
             return "queue \(queue) broken: \(why); reset the device to recover"
         case .interrupts(let why):
             return "interrupts: \(why)"
+        case .adoption(let queue, let why):
+            let what = queue.map { "queue \($0)" } ?? "device"
+            return "cannot adopt the running device without a reset: \(what): \(why); start it with a reset instead"
         }
     }
 }

@@ -76,6 +76,99 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         self.transport = transport
     }
 
+    /// Takes over a running virtio-blk device that a previous driver process left idle (live
+    /// upgrade): no reset, nothing zeroed, no queue programmed again. `features` and `queues` are
+    /// the handed-over state (queue 0 first, then the worker queues in order); the DMA memory is
+    /// the same at the same device addresses. Every check reads the device once and names what
+    /// differs; on any refusal the caller starts the device with a reset instead. Checks, in order:
+    /// status live and healthy, features as handed over and offered, the snapshots are queues
+    /// 0..<n with n ≤ num_queues, each queue enabled with the snapshot's size and rings (and, in
+    /// an interrupt mode, still routed to its MSI-X vector), this version's layout of the arena
+    /// puts every ring where the device has it, and each queue's used.idx is the snapshot's.
+    public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
+                mode: CompletionMode = .poll, maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil,
+                completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
+        guard transport.deviceType == .block else {
+            throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-blk")
+        }
+        let negotiation = try Adoption.checkLive(transport, features: features)
+        let config = try BlockConfig(reading: transport, features: features)
+        // §5.2.5: this version uses request queues 0..<n, n at most num_queues.
+        guard !snapshots.isEmpty, snapshots.count <= Int(config.numQueues) else {
+            throw .adoption(queue: nil, "\(snapshots.count) queues handed over, the device has \(config.numQueues) request queues")
+        }
+        for (i, snapshot) in snapshots.enumerated() where snapshot.index != i {
+            throw .adoption(queue: snapshot.index, "handed over as queue number \(i): queues must be 0..<\(snapshots.count) in order")
+        }
+        // First every check, then the first change (interrupts): a refusal leaves the device as it was.
+        var doorbells: [Doorbell] = []
+        var layouts: [BlockQueue.Layout] = []
+        transport.dma.reset()
+        for snapshot in snapshots {
+            doorbells.append(try Adoption.checkQueue(transport, snapshot,
+                                                     vector: mode == .poll ? nil : UInt16(snapshot.index)))
+            // Same sizing and allocation order as `init`, over the live memory, unzeroed. The
+            // programmed size stands in for the maximum (on PCI queue_size now reads it).
+            let layout: BlockQueue.Layout
+            do {
+                layout = try BlockQueue.layout(arena: transport.dma, size: SplitQueueLayout.queueSize(maximum: snapshot.size, limit: queueSize),
+                                               config: config, features: features, maxTransfer: maxTransfer, zeroed: false)
+            } catch {
+                throw .adoption(queue: snapshot.index, "this version's layout does not fit the DMA memory (\(error))")
+            }
+            guard layout.size == snapshot.size else {
+                throw .adoption(queue: snapshot.index, "this version would use \(layout.size) entries (queue size \(queueSize.map(String.init) ?? "-")), the device runs \(snapshot.size)")
+            }
+            try Adoption.checkLayout(layout.rings, snapshot)
+            layouts.append(layout)
+        }
+        var eventfds: [Int32] = []
+        // MSI-X: the eventfds are this process's; queue_msix_vector and config_msix_vector are
+        // still programmed and are not written again, nor is queue_enable (§4.1.4.3.2).
+        if mode != .poll { eventfds = try transport.enableInterrupts(count: snapshots.count) }
+        let queue = try BlockQueue(adopting: snapshots[0], layout: layouts[0], features: features, doorbell: doorbells[0],
+                                   mode: mode, eventfd: eventfds.first, completionTimeout: completionTimeout)
+        var workers: [WorkerQueue] = []
+        for i in 1..<snapshots.count {
+            workers.append(WorkerQueue(try BlockQueue(adopting: snapshots[i], layout: layouts[i], features: features,
+                                                      doorbell: doorbells[i], mode: mode,
+                                                      eventfd: mode == .poll ? nil : eventfds[i],
+                                                      completionTimeout: completionTimeout)))
+        }
+        self.workerQueues = workers
+        self.interruptDescriptor = eventfds.first
+        self.queue = queue
+        self.config = config
+        self.negotiation = negotiation
+        self.transport = transport
+    }
+
+    /// The state of queue 0 and every worker queue for a successor process. Throws if any queue
+    /// has requests in flight (or was broken by the device): drain first.
+    public func queueSnapshots() throws(VirtioError) -> [QueueSnapshot] {
+        var result: [QueueSnapshot] = []
+        guard queue.isIdle else {
+            throw .adoption(queue: queue.index, "\(queue.inFlight) requests in flight (or the queue is broken); complete them before handing over")
+        }
+        result.append(queue.snapshot)
+        for worker in workerQueues {
+            guard worker.queue.isIdle else {
+                throw .adoption(queue: worker.queue.index, "\(worker.queue.inFlight) requests in flight (or the queue is broken); complete them before handing over")
+            }
+            result.append(worker.queue.snapshot)
+        }
+        return result
+    }
+
+    /// Gives the transport back with the device still running (live upgrade): no reset, nothing
+    /// written to the device or its rings, interrupts left as they are; the successor, which now
+    /// owns the device, adopts it with `init(adopting:)`. The queues' private memory is freed.
+    /// Only after `queueSnapshots()` succeeded and with no worker thread still using a queue.
+    public consuming func detach() -> T {
+        // The queues (and their shadow state) are destroyed with the rest of `self`.
+        return transport
+    }
+
     func check(sector: UInt64, bytes: Int) throws(BlockError) {
         guard bytes % BlockConfig.sectorSize == 0 else {
             throw .outOfRange("\(bytes) bytes is not a whole number of 512-byte sectors")

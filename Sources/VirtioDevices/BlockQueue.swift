@@ -27,15 +27,27 @@ public struct BlockQueue: ~Copyable {
 
     static let headerSize = 16
 
-    /// Builds queue `index` on `transport`: rings and slots from its DMA arena, then enables it.
-    public init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, config: BlockConfig, features: Features,
-                                          maxTransfer wanted: Int, queueSize: UInt16?, mode: CompletionMode,
-                                          eventfd: Int32?, vector: UInt16?,
-                                          completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
-        let maximum = transport.queueMaxSize(index)
-        guard maximum > 0 else { throw .queueSetup(queue: index, "the device reports queue size 0") }
-        var size = UInt16(1) << UInt16(15 - min(maximum, UInt16(SplitQueueLayout.maximumSize)).leadingZeroBitCount)
-        if let queueSize { size = min(size, queueSize) }
+    /// Where one queue's rings and slots go in the device's DMA arena, and the request limits they
+    /// are sized for. Computed by `layout` alone, in one allocation order, so a successor process
+    /// can recompute a running queue's layout and compare it with the device's.
+    public struct Layout: Sendable {
+        public let size: UInt16
+        public let memory: SplitQueueMemory
+        let headers: DMASlice
+        let statuses: DMASlice
+        let data: DMASlice
+        let slots: Int
+        let maxTransfer: Int
+        let segmentBytes: Int
+        let perRequest: Int
+
+        public var rings: QueueRings { memory.rings }
+    }
+
+    /// Carves a queue of `size` entries and its request slots from `arena`: rings (and indirect
+    /// tables), headers, status bytes, data. With `zeroed: false` nothing is written (adoption).
+    static func layout(arena: DMAArena, size: UInt16, config: BlockConfig, features: Features,
+                       maxTransfer wanted: Int, zeroed: Bool) throws(VirtioError) -> Layout {
         // Segment limits (§5.2.6.1): at most seg_max data segments of at most size_max bytes each.
         let segmentBytes = Int(config.sizeMax ?? UInt32(1 << 20))
         let segMax = Int(config.segMax ?? 128)
@@ -45,28 +57,59 @@ public struct BlockQueue: ~Copyable {
         let indirect = features.contains(.ringIndirectDesc) && perRequest > 1
         // Without indirect descriptors every request takes `perRequest` ring entries.
         let slots = indirect ? Int(size) : max(1, Int(size) / perRequest)
-        let memory = try SplitQueueMemory(arena: transport.dma, size: size, indirectEntries: indirect ? perRequest : 0)
-        let headers = try transport.dma.allocate(slots * BlockQueue.headerSize, alignment: 64)
-        let statuses = try transport.dma.allocate(slots, alignment: 64)
-        let data = try transport.dma.allocate(slots * maxTransfer, alignment: 4096)
-        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: vector)
-        var queue = SplitQueue(index: index, memory: memory, features: features, doorbell: doorbell)
+        let memory = try SplitQueueMemory(arena: arena, size: size, indirectEntries: indirect ? perRequest : 0, zeroed: zeroed)
+        let headers = try arena.allocate(slots * BlockQueue.headerSize, alignment: 64, zeroed: zeroed)
+        let statuses = try arena.allocate(slots, alignment: 64, zeroed: zeroed)
+        let data = try arena.allocate(slots * maxTransfer, alignment: 4096, zeroed: zeroed)
+        return Layout(size: size, memory: memory, headers: headers, statuses: statuses, data: data, slots: slots,
+                      maxTransfer: maxTransfer, segmentBytes: segmentBytes, perRequest: perRequest)
+    }
+
+    /// Builds queue `index` on `transport`: rings and slots from its DMA arena, then enables it.
+    public init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, config: BlockConfig, features: Features,
+                                          maxTransfer wanted: Int, queueSize: UInt16?, mode: CompletionMode,
+                                          eventfd: Int32?, vector: UInt16?,
+                                          completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
+        let maximum = transport.queueMaxSize(index)
+        guard maximum > 0 else { throw .queueSetup(queue: index, "the device reports queue size 0") }
+        let layout = try BlockQueue.layout(arena: transport.dma, size: SplitQueueLayout.queueSize(maximum: maximum, limit: queueSize),
+                                           config: config, features: features, maxTransfer: wanted, zeroed: true)
+        let doorbell = try transport.enableQueue(index, size: layout.size, rings: layout.rings, vector: vector)
+        self.init(index: index, layout: layout,
+                  queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+                  mode: mode, eventfd: eventfd, completionTimeout: completionTimeout)
+    }
+
+    /// Takes over running queue `snapshot.index` (live upgrade, no reset): `layout` was recomputed
+    /// unzeroed and checked against the device (`BlockDevice.init(adopting:)`); the split queue
+    /// continues from the snapshot's indices. Nothing is programmed on the device.
+    init(adopting snapshot: QueueSnapshot, layout: Layout, features: Features, doorbell: Doorbell,
+         mode: CompletionMode, eventfd: Int32?, completionTimeout: Duration) throws(VirtioError) {
+        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+        self.init(index: snapshot.index, layout: layout, queue: queue, mode: mode, eventfd: eventfd,
+                  completionTimeout: completionTimeout)
+    }
+
+    /// What both paths share: the slots' private state over `layout`, interrupts suppressed.
+    init(index: Int, layout: Layout, queue: consuming SplitQueue, mode: CompletionMode, eventfd: Int32?,
+         completionTimeout: Duration) {
         queue.suppressInterrupts()
         self.index = index
         self.queue = queue
-        self.headers = headers
-        self.statuses = statuses
-        self.data = data
-        self.slots = slots
-        self.maxTransfer = maxTransfer
-        self.segmentBytes = segmentBytes
-        self.segmentCapacity = perRequest
-        self.segments = .allocate(capacity: perRequest)
-        self.pendingType = .allocate(capacity: slots)
-        self.pendingBytes = .allocate(capacity: slots)
-        self.pendingType.initialize(repeating: 0, count: slots)
-        self.pendingBytes.initialize(repeating: 0, count: slots)
-        self.idle = SlotStack(filledTo: slots)
+        self.headers = layout.headers
+        self.statuses = layout.statuses
+        self.data = layout.data
+        self.slots = layout.slots
+        self.maxTransfer = layout.maxTransfer
+        self.segmentBytes = layout.segmentBytes
+        self.segmentCapacity = layout.perRequest
+        self.segments = .allocate(capacity: layout.perRequest)
+        self.pendingType = .allocate(capacity: layout.slots)
+        self.pendingBytes = .allocate(capacity: layout.slots)
+        self.pendingType.initialize(repeating: 0, count: layout.slots)
+        self.pendingBytes.initialize(repeating: 0, count: layout.slots)
+        self.idle = SlotStack(filledTo: layout.slots)
         self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
     }
 
@@ -87,6 +130,10 @@ public struct BlockQueue: ~Copyable {
     /// Gives a slot back once its completion was handled.
     public mutating func release(_ slot: Int) { idle.push(slot) }
     public var inFlight: Int { queue.inFlight }
+    /// No request in flight: the queue can be handed to a successor (`snapshot`).
+    public var isIdle: Bool { queue.isIdle }
+    /// The queue's rings and indices for a successor; valid only when `isIdle`.
+    public var snapshot: QueueSnapshot { queue.snapshot }
 
     /// Queues a request in `slot` (data already in `buffer(slot)` for writes). Not visible to the
     /// device until `publish()`. Returns false if the ring is full.

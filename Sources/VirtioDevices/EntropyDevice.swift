@@ -35,11 +35,9 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         let maximum = transport.queueMaxSize(0)
         guard maximum > 0 else { throw .queueSetup(queue: 0, "the device reports no request queue") }
         // The largest power of two not above the device's maximum (or the size asked for).
-        var size = UInt16(1) << UInt16(15 - min(maximum, UInt16(SplitQueueLayout.maximumSize)).leadingZeroBitCount)
-        if let queueSize { size = min(size, queueSize) }
+        let size = SplitQueueLayout.queueSize(maximum: maximum, limit: queueSize)
         transport.dma.reset()
-        let memory = try SplitQueueMemory(arena: transport.dma, size: size)
-        let buffers = try transport.dma.allocate(Int(size) * bufferSize, alignment: 4096)
+        let (memory, buffers) = try EntropyDevice.layout(arena: transport.dma, size: size, bufferSize: bufferSize, zeroed: true)
         var eventfd: Int32?
         if mode != .poll {
             eventfd = try transport.enableInterrupts(count: 1).first
@@ -52,6 +50,63 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         var idle = SlotStack(filledTo: Int(size))
         // Post every buffer (spec 5.4.6: the driver supplies device-writable buffers).
         try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        self.init(transport: transport, negotiation: negotiation, queue: queue, idle: idle, buffers: buffers,
+                  bufferSize: bufferSize, mode: mode, eventfd: eventfd, completionTimeout: completionTimeout)
+    }
+
+    /// Takes over a running virtio-rng that a previous driver process left idle (live upgrade,
+    /// after its `queueSnapshot()`): no reset, nothing zeroed, the queue not programmed again.
+    /// Checks the device is live with exactly `features`, queue 0 is enabled with the snapshot's
+    /// size and rings (and, in an interrupt mode, MSI-X vector 0), this version's layout puts the
+    /// rings where the device has them, and used.idx is the snapshot's; each refusal names what
+    /// differs, and the caller then starts with a reset. Then every buffer is posted again.
+    public init(adopting transport: consuming T, features: Features, queue snapshot: QueueSnapshot,
+                mode: CompletionMode = .poll, bufferSize: Int = 4096, queueSize: UInt16? = nil,
+                completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
+        guard transport.deviceType == .entropy else {
+            throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-rng")
+        }
+        guard snapshot.index == 0 else {
+            throw .adoption(queue: snapshot.index, "virtio-rng has one request queue, 0 (§5.4.2)")
+        }
+        let negotiation = try Adoption.checkLive(transport, features: features)
+        let doorbell = try Adoption.checkQueue(transport, snapshot, vector: mode == .poll ? nil : 0)
+        let size = SplitQueueLayout.queueSize(maximum: snapshot.size, limit: queueSize)
+        guard size == snapshot.size else {
+            throw .adoption(queue: 0, "this version would use \(size) entries (queue size \(queueSize.map(String.init) ?? "-")), the device runs \(snapshot.size)")
+        }
+        transport.dma.reset()
+        let memory: SplitQueueMemory, buffers: DMASlice
+        do {
+            (memory, buffers) = try EntropyDevice.layout(arena: transport.dma, size: size, bufferSize: bufferSize, zeroed: false)
+        } catch {
+            throw .adoption(queue: 0, "this version's layout does not fit the DMA memory (\(error))")
+        }
+        try Adoption.checkLayout(memory.rings, snapshot)
+        var queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: 0,
+                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+        queue.suppressInterrupts()
+        // MSI-X: new eventfds for this process; queue_msix_vector is still programmed and is not
+        // written again, nor is queue_enable (§4.1.4.3.2).
+        let eventfd = mode == .poll ? nil : try transport.enableInterrupts(count: 1).first
+        var idle = SlotStack(filledTo: Int(size))
+        // The device is live (DRIVER_OK, §3.1.1), so buffers may be made available at once (§5.4.6).
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        self.init(transport: transport, negotiation: negotiation, queue: queue, idle: idle, buffers: buffers,
+                  bufferSize: bufferSize, mode: mode, eventfd: eventfd, completionTimeout: completionTimeout)
+    }
+
+    /// The queue's rings and the buffers, carved from `arena` in one order for both paths; with
+    /// `zeroed: false` nothing is written (adoption recomputes a running queue's layout).
+    static func layout(arena: DMAArena, size: UInt16, bufferSize: Int, zeroed: Bool) throws(VirtioError) -> (SplitQueueMemory, DMASlice) {
+        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+        let buffers = try arena.allocate(Int(size) * bufferSize, alignment: 4096, zeroed: zeroed)
+        return (memory, buffers)
+    }
+
+    /// What both paths share: the fields.
+    init(transport: consuming T, negotiation: Lifecycle.Negotiation, queue: consuming SplitQueue, idle: consuming SlotStack,
+         buffers: DMASlice, bufferSize: Int, mode: CompletionMode, eventfd: Int32?, completionTimeout: Duration) {
         self.idle = idle
         self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
         self.queue = queue
@@ -60,6 +115,26 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         self.mode = mode
         self.negotiation = negotiation
         self.transport = transport
+    }
+
+    /// Collects every posted buffer (waiting for the device to fill them; the entropy in them is
+    /// discarded) and posts none again, then returns the idle queue's state for a successor
+    /// process. Reads after this post the buffers again, so the device stays usable here too.
+    public mutating func queueSnapshot() throws(VirtioError) -> QueueSnapshot {
+        // Bounded: every wait ends within the completion timeout or throws.
+        while queue.inFlight > 0 {
+            wakes.count(try waiter.wait(for: &queue))
+            _ = try queue.drainUsed { token, _ in idle.push(Int(token)) }
+        }
+        guard queue.isIdle else { throw .adoption(queue: 0, "the queue is broken: \(queue.brokenReason.map { "\($0)" } ?? "")") }
+        return queue.snapshot
+    }
+
+    /// Gives the transport back with the device still running (live upgrade): no reset, nothing
+    /// written to the device; the successor adopts it with `init(adopting:)`. Only after
+    /// `queueSnapshot()`. The queue's private memory is freed.
+    public consuming func detach() -> T {
+        return transport
     }
 
     /// Resets that brought the device back during reads.
@@ -112,6 +187,8 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     }
 
     mutating func readSome(_ remaining: inout Int, _ body: (UnsafeRawBufferPointer) -> Void) throws(VirtioError) {
+        // Buffers left unposted (by `queueSnapshot`) go to the device first, or the wait would not end.
+        if remaining > 0 && idle.count > 0 { try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize) }
         while remaining > 0 {
             // DEVICE_NEEDS_RESET (§2.1.2) is checked when the device goes quiet, not per request:
             // a status read is an MMIO exit on real hardware.

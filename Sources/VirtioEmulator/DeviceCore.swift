@@ -20,6 +20,10 @@ final class DeviceCore: @unchecked Sendable {
         var pendingResetReads: Int?
         var configGeneration: UInt8 = 0
         var resets = 0
+        /// Writes of queue_enable (one per enabled queue) and of config_msix_vector, counted so
+        /// tests can tell that an adopting driver did not program a running queue again.
+        var queueEnableWrites = 0
+        var configVectorWrites = 0
         var violations: [Violation] = []
         var faults = EmulatedDevice.Faults()
         var queues: [SplitQueueDevice?]
@@ -244,6 +248,7 @@ final class DeviceCore: @unchecked Sendable {
                 routed = Int(vector)
             }
             notify.clear(index)
+            s.queueEnableWrites += 1
             s.queues[index] = SplitQueueDevice(index: index, size: size, descriptors: pointers[0], avail: pointers[1],
                                                used: pointers[2], vector: routed)
             s.statistics[index] = .init()
@@ -253,6 +258,25 @@ final class DeviceCore: @unchecked Sendable {
                 s.worker = Worker.start(self)
             }
             return Doorbell(address: notify.address(index), value: UInt16(index))
+        }
+    }
+
+    /// Queue `index`'s registers as a driver reads them back (§4.1.4.3): an enabled queue reports
+    /// what it was enabled with (ring addresses recovered from the translated pointers); one not
+    /// enabled reports its maximum size, no rings and NO_VECTOR. nil if there is no such queue.
+    func queueState(_ index: Int) -> QueueState? {
+        guard model.queueMaxSizes.indices.contains(index) else { return nil }
+        let doorbell = Doorbell(address: notify.address(index), value: UInt16(index))
+        return state.withLock { s -> QueueState in
+            guard let q = s.queues[index] else {
+                return QueueState(size: model.queueMaxSizes[index], enabled: false,
+                                  rings: QueueRings(descriptors: 0, driver: 0, device: 0),
+                                  msixVector: noMSIXVector, doorbell: doorbell)
+            }
+            func bus(_ p: UnsafeMutableRawPointer) -> UInt64 { memory.deviceBase + UInt64(p - memory.cpuBase) }
+            return QueueState(size: q.size, enabled: true,
+                              rings: QueueRings(descriptors: bus(q.descriptors), driver: bus(q.avail), device: bus(q.used)),
+                              msixVector: q.vector.map { UInt16($0) } ?? noMSIXVector, doorbell: doorbell)
         }
     }
 
@@ -305,6 +329,7 @@ final class DeviceCore: @unchecked Sendable {
 
     func setConfigVector(_ vector: UInt16?) throws(VirtioError) {
         try state.withLock { s throws(VirtioError) in
+            s.configVectorWrites += 1
             guard let vector, vector != noMSIXVector else {
                 s.configVector = nil
                 return

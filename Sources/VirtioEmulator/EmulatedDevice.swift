@@ -40,6 +40,10 @@ public final class EmulatedDevice: Sendable {
     public var driverFeatures: Features { core.state.withLock { $0.driverFeatures } }
     /// Completed resets.
     public var resetCount: Int { core.state.withLock { $0.resets } }
+    /// How many times a driver wrote queue_enable (enabled a queue), over all queues and resets.
+    public var queueEnableWrites: Int { core.state.withLock { $0.queueEnableWrites } }
+    /// How many times a driver wrote config_msix_vector.
+    public var configVectorWrites: Int { core.state.withLock { $0.configVectorWrites } }
     /// The whole device-visible block (CPU pointer, bus address, size).
     public var memory: DMASlice { core.memory.slice }
 
@@ -71,6 +75,9 @@ public final class EmulatedDevice: Sendable {
     public func resetQueue(_ index: Int, timeout: Duration) throws(VirtioError) {
         try core.resetQueue(index, timeout: timeout)
     }
+
+    /// Queue `index`'s registers as the driver reads them (see `Transport.queueState`).
+    public func queueState(_ index: Int) -> QueueState? { core.queueState(index) }
 
     public func setConfigVector(_ vector: UInt16?) throws(VirtioError) { try core.setConfigVector(vector) }
 

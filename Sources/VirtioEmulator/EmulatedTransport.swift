@@ -1,10 +1,15 @@
 import Virtio
 
 /// The driver's view of an `EmulatedDevice`: the same `Transport` the PCI transport implements.
+/// Any number of transports may be made for one device; they share its registers and its DMA
+/// memory, as a successor process on a live upgrade shares the VFIO device and the memfd.
 public struct EmulatedTransport: Transport {
     public let device: EmulatedDevice
 
     public init(device: EmulatedDevice) { self.device = device }
+
+    /// A second view of the device `other` drives: same registers, same DMA memory.
+    public init(sharing other: borrowing EmulatedTransport) { self.device = other.device }
 
     public var deviceType: DeviceType { device.model.type }
     public func readStatus() -> DeviceStatus { device.readStatus() }
@@ -13,6 +18,8 @@ public struct EmulatedTransport: Transport {
     public func writeDriverFeatures(_ features: Features) { device.writeDriverFeatures(features) }
     public func queueCount() -> Int { device.queueCount() }
     public func queueMaxSize(_ index: Int) -> UInt16 { device.queueMaxSize(index) }
+    public func queueState(_ index: Int) -> QueueState? { device.queueState(index) }
+    public func readDriverFeatures() -> Features { device.driverFeatures }
     public func configGeneration() -> UInt8 { device.configGeneration() }
 
     public var dma: DMAArena { device.dma }

@@ -77,6 +77,12 @@ struct CommonConfigRegisters {
         mmio.store64Split(CommonConfig.queueDriver, rings.driver)
         mmio.store64Split(CommonConfig.queueDevice, rings.device)
     }
+    /// The ring addresses as programmed, each 64-bit register as two 32-bit reads (§4.1.3.1).
+    func queueAddresses() -> QueueRings {
+        QueueRings(descriptors: mmio.load64Split(CommonConfig.queueDesc),
+                   driver: mmio.load64Split(CommonConfig.queueDriver),
+                   device: mmio.load64Split(CommonConfig.queueDevice))
+    }
     func enableQueue() { mmio.store16(CommonConfig.queueEnable, 1) }
     func queueReset() -> UInt16 { mmio.load16(CommonConfig.queueReset) }
     func startQueueReset() { mmio.store16(CommonConfig.queueReset, 1) }

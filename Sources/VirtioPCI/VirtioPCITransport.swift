@@ -216,6 +216,21 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         return common.queueSize()
     }
 
+    public func queueState(_ index: Int) -> QueueState? {
+        guard index >= 0, index < queueCount(), let queue = UInt16(exactly: index) else { return nil }
+        // §4.1.4.3: every queue_* field refers to the queue in queue_select; select first. Only
+        // reads follow: a running queue is not reprogrammed (§4.1.4.3.2).
+        common.select(queue: queue)
+        let size = common.queueSize()
+        let enabled = common.queueEnable() == 1
+        let vector = common.queueVector()
+        let rings = common.queueAddresses()
+        // §4.1.4.4: the doorbell is at cap.offset + queue_notify_off * notify_off_multiplier.
+        let notifyOffset = Int(common.queueNotifyOff()) * Int(capabilities.notify.notifyOffMultiplier ?? 0)
+        let doorbell = notifyOffset + 2 <= notify.length ? Doorbell(address: notify.base + notifyOffset, value: queue) : nil
+        return QueueState(size: size, enabled: enabled, rings: rings, msixVector: vector, doorbell: doorbell)
+    }
+
     /// `queue_notify_off` of a queue (select, then read).
     public func queueNotifyOffset(_ index: Int) -> UInt16 {
         guard let queue = UInt16(exactly: index) else { return 0 }

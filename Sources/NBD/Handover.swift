@@ -1,0 +1,265 @@
+#if canImport(Glibc)
+import Glibc
+#elseif canImport(Musl)
+import Musl
+#endif
+import Syscalls
+
+/// How `NBDServer.run(until:quiesceWhen:)` ended.
+public enum NBDRunOutcome: Sendable, Equatable {
+    /// `stop` was set: every connection is closed; the server cannot run again.
+    case stopped
+    /// Every connection is at a message boundary with nothing in flight: `handoverState()` and
+    /// `release()` are valid, or `run` resumes service.
+    case quiesced
+    /// The quiesce did not finish within `quiesceTimeout`; nothing was lost: `run` resumes service.
+    case quiesceFailed(NBDQuiesceFailure)
+}
+
+/// What kept a quiesce from finishing, when it timed out.
+public struct NBDQuiesceFailure: Sendable, Equatable, CustomStringConvertible {
+    public var timeout: Duration
+    /// Requests in the backend.
+    public var requestsInFlight = 0
+    /// Connections with replies not (fully) sent, and of those, how many have a full socket (the
+    /// client is not taking its replies).
+    public var connectionsWithRepliesUnsent = 0
+    public var connectionsNotTakingReplies = 0
+    /// Connections in a request whose header was read: its WRITE payload still arriving, or
+    /// waiting for backend room.
+    public var connectionsMidRequest = 0
+    /// Connections in the middle of a handshake option (its data still arriving).
+    public var connectionsMidOption = 0
+    /// Connections whose input ended (NBD_CMD_DISC, end of stream, NBD_OPT_ABORT) that are being
+    /// answered before they close.
+    public var connectionsClosing = 0
+
+    public init(timeout: Duration) { self.timeout = timeout }
+
+    public var description: String {
+        var parts: [String] = []
+        if requestsInFlight > 0 { parts.append("\(requestsInFlight) requests in flight in the backend") }
+        if connectionsWithRepliesUnsent > 0 {
+            parts.append("\(connectionsWithRepliesUnsent) connections with replies unsent"
+                         + (connectionsNotTakingReplies > 0 ? " (\(connectionsNotTakingReplies) not taking them)" : ""))
+        }
+        if connectionsMidRequest > 0 { parts.append("\(connectionsMidRequest) connections in the middle of a request (WRITE payload or backend room)") }
+        if connectionsMidOption > 0 { parts.append("\(connectionsMidOption) connections in the middle of a handshake option") }
+        if connectionsClosing > 0 { parts.append("\(connectionsClosing) connections closing") }
+        return "quiesce did not finish within \(timeout): " + (parts.isEmpty ? "no reason recorded" : parts.joined(separator: ", "))
+    }
+}
+
+extension NBDServer where B: ~Copyable {
+    // MARK: quiescing
+
+    mutating func beginQuiesce() {
+        quiescing = true
+        quiesceStarted = now
+        quiesceDeadline = now &+ UInt64(configuration.quiesceTimeout.nanoseconds)
+        log("quiescing: no new connections or requests; finishing \(totalInFlight) requests in flight")
+    }
+
+    /// Ends the quiesce (failed if `failure` is given) and counts it.
+    mutating func endQuiesce(failure: NBDQuiesceFailure?, stopping: Bool = false) -> NBDRunOutcome {
+        quiescing = false
+        let took = Duration.nanoseconds(Int64(now &- quiesceStarted))
+        if took > statistics.longestQuiesce { statistics.longestQuiesce = took }
+        if stopping {
+            log("quiesce abandoned: stopping")
+            return .stopped
+        }
+        if let failure {
+            statistics.quiesceFailures += 1
+            log(failure.description)
+            return .quiesceFailed(failure)
+        }
+        statistics.quiesces += 1
+        log("quiesced in \(took): \(connectedClients) connections at a message boundary")
+        return .quiesced
+    }
+
+    /// Whether every connection is at a message boundary with nothing in flight or unsent.
+    func isQuiescent() -> Bool {
+        if totalInFlight > 0 { return false }
+        for i in 0..<clientCount where !isQuiescent(i) { return false }
+        return true
+    }
+
+    func isQuiescent(_ i: Int) -> Bool {
+        let c = clients[i]
+        switch c.phase {
+        case .free: return true
+        case .closed: return false  // requests still in the backend
+        case .handshake, .transmission:
+            guard c.inputOpen, c.used == 0, !c.hasOutput else { return false }
+            switch c.input {
+            case .clientFlags, .optionHeader, .requestHeader: return true
+            default: return false
+            }
+        }
+    }
+
+    func quiesceFailure() -> NBDQuiesceFailure {
+        var f = NBDQuiesceFailure(timeout: configuration.quiesceTimeout)
+        f.requestsInFlight = totalInFlight
+        for i in 0..<clientCount where !isQuiescent(i) {
+            let c = clients[i]
+            guard c.phase == .handshake || c.phase == .transmission else { continue }
+            if c.hasOutput {
+                f.connectionsWithRepliesUnsent += 1
+                if c.waitingToSend { f.connectionsNotTakingReplies += 1 }
+            }
+            if !c.inputOpen {
+                f.connectionsClosing += 1
+                continue
+            }
+            switch c.input {
+            case .request: f.connectionsMidRequest += 1
+            case .optionData, .optionDiscard: f.connectionsMidOption += 1
+            default: break
+            }
+        }
+        return f
+    }
+
+    // MARK: handing over
+
+    /// The listeners and connections, for the successor. Valid only right after `run` returned
+    /// `.quiesced`. The descriptors stay this server's until `release()`.
+    public func handoverState() -> NBDHandoverState {
+        precondition(quiesced, "NBDServer.handoverState() is valid only after run returned .quiesced")
+        var state = NBDHandoverState(exportSize: export.size, minimumBlockSize: export.minimumBlockSize,
+                                     preferredBlockSize: export.preferredBlockSize, maximumPayload: export.maximumPayload)
+        if unixListenerFD >= 0, let socketPath { state.unixListener = .init(fd: unixListenerFD, path: socketPath) }
+        if tcpListenerFD >= 0 { state.tcpListener = .init(fd: tcpListenerFD, port: tcpPort ?? 0) }
+        for i in 0..<clientCount {
+            let c = clients[i]
+            guard c.phase == .handshake || c.phase == .transmission else { continue }
+            let phase: NBDHandoverState.Phase
+            switch c.input {
+            case .clientFlags: phase = .awaitingClientFlags
+            case .optionHeader: phase = .negotiating
+            case .requestHeader: phase = .transmission
+            default: preconditionFailure("client \(i) quiesced in the middle of a message: \(c.input)")
+            }
+            state.clients.append(.init(fd: c.fd, isTCP: c.isTCP, phase: phase, clientFlags: c.clientFlags.rawValue,
+                                       promisedFlags: phase == .transmission ? c.promisedFlags.rawValue : 0,
+                                       pendingInput: Array(UnsafeRawBufferPointer(start: c.inBase + c.inStart, count: c.buffered))))
+        }
+        return state
+    }
+
+    /// After a successful hand-over: closes this process's copies of the listeners and connections
+    /// without removing the UNIX socket's file and without sending anything (the successor holds
+    /// the same sockets, so the clients see nothing). Valid only right after `.quiesced`.
+    public consuming func release() {
+        precondition(quiesced, "NBDServer.release() is valid only after run returned .quiesced")
+        if var unix = unixListener.take() {
+            unix.removesFile = false
+            _ = consume unix
+        }
+        tcpListener = nil
+        unixListenerFD = -1
+        tcpListenerFD = -1
+        var released = 0
+        for i in 0..<clientCount where clients[i].phase == .handshake || clients[i].phase == .transmission {
+            Syscall.close(clients[i].fd)
+            clients[i].fd = -1
+            clients[i].phase = .free
+            released += 1
+        }
+        activeClients = 0
+        log("handed over: released the listeners and \(released) connections")
+    }
+
+    // MARK: adopting
+
+    /// Takes over the listeners and connections an earlier server handed over (`state`, usually
+    /// from `NBDHandoverState(decoding:descriptors:)` with the received descriptors), serving them
+    /// with `backend`. The listeners come from `state` (`configuration.unixSocketPath` and
+    /// `tcpAddress` are not used; the UNIX socket's file becomes this server's, removed when it
+    /// stops). Connections continue where they were: pending input is parsed first; connections
+    /// still negotiating go on negotiating (their handshake timeout starts again).
+    ///
+    /// The export is this backend's, and must match what the clients were told: the same size,
+    /// a minimum block no larger and a maximum payload no smaller (else `.handover` is thrown).
+    /// Connections keep the transmission flags they were promised. What this backend cannot do
+    /// any more is answered without it (`adoptedAction`): TRIM succeeds without effect (a hint
+    /// the server may ignore), writes on a now read-only backend get NBD_EPERM, WRITE_ZEROES
+    /// NBD_ENOTSUP, FLUSH and FUA without flush support NBD_EIO.
+    ///
+    /// Throws before taking anything: on a throw, every descriptor in `state` is still the caller's.
+    public init(backend: consuming B, configuration: NBDServerConfiguration, adopting state: NBDHandoverState)
+        throws(NBDServerError) {
+        if let problem = state.problem() { throw .handover(problem) }
+        let export = try Self.export(of: backend, configuration)
+        guard export.size == state.exportSize else {
+            throw .handover("clients were told the export has \(state.exportSize) bytes; this backend has \(export.size)")
+        }
+        guard export.minimumBlockSize <= state.minimumBlockSize else {
+            throw .handover("this backend's minimum block is \(export.minimumBlockSize) bytes; clients were told \(state.minimumBlockSize)")
+        }
+        guard export.maximumPayload >= state.maximumPayload else {
+            throw .handover("this backend's maximum payload is \(export.maximumPayload) bytes; clients were told \(state.maximumPayload)")
+        }
+        guard state.clients.count <= configuration.maximumClients else {
+            throw .handover("\(state.clients.count) connections, more than maximumClients (\(configuration.maximumClients))")
+        }
+        if let u = state.unixListener {
+            try Self.checkSocket(u.fd, "the UNIX socket listener (\(u.path))", listening: true, family: AF_UNIX)
+        }
+        if let t = state.tcpListener { try Self.checkSocket(t.fd, "the TCP listener (port \(t.port))", listening: true, family: nil) }
+        for (k, c) in state.clients.enumerated() {
+            try Self.checkSocket(c.fd, "connection \(k)", listening: false, family: c.isTCP ? nil : AF_UNIX)
+        }
+        var unix: Listener?
+        if let u = state.unixListener { unix = Listener.adopted(fd: u.fd, path: u.path, port: 0) }
+        var tcp: Listener?
+        if let t = state.tcpListener { tcp = Listener.adopted(fd: t.fd, path: nil, port: t.port) }
+        self.init(backend: backend, configuration: configuration, export: export, unix: unix,
+                  unixFD: state.unixListener?.fd ?? -1, socketPath: state.unixListener?.path, tcp: tcp,
+                  tcpFD: state.tcpListener?.fd ?? -1, port: state.tcpListener?.port)
+        let now = monotonicNanoseconds()
+        for (k, c) in state.clients.enumerated() {
+            let phase: ClientPhase, input: ClientInput
+            switch c.phase {
+            case .awaitingClientFlags: (phase, input) = (.handshake, .clientFlags)
+            case .negotiating: (phase, input) = (.handshake, .optionHeader)
+            case .transmission: (phase, input) = (.transmission, .requestHeader)
+            }
+            clients[k].adopt(fd: c.fd, isTCP: c.isTCP, phase: phase, input: input,
+                             clientFlags: NBDProtocol.ClientFlags(rawValue: c.clientFlags),
+                             promisedFlags: NBDProtocol.TransmissionFlags(rawValue: c.promisedFlags),
+                             pending: c.pendingInput, now: now)
+            activeClients += 1
+        }
+        statistics.connectionsAdopted = state.clients.count
+        log("took over \(state.clients.count) connections"
+            + (state.unixListener.map { " and \($0.path)" } ?? "") + (state.tcpListener.map { " and TCP port \($0.port)" } ?? ""))
+    }
+
+    /// Checks that `fd` is a stream socket of the kind the state says (listening or not; AF_UNIX if
+    /// `family` says so, else AF_INET or AF_INET6), and makes it non-blocking and close-on-exec.
+    static func checkSocket(_ fd: Int32, _ what: String, listening: Bool, family: Int32?) throws(NBDServerError) {
+        func option(_ name: Int32) throws(NBDServerError) -> Int32 {
+            switch SocketSyscall.getsockopt(fd, SOL_SOCKET, name) {
+            case .success(let v): return v
+            case .failure(let e): throw .system("checking descriptor \(fd) for", target: what, e)
+            }
+        }
+        guard try option(SO_TYPE) == Int32(SOCK_STREAM.rawValue) else { throw .handover("descriptor \(fd) for \(what) is not a stream socket") }
+        guard (try option(SO_ACCEPTCONN) != 0) == listening else {
+            throw .handover("descriptor \(fd) for \(what) is \(listening ? "not " : "")a listening socket")
+        }
+        let domain = try option(SO_DOMAIN)
+        if let family {
+            guard domain == family else { throw .handover("descriptor \(fd) for \(what) is not a UNIX socket") }
+        } else {
+            guard domain == AF_INET || domain == AF_INET6 else { throw .handover("descriptor \(fd) for \(what) is not a TCP socket") }
+        }
+        if case .failure(let e) = SocketSyscall.makeNonBlockingCloseOnExec(fd) {
+            throw .system("making descriptor \(fd) non-blocking for", target: what, e)
+        }
+    }
+}
