@@ -299,7 +299,24 @@ struct HandoverTests {
         #expect(try late.write(0, pattern(512, seed: 1)) == 0)
         #expect(try c.read(0, 512).data == pattern(512, seed: 1))
 
-        // A client that takes no replies keeps the quiesce from finishing too.
+        // A client that takes no replies keeps the quiesce from finishing too, and is named.
+        let deaf = try TestClient(unixPath: path)
+        try deaf.handshake()
+        for k in 0..<4 { try deaf.sendRequest(NBDRequest(type: C.read, cookie: UInt64(k), offset: 0, length: 1 << 20)) }
+        usleep(100_000)
+        a.requestQuiesce()
+        guard case .quiesceFailed(let stuck) = a.join() else {
+            Issue.record("expected a failed quiesce, got \(String(describing: a.outcome))")
+            return
+        }
+        #expect(stuck.connectionsNotTakingReplies == 1 && stuck.requestsInFlight == 0, "\(stuck)")
+        #expect(stuck.description.contains("not taking them"), "\(stuck)")
+        a.quiesce.store(false, ordering: .relaxed)
+        a.start()
+        for _ in 0..<4 {
+            #expect(try deaf.readReply().error == 0)
+            _ = try deaf.receive(1 << 20)
+        }
         #expect(a.requestStop() == .stopped)
         #expect(disk.violations.isEmpty)
     }
