@@ -9,6 +9,9 @@
 /// - `NBDServer` (NBDServer.swift, ServerInput.swift, ServerOutput.swift, ClientState.swift): a
 ///   single-threaded poll(2) loop serving many connections over UNIX and TCP sockets
 ///   (Listener.swift), with the socket system calls in `SocketSyscall` (Syscalls module).
+/// - Hand-over to a new process (driver hot upgrade): quiescing, `handoverState()`, `release()`
+///   and `init(adopting:)` (Handover.swift), and the validated, versioned `NBDHandoverState`
+///   with its encoding (HandoverState.swift).
 ///
 /// Protocol reference: doc/proto.md of github.com/NetworkBlockDevice/nbd.
 enum NBDModule {}

@@ -371,13 +371,17 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
             }
             now = monotonicNanoseconds()
             if ready > 0 { progressed() }
+            // A quiesce asked for while polling starts before anything that arrived meanwhile is
+            // looked at: a connection or request header that came after the request (the
+            // caller's wake-up, say) is left for the successor.
+            if !draining && !quiescing && quiesce.load(ordering: .acquiring) { beginQuiesce() }
             var backendSignalled = false
             for i in 0..<count where pollSet[i].revents != 0 {
                 let owner = pollOwner[i]
                 if owner >= 0 {
                     serviceEvents(Int(owner), pollSet[i].revents)
                 } else if owner == -1 {
-                    acceptAll(pollSet[i].fd)
+                    if !quiescing { acceptAll(pollSet[i].fd) }
                 } else if owner == -3 {
                     _ = Syscall.read64(pollSet[i].fd)  // the wake-up: flags are checked at the top
                 } else {
