@@ -61,18 +61,21 @@ struct HandoverRequest: Sendable {
 /// `hello` is parked for the service loop (`take()`), which is woken through `wake`.
 final class ControlService: @unchecked Sendable {
     let listener: ControlListener
-    let wake: EventFD
+    /// Written (eventfd) when a handover request is parked, so a poll loop wakes at once.
+    let wake: Int32?
+    /// Set while a handover request is parked: the service quiesces.
+    let quiesce = Atomic<Bool>(false)
     let pending = Mutex<HandoverRequest?>(nil)
     let stopping = Atomic<Bool>(false)
     let description: @Sendable () -> HandoverMessage
     var thread = pthread_t()
 
-    init(path: String, replacing: Bool, describe: @escaping @Sendable () -> HandoverMessage) throws {
+    init(path: String, replacing: Bool, wake: Int32? = nil, describe: @escaping @Sendable () -> HandoverMessage) throws {
         do { listener = try ControlListener(path: path, replacing: replacing) } catch {
             printError("virtio-vfio: error: control socket: \(error)")
             throw ExitCode(error.isInUse ? Failure.busy : Failure.ioError)
         }
-        do { wake = try EventFD() } catch { throw ExitCode(Failure.ioError) }
+        self.wake = wake
         description = describe
         let box = Unmanaged.passRetained(self).toOpaque()
         pthread_create(&thread, nil, { raw in
@@ -91,9 +94,25 @@ final class ControlService: @unchecked Sendable {
         pthread_join(thread, nil)
     }
 
-    /// The parked handover request, if any (the service has quiesced and handles it now).
+    /// The parked handover request, if any (the service has quiesced and handles it now). It
+    /// stays parked, so no second request is taken, until `finished()`.
     func take() -> HandoverRequest? {
-        pending.withLock { p in defer { p = nil }; return p }
+        pending.withLock { $0 }
+    }
+
+    /// The parked request was handled (handed over, refused or rolled back): serve on.
+    func finished() {
+        quiesce.store(false, ordering: .relaxed)
+        pending.withLock { $0 = nil }
+    }
+
+    /// Refuses the parked request (the service could not quiesce) and serves on.
+    func refuse(_ why: String) {
+        if let request = take() {
+            let connection = ControlConnection(adopting: OwnedFD(adopting: request.connection), peerPID: request.peer)
+            try? connection.send(.refused(why))
+        }
+        finished()
     }
 
     func serve() {
@@ -110,19 +129,21 @@ final class ControlService: @unchecked Sendable {
                 try? connection.send(description())
             case .hello(let mode, let version, let pid)?:
                 let peer = connection.peer.pid
+                let fd = connection.releaseDescriptor()
+                let request = HandoverRequest(connection: fd, peer: peer, mode: mode, version: version)
                 let parked = pending.withLock { p -> Bool in
                     guard p == nil else { return false }
-                    p = HandoverRequest(connection: -1, peer: peer, mode: mode, version: version)
+                    p = request
                     return true
                 }
                 guard parked else {
-                    try? connection.send(.refused("another handover is in progress"))
+                    let refused = ControlConnection(adopting: OwnedFD(adopting: fd), peerPID: peer)
+                    try? refused.send(.refused("another handover is in progress"))
                     continue
                 }
                 printError("virtio-vfio: handover requested by pid \(pid) (driver \(version), \(mode) mode); quiescing")
-                let fd = connection.releaseDescriptor()
-                pending.withLock { $0 = HandoverRequest(connection: fd, peer: peer, mode: mode, version: version) }
-                wake.signal()
+                quiesce.store(true, ordering: .relaxed)
+                if let wake { _ = Syscall.write64(wake, 1) }
             default:
                 try? connection.send(.refused("expected hello or describe"))
             }
@@ -146,7 +167,7 @@ struct Rollback {
 /// here may touch the device, the sockets or the socket files, which belong to the successor
 /// (no deinit runs, so no reset and no unlink). Otherwise returns why it rolled back; a successor
 /// that misses `timeout` is killed first, so it can never race the resumed service.
-func handOver(_ request: HandoverRequest, record: StateRecord, descriptors: [Int32], format: UInt16?,
+func handOverDevice(_ request: HandoverRequest, record: StateRecord, descriptors: [Int32], format: UInt16?,
               timeoutMilliseconds: Int32, beforeExit: () -> Void) -> Rollback {
     let connection = ControlConnection(adopting: OwnedFD(adopting: request.connection), peerPID: request.peer)
     do {
@@ -199,6 +220,7 @@ struct TakeOver: ~Copyable {
     /// Received descriptors, in record order; each taken out (set to -1) when adopted.
     var descriptors: [Int32]
     let started: ContinuousClock.Instant
+    let mode: HandoverMessage.Mode
 
     /// Connects to the driver serving `address`, asks for the device and validates what arrives.
     /// A record this build cannot read is declined before anything is touched.
@@ -249,6 +271,7 @@ struct TakeOver: ~Copyable {
         self.record = record
         self.descriptors = received.descriptors
         self.started = started
+        self.mode = options.mode
         self.connection = connection
     }
 
@@ -306,6 +329,54 @@ struct TakeOver: ~Copyable {
 
     deinit {
         for fd in descriptors where fd >= 0 { Syscall.close(fd) }
+    }
+
+    /// Whether to adopt the device as it runs (live) or reset it. Live needs the features this
+    /// build would accept to be the ones the device runs with, and the device and every queue in
+    /// the state the record describes (checked by reading only). `--mode live` refuses otherwise
+    /// (nothing touched, the old driver resumes); `auto` falls back to reset.
+    func chooseLive(_ transport: borrowing VirtioPCITransport, wanted: Features, snapshots: [QueueSnapshot],
+                    interrupts: Bool) throws -> Bool {
+        guard mode != .reset else { return false }
+        var problem: String?
+        let mine = Lifecycle.acceptable(offered: transport.readDeviceFeatures(), wanted: wanted)
+        let theirs = Features(rawValue: record.features)
+        if mine != theirs {
+            problem = "this driver accepts features 0x\(String(mine.rawValue, radix: 16)), the device runs with 0x\(String(theirs.rawValue, radix: 16)) (live mode needs the same features)"
+        } else {
+            do throws(VirtioError) {
+                _ = try Adoption.checkLive(transport, features: theirs)
+                for (i, snapshot) in snapshots.enumerated() {
+                    _ = try Adoption.checkQueue(transport, snapshot, vector: interrupts ? UInt16(i) : nil)
+                }
+            } catch { problem = "\(error)" }
+        }
+        guard let problem else { return true }
+        if mode == .live { throw decline("live mode refused: \(problem)", touched: false) }
+        printError("virtio-vfio: live mode not possible (\(problem)); taking over in reset mode")
+        return false
+    }
+
+    var elapsed: Duration { ContinuousClock().now - started }
+    /// From the moment the old driver stopped taking work until now.
+    var gap: String {
+        let now = monotonicNow()
+        guard record.quiesceStarted > 0, now >= record.quiesceStarted else { return "unknown" }
+        return "\(Double(now - record.quiesceStarted) / 1e6) ms"
+    }
+}
+
+extension StateRecord.Queue {
+    init(_ s: QueueSnapshot) {
+        self.init(index: UInt16(s.index), size: s.size, descriptors: s.rings.descriptors, driver: s.rings.driver,
+                  device: s.rings.device, availIndex: s.availIndex, lastUsedIndex: s.usedIndex)
+    }
+}
+
+extension QueueSnapshot {
+    init(_ q: StateRecord.Queue) {
+        self.init(index: Int(q.index), size: q.size, rings: QueueRings(descriptors: q.descriptors, driver: q.driver, device: q.device),
+                  availIndex: q.availIndex, usedIndex: q.lastUsedIndex)
     }
 }
 

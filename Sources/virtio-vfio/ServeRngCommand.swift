@@ -2,6 +2,7 @@ import ArgumentParser
 import PCI
 import Synchronization
 import Syscalls
+import Upgrade
 import CVirtioShim
 import Virtio
 import VirtioDevices
@@ -38,6 +39,7 @@ struct ServeRngCommand: ParsableCommand {
     @Option(help: "Entropy bits credited per byte (0-8).") var credit = 8
     @Option(help: "Stop after this many bytes (0: run until signalled).") var bytes = 0
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .msix
+    @OptionGroup var handover: HandoverOptions
 
     func validate() throws {
         guard rate > 0 else { throw ValidationError("--rate must be positive") }
@@ -54,12 +56,25 @@ struct ServeRngCommand: ParsableCommand {
             throw ExitCode(errno == EACCES ? Failure.permission : Failure.ioError)
         }
         let poolFD = OwnedFD(adopting: pool)
-        let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy)
+        let wanted = DriverVersion.ringFeatures
         var rng: EntropyDevice<VirtioPCITransport>
-        do { rng = try EntropyDevice(transport: transport, mode: irq) } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
+        if handover.takeOver {
+            rng = try takeOver(address, wanted: wanted)
+        } else {
+            let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy)
+            do { rng = try EntropyDevice(transport: transport, wanted: wanted, mode: irq) } catch {
+                throw Failure.exit(VirtioPCIError.virtio(address, error))
+            }
+        }
+        let features = rng.negotiation.accepted
+        let arguments = CommandLine.arguments
+        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver) {
+            .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
+        }
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
         signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
-        printError("\(address): feeding the kernel entropy pool at up to \(rate) bytes/s, \(credit) bits credited per byte")
+        signal(SIGPIPE, SIG_IGN)
+        printError("\(address): feeding the kernel entropy pool at up to \(rate) bytes/s, \(credit) bits credited per byte (driver \(DriverVersion.string), features [\(features.names(for: .entropy).joined(separator: ", "))], control socket \(control.path))")
 
         // struct rand_pool_info { int entropy_count; int buf_size; __u32 buf[]; } with room for one chunk.
         let chunk = min(rate, 512)
@@ -68,8 +83,15 @@ struct ServeRngCommand: ParsableCommand {
         var fed = 0
         var failure: Error?
         let clock = ContinuousClock()
-        let start = clock.now
+        var start = clock.now
         while !stopRequested.load(ordering: .relaxed) && (bytes == 0 || fed < bytes) {
+            if control.requested, let pending = control.take() {
+                // Between two reads nothing is in flight from the pool's side; the snapshot
+                // collects the buffers the device still holds (§2.7.14).
+                handOver(pending, &rng, address: address, fed: fed, control: control)
+                control.finished()
+                start = clock.now - .milliseconds(fed * 1000 / rate)
+            }
             let n = bytes == 0 ? chunk : min(chunk, bytes - fed)
             var filled = 0
             do {
@@ -79,7 +101,7 @@ struct ServeRngCommand: ParsableCommand {
                     (request + 8 + filled).copyMemory(from: piece.baseAddress!, byteCount: piece.count)
                     filled += piece.count
                 }
-            } catch let error as VirtioError { failure = VirtioPCIError.virtio(address, error); break } catch { failure = error; break }
+            } catch { failure = VirtioPCIError.virtio(address, error); break }
             request.storeBytes(of: Int32(n * credit), toByteOffset: 0, as: Int32.self)
             request.storeBytes(of: Int32(n), toByteOffset: 4, as: Int32.self)
             if case .failure(let e) = Syscall.ioctl(poolFD.raw, CVirtioShim_RNDADDENTROPY, request) {
@@ -93,12 +115,76 @@ struct ServeRngCommand: ParsableCommand {
             if clock.now < due { try? clock.sleepUntilSync(due) }
             logger.debug("fed \(fed) bytes")
         }
+        control.stop()
         let recoveries = rng.recoveries
         var shutdownError: VirtioError?
         do throws(VirtioError) { _ = try rng.shutdown() } catch { shutdownError = error }
         printError("\(address): fed \(fed) bytes (\(fed * credit) bits credited) to the kernel pool, \(recoveries) recoveries; device reset")
         if let failure { throw failure is ExitCode ? failure : Failure.exit(failure) }
         if let shutdownError { throw Failure.exit(VirtioPCIError.virtio(address, shutdownError)) }
+    }
+
+    /// The serving side of an upgrade: snapshot the idle queue, hand everything over; returns only
+    /// if the successor failed (after bringing the device back by reset when it may have touched it).
+    func handOver(_ pending: HandoverRequest, _ rng: inout EntropyDevice<VirtioPCITransport>, address: PCIAddress,
+                  fed: Int, control: ControlService) {
+        let quiesced = monotonicNow()
+        let snapshot: QueueSnapshot
+        do { snapshot = try rng.queueSnapshot() } catch {
+            printError("virtio-vfio: handover refused: the queue did not drain: \(error)")
+            let connection = ControlConnection(adopting: OwnedFD(adopting: pending.connection), peerPID: pending.peer)
+            try? connection.send(.refused("the queue did not drain: \(error)"))
+            if case .brokenQueue = error { try? rng.recover() }
+            return
+        }
+        let (fds, roles) = transportDescriptors(rng.transport.handoverDescriptors)
+        let memory = rng.transport.dma.memory
+        let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(address)",
+                                 deviceType: DeviceType.entropy.rawValue, features: rng.negotiation.accepted.rawValue,
+                                 dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size),
+                                 queues: [StateRecord.Queue(snapshot)], inFlight: [], descriptors: roles,
+                                 quiesceStarted: quiesced)
+        let rollback = handOverDevice(pending, record: record, descriptors: fds, format: handover.debugStateFormat,
+                                        timeoutMilliseconds: handover.handoverTimeout) {
+            printError("\(address): fed \(fed) bytes before the handover")
+        }
+        printError("virtio-vfio: upgrade rolled back, this driver (\(DriverVersion.string)) keeps serving: \(rollback.reason)")
+        if rollback.deviceTouched {
+            do { try rng.recover(); printError("\(address): device reset and rebuilt after the failed upgrade") } catch {
+                printError("virtio-vfio: error: bringing the device back after the failed upgrade: \(error)")
+            }
+        }
+    }
+
+    /// The successor's side: adopt (live) or reset the device handed over, read once, confirm.
+    func takeOver(_ address: PCIAddress, wanted: Features) throws -> EntropyDevice<VirtioPCITransport> {
+        var received = try TakeOver(address: address, options: handover, expecting: .entropy)
+        let sysfs = SysfsPCI(root: global.sysfsRoot)
+        let transport: VirtioPCITransport
+        do { transport = try VirtioPCITransport(adopting: try received.vfio(address, sysfs: sysfs), sysfs: sysfs) } catch {
+            throw received.decline("\(error)", touched: false)
+        }
+        let snapshots = received.record.queues.map(QueueSnapshot.init)
+        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll)
+        var rng: EntropyDevice<VirtioPCITransport>
+        do {
+            if live {
+                guard snapshots.count == 1 else { throw VirtioError.adoption(queue: nil, "\(snapshots.count) queues handed over, virtio-rng has 1") }
+                rng = try EntropyDevice(adopting: transport, features: Features(rawValue: received.record.features),
+                                        queue: snapshots[0], mode: irq)
+            } else {
+                rng = try EntropyDevice(transport: transport, wanted: wanted, mode: irq)
+            }
+        } catch { throw received.decline("\(error)", touched: !live) }
+        if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
+        // Healthy: the device answered a first request.
+        var got = 0
+        do { try rng.read(16) { got += $0.count } } catch { throw received.decline("first read failed: \(error)", touched: true) }
+        if handover.debugFault == .firstRequestFails { throw received.decline("first read failed (--debug-fault first-request-fails)", touched: true) }
+        try received.confirm("\(live ? "live" : "reset") mode, driver \(DriverVersion.string), first read \(got) bytes",
+                             timeoutMilliseconds: handover.handoverTimeout)
+        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode in \(received.elapsed); service gap \(received.gap)")
+        return rng
     }
 }
 

@@ -13,7 +13,7 @@ struct VirtioVFIO: ParsableCommand {
             77 permission denied.
             """,
         version: DriverVersion.string,
-        subcommands: [ListCommand.self, InfoCommand.self, ResetCommand.self, RngCommand.self, BlkCommand.self, ServeCommand.self, BenchCommand.self]
+        subcommands: [ListCommand.self, InfoCommand.self, ResetCommand.self, RngCommand.self, BlkCommand.self, ServeCommand.self, UpgradeCommand.self, BenchCommand.self]
     )
 }
 

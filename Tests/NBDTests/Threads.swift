@@ -1,6 +1,7 @@
 import Glibc
 @testable import NBD
 import Synchronization
+import Syscalls
 
 /// A pthread running `body`; `join()` waits for it.
 final class TestThread {

@@ -1,0 +1,125 @@
+import ArgumentParser
+import PCI
+import Syscalls
+import Upgrade
+import Virtio
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// `virtio-vfio upgrade BDF --binary PATH --mode reset|live|auto`: replaces the driver serving BDF
+/// with another build, without stopping the service.
+struct UpgradeCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "upgrade",
+        abstract: "Hand a served device to another driver build without stopping its clients.",
+        discussion: """
+            Asks the driver serving BDF (through /run/virtio-vfio/BDF.sock) how it was started, then \
+            starts BINARY with the same arguments plus --take-over --mode MODE (and anything after \
+            --), in a session of its own. The new driver receives the device, the DMA memory, the \
+            interrupts and the clients' connections, brings the device up (reset mode: reset, \
+            renegotiate, rebuild; live mode: adopt the rings as they are) and completes a first \
+            request; only then does the old driver end. If the new one fails, exits, or is not \
+            healthy within the old one's --handover-timeout, the old one keeps serving (rollback). \
+            Exit status: 0 upgraded, 1 rolled back, 69 nothing serves BDF.
+            """)
+
+    @OptionGroup var device: DeviceArgument
+    @Option(help: ArgumentHelp("The driver build to start.", valueName: "path")) var binary: String
+    @Option(help: "reset, live (refused unless the features match) or auto.") var mode: HandoverMessage.Mode = .auto
+    @Option(help: ArgumentHelp("Directory of the control sockets.", valueName: "dir"))
+    var controlDirectory = ControlListener.directory
+    @Option(help: ArgumentHelp("Give up waiting for the outcome after this long (ms).", valueName: "ms"))
+    var timeout: Int32 = 60_000
+    @Argument(parsing: .postTerminator, help: "Extra arguments for the new driver (after --).")
+    var extra: [String] = []
+
+    func run() throws {
+        let address = try device.address()
+        let path = ControlListener.path(for: "\(address)", directory: controlDirectory)
+        guard let old = describe(path) else {
+            printError("virtio-vfio: error: no driver serves \(address) (no answer on \(path)); start `virtio-vfio serve ...` first")
+            throw ExitCode(Failure.unavailable)
+        }
+        guard case .success = Syscall.access(binary, X_OK) else {
+            printError("virtio-vfio: error: \(binary) is not an executable file")
+            throw ExitCode(Failure.noInput)
+        }
+        print("before: pid \(old.pid), driver \(old.version), features \(describeFeatures(old.features))")
+        let arguments = [binary] + Self.successorArguments(old.arguments, mode: mode) + extra
+        let child = try spawn(arguments)
+        let clock = ContinuousClock()
+        let deadline = clock.now + .milliseconds(Int(timeout))
+        while clock.now < deadline {
+            var status: Int32 = 0
+            if waitpid(child, &status, WNOHANG) == child {
+                let how = status & 0x7F == 0 ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"
+                let now = describe(path)
+                print("rolled back: the new driver (pid \(child)) \(how); pid \(now?.pid ?? old.pid) (driver \(now?.version ?? old.version)) keeps serving")
+                throw ExitCode(1)
+            }
+            if let now = describe(path), now.pid == child {
+                print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
+                print("upgraded: \(old.version) -> \(now.version) (\(mode) mode requested)")
+                return
+            }
+            usleep(20_000)
+        }
+        printError("virtio-vfio: error: no outcome after \(timeout) ms (new driver pid \(child) still running)")
+        throw ExitCode(Failure.ioError)
+    }
+
+    /// The serving driver's command line with the options of an earlier takeover removed, then
+    /// `--take-over --mode MODE`.
+    static func successorArguments(_ old: [String], mode: HandoverMessage.Mode) -> [String] {
+        var result: [String] = []
+        var skip = false
+        for argument in old.dropFirst() {
+            if skip { skip = false; continue }
+            if argument == "--take-over" { continue }
+            if ["--mode", "--debug-fault", "--debug-state-format"].contains(argument) { skip = true; continue }
+            if ["--mode=", "--debug-fault=", "--debug-state-format="].contains(where: { argument.hasPrefix($0) }) { continue }
+            result.append(argument)
+        }
+        return result + ["--take-over", "--mode", "\(mode)"]
+    }
+
+    func describe(_ path: String) -> (pid: Int32, version: String, features: UInt64, arguments: [String])? {
+        guard let connection = try? ControlConnection(connectingTo: path, timeoutMilliseconds: 2000) else { return nil }
+        guard (try? connection.send(.describe)) != nil,
+              case .described(let pid, let version, let features, let arguments)?? = try? connection.receiveMessage(timeoutMilliseconds: 2000)
+        else { return nil }
+        return (pid, version, features, arguments)
+    }
+
+    func describeFeatures(_ raw: UInt64) -> String {
+        "0x\(String(raw, radix: 16)) [\(Features(rawValue: raw).names(for: nil).joined(separator: ", "))]"
+    }
+
+    /// Starts `arguments` in a new session (it outlives this command), stdin from /dev/null,
+    /// stdout and stderr to our stderr (its log).
+    func spawn(_ arguments: [String]) throws -> pid_t {
+        var attributes = posix_spawnattr_t()
+        posix_spawnattr_init(&attributes)
+        defer { posix_spawnattr_destroy(&attributes) }
+        // POSIX_SPAWN_SETSID (glibc 2.26): not exported by the Glibc module.
+        posix_spawnattr_setflags(&attributes, Int16(0x80))
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        // Its stdout is our stderr: the new driver outlives this command, and must not hold
+        // open a pipe a caller reads our stdout from (`out=$(virtio-vfio upgrade ...)`).
+        posix_spawn_file_actions_adddup2(&actions, 2, 1)
+        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
+        defer { for p in argv { free(p) } }
+        var pid: pid_t = 0
+        let r = posix_spawn(&pid, arguments[0], &actions, &attributes, &argv, environ)
+        guard r == 0 else {
+            printError("virtio-vfio: error: starting \(arguments[0]): \(describeErrno(r))")
+            throw ExitCode(Failure.ioError)
+        }
+        printError("virtio-vfio: started \(arguments.joined(separator: " ")) as pid \(pid)")
+        return pid
+    }
+}
