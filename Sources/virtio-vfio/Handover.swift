@@ -386,3 +386,12 @@ func monotonicNow() -> UInt64 {
     clock_gettime(CLOCK_MONOTONIC, &ts)
     return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
+
+/// What the driver serving a control socket says about itself (nil: nobody answers).
+func askServingDriver(_ path: String) -> (pid: Int32, version: String, features: UInt64, arguments: [String])? {
+    guard let connection = try? ControlConnection(connectingTo: path, timeoutMilliseconds: 2000) else { return nil }
+    guard (try? connection.send(.describe)) != nil,
+          case .described(let pid, let version, let features, let arguments)?? = try? connection.receiveMessage(timeoutMilliseconds: 2000)
+    else { return nil }
+    return (pid, version, features, arguments)
+}

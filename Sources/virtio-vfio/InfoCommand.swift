@@ -1,5 +1,6 @@
 import ArgumentParser
 import PCI
+import Upgrade
 import VFIO
 import Virtio
 import VirtioPCI
@@ -52,8 +53,32 @@ struct InfoCommand: ParsableCommand {
     /// `num_queues` comes from the device: list at most this many.
     static let maxQueuesShown = 1024
 
+    struct ServedReport: Encodable {
+        var address: String
+        var servedByPID: Int32
+        var driverVersion: String
+        var negotiatedFeatures: UInt64
+        var negotiatedFeatureNames: [String]
+        var command: [String]
+    }
+
     func run() throws {
         let address = try device.address()
+        // A device a driver serves is busy in VFIO (one open per group): ask the driver instead.
+        if let served = askServingDriver(ControlListener.path(for: "\(address)")) {
+            let type = (try? SysfsPCI(root: global.sysfsRoot).function(at: address)).flatMap {
+                DeviceType(pciVendor: $0.vendorID, pciDevice: $0.deviceID, subsystemDevice: $0.subsystemDeviceID)
+            }
+            let report = ServedReport(address: "\(address)", servedByPID: served.pid, driverVersion: served.version,
+                                      negotiatedFeatures: served.features,
+                                      negotiatedFeatureNames: Features(rawValue: served.features).names(for: type),
+                                      command: served.arguments)
+            if json { try JSONOutput.print(report); return }
+            print("\(address): served by pid \(served.pid), driver virtio-vfio \(served.version) (\(served.arguments.dropFirst().joined(separator: " ")))")
+            print("Negotiated features 0x\(hex(served.features, width: 16)):")
+            print("  " + report.negotiatedFeatureNames.joined(separator: " "))
+            return
+        }
         let transport = try global.openTransport(address)
         let report = Self.report(transport)
         if json { try JSONOutput.print(report) } else { Self.printText(report) }

@@ -37,7 +37,7 @@ struct UpgradeCommand: ParsableCommand {
     func run() throws {
         let address = try device.address()
         let path = ControlListener.path(for: "\(address)", directory: controlDirectory)
-        guard let old = describe(path) else {
+        guard let old = askServingDriver(path) else {
             printError("virtio-vfio: error: no driver serves \(address) (no answer on \(path)); start `virtio-vfio serve ...` first")
             throw ExitCode(Failure.unavailable)
         }
@@ -54,11 +54,11 @@ struct UpgradeCommand: ParsableCommand {
             var status: Int32 = 0
             if waitpid(child, &status, WNOHANG) == child {
                 let how = status & 0x7F == 0 ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"
-                let now = describe(path)
+                let now = askServingDriver(path)
                 print("rolled back: the new driver (pid \(child)) \(how); pid \(now?.pid ?? old.pid) (driver \(now?.version ?? old.version)) keeps serving")
                 throw ExitCode(1)
             }
-            if let now = describe(path), now.pid == child {
+            if let now = askServingDriver(path), now.pid == child {
                 print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
                 print("upgraded: \(old.version) -> \(now.version) (\(mode) mode requested)")
                 return
@@ -82,14 +82,6 @@ struct UpgradeCommand: ParsableCommand {
             result.append(argument)
         }
         return result + ["--take-over", "--mode", "\(mode)"]
-    }
-
-    func describe(_ path: String) -> (pid: Int32, version: String, features: UInt64, arguments: [String])? {
-        guard let connection = try? ControlConnection(connectingTo: path, timeoutMilliseconds: 2000) else { return nil }
-        guard (try? connection.send(.describe)) != nil,
-              case .described(let pid, let version, let features, let arguments)?? = try? connection.receiveMessage(timeoutMilliseconds: 2000)
-        else { return nil }
-        return (pid, version, features, arguments)
     }
 
     func describeFeatures(_ raw: UInt64) -> String {

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Reads a block device with O_DIRECT 4 KiB reads, one at a time, and records the longest gap
 between two completions. SIGUSR1 prints 'gap-ms N' for the window since the last SIGUSR1 and
-starts a new window; SIGTERM prints the window and exits. Errors are counted ('errors N').
+starts a new window; SIGTERM prints the window and exits. Errors are counted ('errors N'). Writes 'ready' to
+OUTFILE once the signal handlers are in place.
 Usage: gap-probe.py DEVICE OUTFILE"""
 import mmap, os, signal, sys, time
 
@@ -21,6 +22,8 @@ def report(final):
 
 signal.signal(signal.SIGUSR1, lambda *_: report(False))
 signal.signal(signal.SIGTERM, lambda *_: report(True))
+with open(out, "a") as f:
+    f.write("ready\n")
 last = time.monotonic()
 offset = 0
 while True:
