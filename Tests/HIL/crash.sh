@@ -24,7 +24,7 @@ work=$(mktemp -d)
 sock=$work/nbd.sock
 mnt=$work/mnt; mkdir -p "$mnt"
 dmesg -n 1   # the expected "Receive control failed" on the console is noise; dmesg is checked below
-dmesg -C
+dmesg_before=$(dmesg | wc -l)
 
 # start_server LOG: serve blk in the background, $server its pid; waits until it exports
 # (bounded), $startup_ms is how long that took.
@@ -99,7 +99,7 @@ grep -E "^ +(write|read):" "$work/fio.out" | sed 's/^ */  fio /'
 (cd "$mnt" && timeout 120 sha256sum --quiet -c "$work/sums") && pass "the file tree's checksums match after the crash" || fail "checksums differ after the crash"
 check "umount" timeout 60 umount "$mnt"
 check "fsck.ext4 -f -n is clean" timeout 120 fsck.ext4 -f -n /dev/nbd0
-dmesg >"$work/dmesg"
+dmesg | tail -n +$((dmesg_before + 1)) >"$work/dmesg"
 grep -q "reconnected socket" "$work/dmesg" && pass "dmesg: nbd0 reconnected socket" || fail "no 'reconnected socket' in dmesg"
 if grep -qE "I/O error|EXT4-fs (error|warning)|Aborting journal|Buffer I/O" "$work/dmesg"; then
   fail "dmesg has I/O or ext4 errors: $(grep -E 'I/O error|EXT4-fs|journal|Buffer I/O' "$work/dmesg" | head -n 5)"
@@ -125,4 +125,5 @@ echo "--- reconnect helper"; cat "$work/reconnect.log"
 echo "--- reader windows"; cat "$work/gap.out"
 echo "--- new serve"; grep -v "^$" "$work/serve2.log" | tail -n 8
 rm -rf "$work"
+dmesg -n 4   # the harness's console level again (quiet loglevel=4)
 hil_summary crash
