@@ -360,7 +360,7 @@ struct TakeOver: ~Copyable {
     var elapsed: Duration { ContinuousClock().now - started }
     /// From the moment the old driver stopped taking work until now.
     var gap: String {
-        let now = monotonicNow()
+        let now = monotonicNanoseconds()
         guard record.quiesceStarted > 0, now >= record.quiesceStarted else { return "unknown" }
         return "\(Double(now - record.quiesceStarted) / 1e6) ms"
     }
@@ -378,13 +378,6 @@ extension QueueSnapshot {
         self.init(index: Int(q.index), size: q.size, rings: QueueRings(descriptors: q.descriptors, driver: q.driver, device: q.device),
                   availIndex: q.availIndex, usedIndex: q.lastUsedIndex)
     }
-}
-
-/// CLOCK_MONOTONIC in nanoseconds (the clock the state record's quiesce start uses).
-func monotonicNow() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
 }
 
 /// What the driver serving a control socket says about itself (nil: nobody answers).

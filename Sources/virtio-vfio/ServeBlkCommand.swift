@@ -105,7 +105,7 @@ struct ServeBlkCommand: ParsableCommand {
                 control.refuse("\(failure)")
             case .quiesced:
                 guard let pending = control.take() else { control.finished(); continue }
-                handOver(pending, &server, address: address)
+                handOver(pending, &server, address: address, control: control)
                 control.finished()
             }
         }
@@ -118,14 +118,14 @@ struct ServeBlkCommand: ParsableCommand {
     /// reply sent): hands the device and the connections over. Returns only if the successor
     /// failed; the device is then reset and rebuilt if the successor may have touched it.
     func handOver(_ pending: HandoverRequest, _ server: inout NBDServer<VirtioBlockBackend<VirtioPCITransport>>,
-                  address: PCIAddress) {
-        let quiesced = monotonicNow()
+                  address: PCIAddress, control: ControlService) {
+        let quiesced = monotonicNanoseconds()
         let result: Result<[QueueSnapshot], VirtioError> = server.withBackend { backend in
             do throws(VirtioError) { return .success(try backend.device.queueSnapshots()) } catch { return .failure(error) }
         }
         guard case .success(let snapshots) = result else {
             printError("virtio-vfio: handover refused: \(result)")
-            control_refuse(pending, "\(result)")
+            control.refuse("\(result)")
             return
         }
         let vfio = server.withBackend { $0.device.transport.handoverDescriptors }
@@ -155,11 +155,6 @@ struct ServeBlkCommand: ParsableCommand {
                 printError("virtio-vfio: error: bringing the device back after the failed upgrade: \(error)")
             }
         }
-    }
-
-    func control_refuse(_ pending: HandoverRequest, _ why: String) {
-        let connection = ControlConnection(adopting: OwnedFD(adopting: pending.connection), peerPID: pending.peer)
-        try? connection.send(.refused(why))
     }
 
     /// The successor's side: the device (adopted live, or reset), a first read, the NBD

@@ -128,12 +128,11 @@ struct ServeRngCommand: ParsableCommand {
     /// if the successor failed (after bringing the device back by reset when it may have touched it).
     func handOver(_ pending: HandoverRequest, _ rng: inout EntropyDevice<VirtioPCITransport>, address: PCIAddress,
                   fed: Int, control: ControlService) {
-        let quiesced = monotonicNow()
+        let quiesced = monotonicNanoseconds()
         let snapshot: QueueSnapshot
         do { snapshot = try rng.queueSnapshot() } catch {
             printError("virtio-vfio: handover refused: the queue did not drain: \(error)")
-            let connection = ControlConnection(adopting: OwnedFD(adopting: pending.connection), peerPID: pending.peer)
-            try? connection.send(.refused("the queue did not drain: \(error)"))
+            control.refuse("the queue did not drain: \(error)")
             if case .brokenQueue = error { try? rng.recover() }
             return
         }
