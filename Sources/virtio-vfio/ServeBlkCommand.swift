@@ -71,7 +71,7 @@ struct ServeBlkCommand: ParsableCommand {
         if handover.takeOver {
             server = try takeOver(address, wanted: wanted, configuration: configuration)
         } else {
-            let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block)
+            let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block, announceLeftover: true)
             let blk: BlockDevice<VirtioPCITransport>
             do { blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
@@ -167,6 +167,7 @@ struct ServeBlkCommand: ParsableCommand {
         do { transport = try VirtioPCITransport(adopting: try received.vfio(address, sysfs: sysfs), sysfs: sysfs) } catch {
             throw received.decline("\(error)", touched: false)
         }
+        received.mark("vfio")
         var sockets = received.take(.listener) + received.take(.client)
         let connections: NBDHandoverState
         do { connections = try NBDHandoverState(decoding: received.record.serviceState, descriptors: sockets) } catch {
@@ -185,6 +186,7 @@ struct ServeBlkCommand: ParsableCommand {
                 blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq)
             }
         } catch { throw received.decline("\(error)", touched: !live) }
+        received.mark(live ? "adopt" : "reset+rebuild")
         if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
         // Healthy: the device answered a first request (sector 0 read).
         let probe = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
@@ -192,6 +194,7 @@ struct ServeBlkCommand: ParsableCommand {
         do throws(BlockError) { try blk.read(sector: 0, into: probe) } catch {
             throw received.decline("first read failed: \(error)", touched: true)
         }
+        received.mark("first read")
         if handover.debugFault == .firstRequestFails {
             throw received.decline("first read failed (--debug-fault first-request-fails)", touched: true)
         }
@@ -199,9 +202,10 @@ struct ServeBlkCommand: ParsableCommand {
         do { server = try NBDServer(backend: VirtioBlockBackend(device: blk), configuration: configuration, adopting: connections) } catch {
             throw received.decline("adopting the NBD connections: \(error)", touched: true)
         }
+        received.mark("nbd")
         try received.confirm("\(live ? "live" : "reset") mode, driver \(DriverVersion.string), \(connections.clients.count) NBD connections, first read ok",
                              timeoutMilliseconds: handover.handoverTimeout)
-        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode with \(connections.clients.count) NBD connections in \(received.elapsed); service gap \(received.gap)")
+        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode with \(connections.clients.count) NBD connections in \(received.elapsed); service gap \(received.gap) (\(received.phaseSummary), confirm)")
         return server
     }
 }
