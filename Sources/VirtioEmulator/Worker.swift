@@ -4,6 +4,7 @@ import Glibc
 import Musl
 #endif
 import Synchronization
+import Syscalls
 
 /// Worker threads of all emulated devices alive in this process (started and not yet joined).
 let liveWorkerThreads = Atomic<Int>(0)
@@ -70,12 +71,6 @@ struct Worker: Sendable {
             }
         }
     }
-}
-
-func monotonicNanoseconds() -> UInt64 {
-    var t = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &t)
-    return UInt64(t.tv_sec) * 1_000_000_000 + UInt64(t.tv_nsec)
 }
 
 /// Stop flag and wake-up for one worker: a pthread mutex and a CLOCK_MONOTONIC condition.

@@ -17,13 +17,22 @@ import VirtioPCI
 extension GlobalOptions {
     /// Opens `address` through VFIO with `dmaBytes` of device memory; if `type` is given, refuses
     /// any other device type as a usage error (exit 64) before anything is written to it.
-    func openTransport(_ address: PCIAddress, dmaBytes: Int = 0, expecting type: DeviceType? = nil) throws -> VirtioPCITransport {
+    func openTransport(_ address: PCIAddress, dmaBytes: Int = 0, expecting type: DeviceType? = nil,
+                       announceLeftover: Bool = false) throws -> VirtioPCITransport {
         let transport: VirtioPCITransport
         do { transport = try VirtioPCITransport(address: address, sysfs: SysfsPCI(root: sysfsRoot), dmaBytes: dmaBytes) } catch {
             throw Failure.exit(error)
         }
         if let type, transport.deviceType != type {
             throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-\(type)"))
+        }
+        if announceLeftover {
+            // A status other than 0 means a driver before this one did not shut the device down
+            // (it crashed or was killed): the seed's third use of reset brings it back.
+            let status = transport.readStatus()
+            if status.rawValue != 0 {
+                printError("\(address): found the device in status \(status) (left by a driver that did not shut it down); resetting it")
+            }
         }
         return transport
     }

@@ -221,6 +221,8 @@ struct TakeOver: ~Copyable {
     var descriptors: [Int32]
     let started: ContinuousClock.Instant
     let mode: HandoverMessage.Mode
+    /// Where the service gap goes: (phase, CLOCK_MONOTONIC ns at its end), from the quiesce start.
+    var phases: [(String, UInt64)] = []
 
     /// Connects to the driver serving `address`, asks for the device and validates what arrives.
     /// A record this build cannot read is declined before anything is touched.
@@ -270,6 +272,7 @@ struct TakeOver: ~Copyable {
         }
         self.record = record
         self.descriptors = received.descriptors
+        self.phases = [("quiesce+state", monotonicNanoseconds())]
         self.started = started
         self.mode = options.mode
         self.connection = connection
@@ -358,11 +361,23 @@ struct TakeOver: ~Copyable {
     }
 
     var elapsed: Duration { ContinuousClock().now - started }
+
+    /// Marks the end of a phase of the takeover.
+    mutating func mark(_ phase: String) { phases.append((phase, monotonicNanoseconds())) }
+
+    /// "quiesce+state 12.1 ms, vfio 3.0 ms, ..." (each phase's own duration).
+    var phaseSummary: String {
+        var previous = record.quiesceStarted
+        return phases.map { name, end in
+            defer { previous = end }
+            return previous > 0 && end >= previous ? "\(name) \(milliseconds(end - previous))" : "\(name) ?"
+        }.joined(separator: ", ")
+    }
     /// From the moment the old driver stopped taking work until now.
     var gap: String {
-        let now = monotonicNow()
+        let now = monotonicNanoseconds()
         guard record.quiesceStarted > 0, now >= record.quiesceStarted else { return "unknown" }
-        return "\(Double(now - record.quiesceStarted) / 1e6) ms"
+        return milliseconds(now - record.quiesceStarted)
     }
 }
 
@@ -380,13 +395,6 @@ extension QueueSnapshot {
     }
 }
 
-/// CLOCK_MONOTONIC in nanoseconds (the clock the state record's quiesce start uses).
-func monotonicNow() -> UInt64 {
-    var ts = timespec()
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return UInt64(ts.tv_sec) &* 1_000_000_000 &+ UInt64(ts.tv_nsec)
-}
-
 /// What the driver serving a control socket says about itself (nil: nobody answers).
 func askServingDriver(_ path: String) -> (pid: Int32, version: String, features: UInt64, arguments: [String])? {
     guard let connection = try? ControlConnection(connectingTo: path, timeoutMilliseconds: 2000) else { return nil }
@@ -394,4 +402,10 @@ func askServingDriver(_ path: String) -> (pid: Int32, version: String, features:
           case .described(let pid, let version, let features, let arguments)?? = try? connection.receiveMessage(timeoutMilliseconds: 2000)
     else { return nil }
     return (pid, version, features, arguments)
+}
+
+/// Nanoseconds as "12.3 ms".
+func milliseconds(_ nanoseconds: UInt64) -> String {
+    let tenths = (nanoseconds + 50_000) / 100_000
+    return "\(tenths / 10).\(tenths % 10) ms"
 }

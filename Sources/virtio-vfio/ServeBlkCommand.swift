@@ -71,7 +71,7 @@ struct ServeBlkCommand: ParsableCommand {
         if handover.takeOver {
             server = try takeOver(address, wanted: wanted, configuration: configuration)
         } else {
-            let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block)
+            let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block, announceLeftover: true)
             let blk: BlockDevice<VirtioPCITransport>
             do { blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
@@ -105,7 +105,7 @@ struct ServeBlkCommand: ParsableCommand {
                 control.refuse("\(failure)")
             case .quiesced:
                 guard let pending = control.take() else { control.finished(); continue }
-                handOver(pending, &server, address: address)
+                handOver(pending, &server, address: address, control: control)
                 control.finished()
             }
         }
@@ -118,14 +118,14 @@ struct ServeBlkCommand: ParsableCommand {
     /// reply sent): hands the device and the connections over. Returns only if the successor
     /// failed; the device is then reset and rebuilt if the successor may have touched it.
     func handOver(_ pending: HandoverRequest, _ server: inout NBDServer<VirtioBlockBackend<VirtioPCITransport>>,
-                  address: PCIAddress) {
-        let quiesced = monotonicNow()
+                  address: PCIAddress, control: ControlService) {
+        let quiesced = monotonicNanoseconds()
         let result: Result<[QueueSnapshot], VirtioError> = server.withBackend { backend in
             do throws(VirtioError) { return .success(try backend.device.queueSnapshots()) } catch { return .failure(error) }
         }
         guard case .success(let snapshots) = result else {
             printError("virtio-vfio: handover refused: \(result)")
-            control_refuse(pending, "\(result)")
+            control.refuse("\(result)")
             return
         }
         let vfio = server.withBackend { $0.device.transport.handoverDescriptors }
@@ -157,11 +157,6 @@ struct ServeBlkCommand: ParsableCommand {
         }
     }
 
-    func control_refuse(_ pending: HandoverRequest, _ why: String) {
-        let connection = ControlConnection(adopting: OwnedFD(adopting: pending.connection), peerPID: pending.peer)
-        try? connection.send(.refused(why))
-    }
-
     /// The successor's side: the device (adopted live, or reset), a first read, the NBD
     /// connections adopted, then healthy.
     func takeOver(_ address: PCIAddress, wanted: Features, configuration: NBDServerConfiguration) throws
@@ -172,6 +167,7 @@ struct ServeBlkCommand: ParsableCommand {
         do { transport = try VirtioPCITransport(adopting: try received.vfio(address, sysfs: sysfs), sysfs: sysfs) } catch {
             throw received.decline("\(error)", touched: false)
         }
+        received.mark("vfio")
         var sockets = received.take(.listener) + received.take(.client)
         let connections: NBDHandoverState
         do { connections = try NBDHandoverState(decoding: received.record.serviceState, descriptors: sockets) } catch {
@@ -190,6 +186,7 @@ struct ServeBlkCommand: ParsableCommand {
                 blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq)
             }
         } catch { throw received.decline("\(error)", touched: !live) }
+        received.mark(live ? "adopt" : "reset+rebuild")
         if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
         // Healthy: the device answered a first request (sector 0 read).
         let probe = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
@@ -197,6 +194,7 @@ struct ServeBlkCommand: ParsableCommand {
         do throws(BlockError) { try blk.read(sector: 0, into: probe) } catch {
             throw received.decline("first read failed: \(error)", touched: true)
         }
+        received.mark("first read")
         if handover.debugFault == .firstRequestFails {
             throw received.decline("first read failed (--debug-fault first-request-fails)", touched: true)
         }
@@ -204,9 +202,10 @@ struct ServeBlkCommand: ParsableCommand {
         do { server = try NBDServer(backend: VirtioBlockBackend(device: blk), configuration: configuration, adopting: connections) } catch {
             throw received.decline("adopting the NBD connections: \(error)", touched: true)
         }
+        received.mark("nbd")
         try received.confirm("\(live ? "live" : "reset") mode, driver \(DriverVersion.string), \(connections.clients.count) NBD connections, first read ok",
                              timeoutMilliseconds: handover.handoverTimeout)
-        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode with \(connections.clients.count) NBD connections in \(received.elapsed); service gap \(received.gap)")
+        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode with \(connections.clients.count) NBD connections in \(received.elapsed); service gap \(received.gap) (\(received.phaseSummary), confirm)")
         return server
     }
 }

@@ -61,7 +61,7 @@ struct ServeRngCommand: ParsableCommand {
         if handover.takeOver {
             rng = try takeOver(address, wanted: wanted)
         } else {
-            let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy)
+            let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy, announceLeftover: true)
             do { rng = try EntropyDevice(transport: transport, wanted: wanted, mode: irq) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
             }
@@ -128,12 +128,11 @@ struct ServeRngCommand: ParsableCommand {
     /// if the successor failed (after bringing the device back by reset when it may have touched it).
     func handOver(_ pending: HandoverRequest, _ rng: inout EntropyDevice<VirtioPCITransport>, address: PCIAddress,
                   fed: Int, control: ControlService) {
-        let quiesced = monotonicNow()
+        let quiesced = monotonicNanoseconds()
         let snapshot: QueueSnapshot
         do { snapshot = try rng.queueSnapshot() } catch {
             printError("virtio-vfio: handover refused: the queue did not drain: \(error)")
-            let connection = ControlConnection(adopting: OwnedFD(adopting: pending.connection), peerPID: pending.peer)
-            try? connection.send(.refused("the queue did not drain: \(error)"))
+            control.refuse("the queue did not drain: \(error)")
             if case .brokenQueue = error { try? rng.recover() }
             return
         }
@@ -164,6 +163,7 @@ struct ServeRngCommand: ParsableCommand {
         do { transport = try VirtioPCITransport(adopting: try received.vfio(address, sysfs: sysfs), sysfs: sysfs) } catch {
             throw received.decline("\(error)", touched: false)
         }
+        received.mark("vfio")
         let snapshots = received.record.queues.map(QueueSnapshot.init)
         let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll)
         var rng: EntropyDevice<VirtioPCITransport>
@@ -176,14 +176,16 @@ struct ServeRngCommand: ParsableCommand {
                 rng = try EntropyDevice(transport: transport, wanted: wanted, mode: irq)
             }
         } catch { throw received.decline("\(error)", touched: !live) }
+        received.mark(live ? "adopt" : "reset+rebuild")
         if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
         // Healthy: the device answered a first request.
         var got = 0
         do { try rng.read(16) { got += $0.count } } catch { throw received.decline("first read failed: \(error)", touched: true) }
+        received.mark("first read")
         if handover.debugFault == .firstRequestFails { throw received.decline("first read failed (--debug-fault first-request-fails)", touched: true) }
         try received.confirm("\(live ? "live" : "reset") mode, driver \(DriverVersion.string), first read \(got) bytes",
                              timeoutMilliseconds: handover.handoverTimeout)
-        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode in \(received.elapsed); service gap \(received.gap)")
+        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode in \(received.elapsed); service gap \(received.gap) (\(received.phaseSummary), confirm)")
         return rng
     }
 }

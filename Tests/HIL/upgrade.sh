@@ -37,6 +37,16 @@ upgrade $RNG "$A" reset
 upgrade $RNG "$A" live
 [[ $RC == 0 ]] && pass "rng: live-mode upgrade $va -> $va (rings adopted, no reset)" || fail "rng live: exit $RC: $OUT"
 grep -q "in live mode" "$work/upgrade.log" && pass "rng: the successor reports the live takeover" || fail "rng log: $(grep -i took "$work/rng.log")"
+# 16 more, alternating builds and modes as the blk acceptance does: 20 rng upgrades in all.
+ok=0
+for i in $(seq 16); do
+  case $((i % 4)) in 1) bin=$B mode=reset ;; 2) bin=$B mode=live ;; 3) bin=$A mode=reset ;; 0) bin=$A mode=live ;; esac
+  upgrade $RNG "$bin" $mode
+  [[ $RC == 0 ]] && ok=$((ok + 1)) || echo "rng upgrade $((i + 4)) ($mode to $bin): $OUT"
+done
+[[ $ok == 16 ]] && pass "rng: 16 more upgrades alternating builds and modes" || fail "rng: $ok of 16 upgrades"
+fed=$(grep -cE "fed [1-9][0-9]* bytes before the handover" "$work/rng.log" "$work/upgrade.log" | awk -F: '{ n += $2 } END { print n }')
+[[ $fed -ge 19 ]] && pass "rng: each of the $fed handed-over drivers had fed the pool (serve rng keeps feeding)" || fail "rng: only $fed drivers report feeding before their handover"
 pid=$(serving)
 sleep 0.5
 kill -TERM "$pid" 2>/dev/null
