@@ -68,12 +68,14 @@ extension DeviceCore {
                 s.record("\(tag): IN of \(inData / 512) sectors at \(sector) beyond capacity \(capacity) (§5.2.6.1)")
                 return finish(BlockRequest.ioError)
             }
+            // The short-read faults: part of the data written, or all of it with a short used length.
+            let written = min(inData, max(0, s.faults.shortReadDataBytes ?? inData))
             var at = sector * UInt64(BlockRequest.sectorSize)
-            DescriptorChain.pieces(chain.writable, offset: 0, count: inData) { p, n in
+            DescriptorChain.pieces(chain.writable, offset: 0, count: written) { p, n in
                 s.store.read(at, n, into: p)
                 at += UInt64(n)
             }
-            return finish(BlockRequest.ok, inData)
+            return finish(BlockRequest.ok, s.faults.shortReadLength ? written / 2 : written)
 
         case BlockRequest.typeOut:
             // §5.2.6.2: with RO offered, every write fails and no data is written.

@@ -27,6 +27,13 @@ extension EmulatedDevice {
         public var stopCompleting = false
         /// A per-queue reset never completes (`queue_reset` keeps reading 1).
         public var queueResetNeverCompletes = false
+        /// blk READ (a short read): the device writes all the data and status OK, but reports a
+        /// used length of half the data + 1, shorter than data + status (§5.2.6).
+        public var shortReadLength = false
+        /// blk READ (a short read): the device writes only the first N bytes of the data (the rest
+        /// of the driver's buffer keeps what it held), then status OK, and reports N + 1: a used
+        /// length that is honest about the data it wrote, and short of data + status.
+        public var shortReadDataBytes: Int?
 
         public init() {}
     }
