@@ -2,8 +2,11 @@
 /// found by walking the vendor-specific capabilities of its config space.
 ///
 /// Every capability is validated before it is used: a structure must lie inside an implemented BAR,
-/// with the alignment and minimum length its section requires. Per §4.1.4.1 the driver ignores
-/// capabilities with a reserved `cfg_type` or `bar`, and uses the first valid instance of each type.
+/// with the alignment and minimum length its section requires, and sharing no byte with a structure
+/// of another type already chosen. Per §4.1.4.1 the driver ignores capabilities with a reserved
+/// `cfg_type` or `bar`, and uses the first valid instance of each type; an overlapping one is not
+/// valid, so the later of two overlapping structures is ignored (and, if no other instance of its
+/// type is valid, the device is refused with the overlap named).
 public struct VirtioPCICapabilities: Sendable, Equatable {
     /// `cfg_type` values (§4.1.4).
     public enum StructureType: UInt8, Sendable, CaseIterable {
@@ -117,6 +120,13 @@ public struct VirtioPCICapabilities: Sendable, Equatable {
                 if firstProblem[type] == nil { firstProblem[type] = problem }
                 continue
             }
+            // Structures of different types that share bytes of a BAR: the later one is treated
+            // like any other invalid instance (ignored, the next valid one of its type is used).
+            if let problem = VirtioPCICapabilities.overlap(of: structure, with: chosen) {
+                ignored.append(Ignored(capabilityOffset: at, reason: problem))
+                if firstProblem[type] == nil { firstProblem[type] = problem }
+                continue
+            }
             chosen[type] = structure
         }
 
@@ -134,6 +144,20 @@ public struct VirtioPCICapabilities: Sendable, Equatable {
         self.device = chosen[.device]
         self.all = all
         self.ignored = ignored
+    }
+
+    /// Why `s` cannot be used beside the structures already `chosen`: it shares bytes of its BAR
+    /// with one of them, so a write to one register would change another's (§4.1.4 gives each
+    /// structure its own location; a device that maps two onto the same bytes is broken). Empty
+    /// ranges overlap nothing; ranges that only touch do not overlap.
+    static func overlap(of s: Structure, with chosen: [StructureType: Structure]) -> String? {
+        for type in [StructureType.common, .notify, .isr, .device] {
+            guard let other = chosen[type], other.bar == s.bar, s.length > 0, other.length > 0 else { continue }
+            // Both ranges were checked to end inside the BAR, so the sums do not overflow.
+            guard s.offset < other.offset + other.length, other.offset < s.offset + s.length else { continue }
+            return "\(s.type.name) capability at 0x\(hex(s.capabilityOffset, width: 2)) overlaps the \(other.type.name) structure in BAR \(s.bar): 0x\(hex(s.offset, width: 1))+0x\(hex(s.length, width: 1)) and 0x\(hex(other.offset, width: 1))+0x\(hex(other.length, width: 1)) (capability at 0x\(hex(other.capabilityOffset, width: 2)), used)"
+        }
+        return nil
     }
 
     /// Why a structure cannot be used, or nil if it can.
