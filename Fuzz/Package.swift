@@ -44,5 +44,7 @@ let package = Package(
         .executableTarget(name: "FuzzUsedRing", dependencies: ["Virtio", "FuzzSupport", "CFuzzShim"], path: "Targets/FuzzUsedRing"),
         .executableTarget(name: "FuzzNBD", dependencies: ["NBD", "FuzzSupport"], path: "Targets/FuzzNBD"),
         .executableTarget(name: "FuzzStateRecord", dependencies: ["Upgrade", "FuzzSupport"], path: "Targets/FuzzStateRecord"),
+        .executableTarget(name: "FuzzNBDHandoverState", dependencies: ["NBD", "FuzzSupport"], path: "Targets/FuzzNBDHandoverState"),
+        .executableTarget(name: "FuzzHandoverMessage", dependencies: ["Upgrade", "FuzzSupport"], path: "Targets/FuzzHandoverMessage"),
     ]
 )
