@@ -10,7 +10,8 @@ import PCI
 /// Asserts, beyond "no crash, no ASan report": the walk agrees with a reference walk written from
 /// the PCI spec (same capabilities in the same order, or both refuse), and the virtio walk agrees
 /// with a reference of spec 4.1.4 (both refuse, or both pick the same common/notify/isr/device
-/// structure: the first valid one of each type); every structure reported matches the bytes;
+/// structure: the first valid one of each type, valid including not overlapping one of another
+/// type already picked); every structure reported matches the bytes;
 /// nothing is both used and ignored.
 
 @_cdecl("LLVMFuzzerTestOneInput")
@@ -109,6 +110,13 @@ func check(_ caps: VirtioPCICapabilities, bytes: [UInt8], bars: [UInt64], chosen
                     "\(type.name) structure at \(s.capabilityOffset) is both used and ignored")
         }
     }
+    let usedStructures = used.compactMap(\.1)
+    for (i, a) in usedStructures.enumerated() {
+        for b in usedStructures[(i + 1)...] where a.bar == b.bar && a.length > 0 && b.length > 0 {
+            require(a.offset >= b.offset + b.length || b.offset >= a.offset + a.length,
+                    "the \(a.type.name) and \(b.type.name) structures used share bytes of BAR \(a.bar)")
+        }
+    }
     for i in caps.ignored { _ = i.reason }
 }
 
@@ -148,12 +156,14 @@ enum Reference {
 
     /// Spec 4.1.4: vendor capabilities (id 9) carry struct virtio_pci_cap (16 bytes; 20 for notify,
     /// 24 for shared memory); reserved cfg_type (not 1-5, 8, 9) and bar (> 5) are ignored; the
-    /// first valid structure of each mapped type (common, notify, isr, device) is used; common,
+    /// first valid structure of each mapped type (common, notify, isr, device) is used, and one
+    /// that shares bytes of its BAR with a structure already used is not valid; common,
     /// notify and isr are required, and a device structure present but never valid is an error.
     static func virtio(_ b: [UInt8], bars: [UInt64]) -> Outcome {
         guard let list = capabilities(b) else { return .refused("capability list") }
         var chosen: [UInt8: Int] = [:], firstProblem: [UInt8: String] = [:]
         var all: [Int] = [], ignored: [Int] = []
+        var placed: [(at: Int, bar: Int, offset: UInt64, length: UInt64)] = []  // the chosen ones
         for (at, id) in list where id == 0x09 {
             guard at + 3 <= b.count else { return .refused("cap_len unreadable") }
             let capLength = Int(b[at + 2])
@@ -173,7 +183,17 @@ enum Reference {
                 if firstProblem[type] == nil { firstProblem[type] = problem }
                 continue
             }
+            // Sharing a byte of its BAR with a structure of another type already chosen makes it
+            // invalid too (the library's rule since CapabilityOverlapTests: one register would
+            // alias another's); empty ranges and ranges that only touch do not overlap.
+            if let other = placed.first(where: { $0.bar == bar && length > 0 && $0.length > 0
+                                                  && offset < $0.offset + $0.length && $0.offset < offset + length }) {
+                ignored.append(at)
+                if firstProblem[type] == nil { firstProblem[type] = "overlaps the structure at \(other.at)" }
+                continue
+            }
             chosen[type] = at
+            placed.append((at, bar, offset, length))
         }
         for type: UInt8 in [1, 2, 3] where chosen[type] == nil { return .refused("no valid structure of type \(type)") }
         if chosen[4] == nil, firstProblem[4] != nil { return .refused("device structure never valid") }
