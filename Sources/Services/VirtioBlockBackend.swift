@@ -13,6 +13,15 @@ import Glibc
 /// one buffer that the socket reads into or writes from, and the device reads or writes in place.
 /// Each slot of a run carries one virtio-blk request for its part. All bookkeeping is in arrays
 /// allocated once; a request allocates nothing.
+///
+/// Recovery: a device that breaks the queue (a used element the queue refuses), or goes quiet with
+/// requests in flight for the queue's completion timeout (DEVICE_NEEDS_RESET or not), is brought
+/// back by reset (`BlockDevice.recover`), and every request it held is given to it again in
+/// submission order from its slot (writes as they were, reads read again, a flush after the writes
+/// submitted before it); requests the server submits meanwhile are held and go after them. The
+/// client sees a delay, not an error. Up to `recoveryLimit` recoveries in a row (none completing a
+/// request in between), with a backoff of 1, 10, 100, 1000 ms before each, taken without blocking
+/// the server; past that `poll` throws and the server answers everything EIO.
 public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBackend {
     public var device: BlockDevice<T>
     let slots: Int
@@ -38,8 +47,36 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
     public let completionDescriptor: Int32?
     public let maxPayload: Int
 
+    /// Per slot: when its request was given to the device (or held), to resubmit in that order;
+    /// whether it waits to be resubmitted after a recovery.
+    let sequence: UnsafeMutablePointer<UInt64>
+    let held: UnsafeMutablePointer<Bool>
+    /// Room to sort the held slots by sequence.
+    let order: UnsafeMutablePointer<Int>
+    var nextSequence: UInt64 = 0
+    /// Why the device needs a recovery (nil: healthy), and when the next attempt is due.
+    var brokenBy: VirtioError?
+    var recoverAt: UInt64 = 0
+    var recoveriesInARow = 0
+    /// When polls started finding nothing with requests in flight (0: not quiet).
+    var quietSince: UInt64 = 0
+    var quietPolls: UInt32 = 0
+    /// Recoveries in a row before the backend gives up.
+    public let recoveryLimit: Int
+    /// How long a recovery waits for the reset to complete.
+    public let resetTimeout: Duration
+    /// Recoveries that brought the device back.
+    public private(set) var recoveries = 0
+    /// Told about each recovery and each failed attempt.
+    let log: ((String) -> Void)?
+
     /// Serves `device`; in interrupt modes its queue's eventfd becomes the completion descriptor.
-    public init(device: consuming BlockDevice<T>) {
+    /// A device that breaks is recovered up to `recoveryLimit` times in a row (see the type).
+    public init(device: consuming BlockDevice<T>, recoveryLimit: Int = 5, resetTimeout: Duration = .seconds(5),
+                log: ((String) -> Void)? = nil) {
+        self.recoveryLimit = recoveryLimit
+        self.resetTimeout = resetTimeout
+        self.log = log
         slots = device.queue.slots
         chunk = device.queue.maxTransfer
         used = .allocate(capacity: slots); used.initialize(repeating: false, count: slots)
@@ -53,6 +90,9 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         rangeLeft = .allocate(capacity: slots); rangeLeft.initialize(repeating: 0, count: slots)
         done = .allocate(capacity: slots)
         doneStatus = .allocate(capacity: slots)
+        sequence = .allocate(capacity: slots); sequence.initialize(repeating: 0, count: slots)
+        held = .allocate(capacity: slots); held.initialize(repeating: false, count: slots)
+        order = .allocate(capacity: slots)
         // Half of all slots at most, so two large requests can be in flight together.
         maxPayload = max(chunk, slots / 2 * chunk)
         completionDescriptor = device.interruptDescriptor
@@ -64,6 +104,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         used.deallocate(); tags.deallocate(); operations.deallocate(); flushing.deallocate()
         runOfSlot.deallocate(); done.deallocate(); doneStatus.deallocate()
         rangeNext.deallocate(); rangeLeft.deallocate()
+        sequence.deallocate(); held.deallocate(); order.deallocate()
     }
 
     public var size: UInt64 { device.config.capacityBytes }
@@ -101,7 +142,79 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         rangeNext[first] += UInt64(n)
         rangeLeft[first] -= n
         remaining[first] = 1
-        _ = try device.queue.submit(operation == .trim ? .discard : .writeZeroes, sector: 0, bytes: 16, slot: first)
+        _ = try start(operation == .trim ? .discard : .writeZeroes, sector: 0, bytes: 16, slot: first)
+    }
+
+    /// Gives one request to the device, or holds it while the device waits for a recovery.
+    mutating func start(_ type: BlockRequestType, sector: UInt64, bytes: Int, slot: Int) throws(VirtioError) -> Bool {
+        sequence[slot] = nextSequence
+        nextSequence &+= 1
+        if brokenBy == nil {
+            do throws(VirtioError) {
+                return try device.queue.submit(type, sector: sector, bytes: bytes, slot: slot)
+            } catch {
+                // Only a queue the device broke refuses a request; anything else is ours.
+                guard let reason = device.queue.brokenReason else { throw error }
+                needsRecovery(reason)
+            }
+        }
+        device.queue.hold(type, sector: sector, bytes: bytes, slot: slot)
+        held[slot] = true
+        return true
+    }
+
+    /// The device must be recovered: the first attempt after the backoff for this many in a row.
+    mutating func needsRecovery(_ reason: VirtioError) {
+        guard brokenBy == nil else { return }
+        brokenBy = reason
+        let milliseconds: UInt64 = recoveriesInARow == 0 ? 1 : recoveriesInARow == 1 ? 10 : recoveriesInARow == 2 ? 100 : 1000
+        recoverAt = monotonicNanoseconds() + milliseconds * 1_000_000
+        log?("virtio-blk: \(reason); recovering by reset (\(recoveriesInARow + 1) of \(recoveryLimit) in a row)")
+    }
+
+    /// Resets and rebuilds the device, then gives it every request it held, in submission order.
+    /// Throws once `recoveryLimit` attempts in a row failed to bring it back.
+    mutating func recover() throws(BackendError) {
+        guard let reason = brokenBy else { return }
+        guard recoveriesInARow < recoveryLimit else {
+            throw BackendError("virtio-blk: \(reason); \(recoveryLimit) recoveries by reset in a row did not bring the device back")
+        }
+        recoveriesInARow += 1
+        let heldSlots = held
+        do throws(VirtioError) {
+            try device.recover(resetTimeout: resetTimeout) { _, slot in heldSlots[slot] = true }
+        } catch {
+            brokenBy = nil
+            needsRecovery(error)
+            return
+        }
+        recoveries += 1
+        brokenBy = nil
+        quietSince = 0
+        // Submission order: insertion sort of the held slots by sequence (at most `slots` of them).
+        var n = 0
+        for slot in 0..<slots where held[slot] {
+            var i = n
+            while i > 0 && sequence[order[i - 1]] > sequence[slot] { order[i] = order[i - 1]; i -= 1 }
+            order[i] = slot
+            n += 1
+        }
+        log?("virtio-blk: device recovered by reset (\(recoveries) so far); resubmitting \(n) requests")
+        for i in 0..<n {
+            let slot = order[i]
+            held[slot] = false
+            do throws(VirtioError) {
+                guard try device.queue.resubmit(slot) else {
+                    throw VirtioError.queueSetup(queue: 0, "ring full while resubmitting: slot accounting is wrong")
+                }
+            } catch {
+                // Put it (and those after it) back on hold for the next attempt.
+                held[slot] = true
+                needsRecovery(error)
+                break
+            }
+        }
+        device.queue.publish()
     }
 
     public mutating func reserve(length: Int) -> BackendBuffer? {
@@ -151,7 +264,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
                 for i in 0..<needed {
                     let bytes = min(chunk, length - done)
                     runOfSlot[first + i] = Int32(first)
-                    guard try device.queue.submit(type, sector: sector + UInt64(done / BlockConfig.sectorSize),
+                    guard try start(type, sector: sector + UInt64(done / BlockConfig.sectorSize),
                                                   bytes: bytes, slot: first + i) else {
                         throw VirtioError.queueSetup(queue: 0, "ring full with free slots: slot accounting is wrong")
                     }
@@ -159,7 +272,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
                 }
             case .flush:
                 runOfSlot[first] = Int32(first)
-                _ = try device.queue.submit(.flush, sector: 0, bytes: 0, slot: first)
+                _ = try start(.flush, sector: 0, bytes: 0, slot: first)
             case .trim, .writeZeroes:
                 runOfSlot[first] = Int32(first)
                 rangeNext[first] = sector
@@ -179,17 +292,29 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         }
         var count = 0
         let doneSlots = done, statuses = doneStatus
-        do throws(VirtioError) {
-            count = try device.queue.complete { slot, status, _ in
-                doneSlots[count] = Int32(slot); statuses[count] = status; count += 1
+        if brokenBy == nil {
+            do throws(VirtioError) {
+                count = try device.queue.complete { slot, status, _ in
+                    doneSlots[count] = Int32(slot); statuses[count] = status; count += 1
+                }
+            } catch {
+                // What was completed before the device broke the queue is handled below; the
+                // rest is resubmitted after the recovery (and anything submitted meanwhile held).
+                needsRecovery(error)
             }
-        } catch {
-            throw BackendError("\(error)")
         }
         var reported = 0
         for i in 0..<count {
-            let first = Int(runOfSlot[Int(done[i])])
+            let slot = Int(done[i]), first = Int(runOfSlot[slot])
             guard first >= 0 else { continue }
+            if doneStatus[i] == BlockStatus.invalid {
+                // Completed without a status: the device did not do it (a used id naming the
+                // wrong request, say). Held and resubmitted after the recovery it calls for.
+                held[slot] = true
+                needsRecovery(.brokenQueue(queue: device.queue.index, "request in slot \(slot) completed without a valid status byte (§5.2.6)"))
+                continue
+            }
+            recoveriesInARow = 0  // the device answered a request: recoveries in a row start again
             if doneStatus[i] != BlockStatus.ok && failure[first] == 0 {
                 failure[first] = doneStatus[i] == BlockStatus.unsupported ? ENOTSUP : EIO
             }
@@ -210,7 +335,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
                 flushing[first] = true
                 remaining[first] = 1
                 do throws(VirtioError) {
-                    _ = try device.queue.submit(.flush, sector: 0, bytes: 0, slot: first)
+                    _ = try start(.flush, sector: 0, bytes: 0, slot: first)
                     device.queue.publish()
                 } catch { throw BackendError("\(error)") }
                 continue
@@ -218,12 +343,41 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
             body(tags[first], failure[first])
             reported += 1
         }
+        try watchForSilence(completed: count)
+        if brokenBy != nil {
+            if monotonicNanoseconds() >= recoverAt { try recover() }
+            if brokenBy != nil { return reported }
+        }
         // In interrupt mode, arm for the next completion; if some are already pending, make the
         // descriptor readable ourselves so the server polls again instead of sleeping.
         if completionDescriptor != nil, !device.queue.armForNextCompletion() {
             _ = Syscall.write64(completionDescriptor!, 1)
         }
         return reported
+    }
+
+    /// DEVICE_NEEDS_RESET (§2.1.2), or a device that stopped answering, is looked for only when
+    /// the device goes quiet with requests in flight (a status read is an MMIO exit): after the
+    /// queue's completion timeout without a completion, the device is recovered either way.
+    mutating func watchForSilence(completed: Int) throws(BackendError) {
+        guard brokenBy == nil, completed == 0, device.queue.inFlight > 0 else {
+            quietSince = 0
+            return
+        }
+        // Polling, the server calls this back to back: the clock is read every 64th quiet call.
+        quietPolls &+= 1
+        if completionDescriptor == nil && quietSince != 0 && quietPolls & 63 != 0 { return }
+        let now = monotonicNanoseconds()
+        guard quietSince != 0 else { quietSince = now; return }
+        let timeout = device.queue.completionTimeout
+        guard now - quietSince >= UInt64(timeout.components.seconds) * 1_000_000_000
+                + UInt64(timeout.components.attoseconds / 1_000_000_000) else { return }
+        let status = device.transport.readStatus()
+        if status.contains(.deviceNeedsReset) {
+            needsRecovery(.deviceFailed(status: status.rawValue, during: "NBD requests (DEVICE_NEEDS_RESET)"))
+        } else {
+            needsRecovery(.brokenQueue(queue: device.queue.index, "no completion within \(timeout) with \(device.queue.inFlight) requests in flight: the device stopped answering"))
+        }
     }
 
     static func code(_ operation: BackendOperation) -> UInt8 {

@@ -7,6 +7,9 @@ public enum BlockRequestType: UInt32, Sendable {
 
 public enum BlockStatus {
     public static let ok: UInt8 = 0, ioError: UInt8 = 1, unsupported: UInt8 = 2
+    /// Not a status the device writes (§5.2.6): the request was completed without an answer
+    /// (`BlockQueue.complete` reports any other byte as this). A failure of the device, not of the I/O.
+    public static let invalid: UInt8 = 0xFF
 }
 
 /// Feature bits of virtio-blk (§5.2.3).

@@ -18,9 +18,12 @@ public struct BlockQueue: ~Copyable {
     let segmentBytes: Int
     let segments: UnsafeMutablePointer<BufferSegment>
     let segmentCapacity: Int
-    /// What each slot's request was, to check its completion (type raw value, data bytes).
+    /// What each slot's request was (type raw value, data bytes, sector): to check its completion,
+    /// and to give it to the device again after a reset (`resubmit`) from this private record,
+    /// never from the header in DMA memory.
     let pendingType: UnsafeMutablePointer<UInt32>
     let pendingBytes: UnsafeMutablePointer<Int>
+    let pendingSector: UnsafeMutablePointer<UInt64>
     var idle: SlotStack
     let waiter: CompletionWaiter
     public private(set) var wakes = WakeCounts()
@@ -110,8 +113,10 @@ public struct BlockQueue: ~Copyable {
         self.segments = .allocate(capacity: layout.perRequest)
         self.pendingType = .allocate(capacity: layout.slots)
         self.pendingBytes = .allocate(capacity: layout.slots)
+        self.pendingSector = .allocate(capacity: layout.slots)
         self.pendingType.initialize(repeating: 0, count: layout.slots)
         self.pendingBytes.initialize(repeating: 0, count: layout.slots)
+        self.pendingSector.initialize(repeating: 0, count: layout.slots)
         self.idle = SlotStack(filledTo: layout.slots)
         self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
     }
@@ -120,6 +125,7 @@ public struct BlockQueue: ~Copyable {
         segments.deallocate()
         pendingType.deallocate()
         pendingBytes.deallocate()
+        pendingSector.deallocate()
     }
 
     /// A slot's data buffer (CPU view).
@@ -137,14 +143,36 @@ public struct BlockQueue: ~Copyable {
     public var isIdle: Bool { queue.isIdle }
     /// The queue's rings and indices for a successor; valid only when `isIdle`.
     public var snapshot: QueueSnapshot { queue.snapshot }
+    /// Why the device broke the queue (nil while it is healthy); cleared by a reset (`recover`).
+    public var brokenReason: VirtioError? { queue.brokenReason }
+    /// How long a wait goes without a completion before the device counts as stopped.
+    public var completionTimeout: Duration { waiter.timeout }
 
     /// Queues a request in `slot` (data already in `buffer(slot)` for writes). Not visible to the
     /// device until `publish()`. Returns false if the ring is full.
     public mutating func submit(_ type: BlockRequestType, sector: UInt64, bytes: Int, slot: Int) throws(VirtioError) -> Bool {
+        hold(type, sector: sector, bytes: bytes, slot: slot)
+        return try resubmit(slot)
+    }
+
+    /// Records a request in `slot` without giving it to the device; `resubmit(slot)` does that
+    /// (a backend holds requests this way while the device is being recovered).
+    public mutating func hold(_ type: BlockRequestType, sector: UInt64, bytes: Int, slot: Int) {
         precondition(bytes >= 0 && bytes <= maxTransfer, "request of \(bytes) bytes exceeds the slot's \(maxTransfer)")
+        pendingType[slot] = type.rawValue
+        pendingBytes[slot] = bytes
+        pendingSector[slot] = sector
+    }
+
+    /// Gives the device the request recorded for `slot` (by `submit` or `hold`), the same again
+    /// after a reset handed it back (`cancelAll`): header and status rewritten from the record,
+    /// data in place (a write's data is still in the slot; a read reads again). Returns false if
+    /// the ring is full.
+    public mutating func resubmit(_ slot: Int) throws(VirtioError) -> Bool {
+        let type = pendingType[slot], bytes = pendingBytes[slot], sector = pendingSector[slot]
         let header = headers.pointer + slot * BlockQueue.headerSize
         // struct virtio_blk_req header: le32 type, le32 reserved, le64 sector (§5.2.6).
-        header.storeBytes(of: type.rawValue.littleEndian, toByteOffset: 0, as: UInt32.self)
+        header.storeBytes(of: type.littleEndian, toByteOffset: 0, as: UInt32.self)
         header.storeBytes(of: UInt32(0), toByteOffset: 4, as: UInt32.self)
         header.storeBytes(of: sector.littleEndian, toByteOffset: 8, as: UInt64.self)
         // A status the device never writes must not read as OK.
@@ -153,7 +181,7 @@ public struct BlockQueue: ~Copyable {
         segments[n] = BufferSegment(address: headers.deviceAddress + UInt64(slot * BlockQueue.headerSize),
                                     length: UInt32(BlockQueue.headerSize), deviceWritable: false)
         n += 1
-        let deviceWrites = type == .read || type == .getID
+        let deviceWrites = type == BlockRequestType.read.rawValue || type == BlockRequestType.getID.rawValue
         var offset = 0
         while offset < bytes {
             let length = min(segmentBytes, bytes - offset)
@@ -164,8 +192,6 @@ public struct BlockQueue: ~Copyable {
         }
         segments[n] = BufferSegment(address: statuses.deviceAddress + UInt64(slot), length: 1, deviceWritable: true)
         n += 1
-        pendingType[slot] = type.rawValue
-        pendingBytes[slot] = bytes
         return try queue.add(UnsafeBufferPointer(start: segments, count: n), token: UInt64(slot))
     }
 
@@ -183,7 +209,8 @@ public struct BlockQueue: ~Copyable {
 
     /// Hands each completed request to `body` as (slot, status, data bytes the device wrote).
     /// The status byte is read once. A read (or GET_ID) that wrote fewer bytes than asked plus the
-    /// status byte is reported as IOERR: its buffer holds stale memory, not data (§5.2.6).
+    /// status byte is reported as IOERR: its buffer holds stale memory, not data (§5.2.6). A status
+    /// the device does not write (§5.2.6: OK, IOERR or UNSUPP) is reported as `BlockStatus.invalid`.
     public mutating func complete(_ body: (Int, UInt8, Int) -> Void) throws(VirtioError) -> Int {
         let statusBase = statuses.pointer
         let types = pendingType, sizes = pendingBytes
@@ -199,7 +226,9 @@ public struct BlockQueue: ~Copyable {
             } else if type == BlockRequestType.getID.rawValue {
                 written = max(0, min(Int(length) - 1, sizes[slot]))
             }
-            if status > BlockStatus.unsupported { status = BlockStatus.ioError }
+            // Any other value (0xFF: the byte `submit` put there) means the device completed a
+            // request without answering it; `invalid` lets the caller fail it or recover.
+            if status > BlockStatus.unsupported { status = BlockStatus.invalid }
             body(slot, status, written)
         }
     }

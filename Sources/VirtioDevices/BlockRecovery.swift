@@ -7,8 +7,10 @@ extension BlockDevice where T: ~Copyable {
     /// `cancelled(queue, slot)` for the caller to fail or resubmit, the same features negotiated
     /// again (anything else is refused: the configuration and slots were sized for them), every
     /// queue enabled again on its own memory, DRIVER_OK.
-    public mutating func recover(cancelled: (Int, Int) -> Void = { _, _ in }) throws(VirtioError) {
-        try Lifecycle.reset(transport)
+    /// The reset waits up to `resetTimeout` for status to read 0.
+    public mutating func recover(resetTimeout: Duration = .seconds(5),
+                                 cancelled: (Int, Int) -> Void = { _, _ in }) throws(VirtioError) {
+        try Lifecycle.reset(transport, timeout: resetTimeout)
         queue.cancelAll { cancelled(0, $0) }
         for (i, worker) in workerQueues.enumerated() { worker.queue.cancelAll { cancelled(i + 1, $0) } }
         let again = try Lifecycle.negotiate(transport, wanted: negotiation.accepted)

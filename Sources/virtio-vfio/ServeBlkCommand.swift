@@ -76,7 +76,7 @@ struct ServeBlkCommand: ParsableCommand {
             do { blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
             }
-            do { server = try NBDServer(backend: VirtioBlockBackend(device: blk), configuration: configuration) } catch {
+            do { server = try NBDServer(backend: VirtioBlockBackend(device: blk, log: { printError("\(address): \($0)") }), configuration: configuration) } catch {
                 printError("virtio-vfio: error: \(error)")
                 throw ExitCode(Failure.ioError)
             }
@@ -199,7 +199,7 @@ struct ServeBlkCommand: ParsableCommand {
             throw received.decline("first read failed (--debug-fault first-request-fails)", touched: true)
         }
         let server: NBDServer<VirtioBlockBackend<VirtioPCITransport>>
-        do { server = try NBDServer(backend: VirtioBlockBackend(device: blk), configuration: configuration, adopting: connections) } catch {
+        do { server = try NBDServer(backend: VirtioBlockBackend(device: blk, log: { printError("\(address): \($0)") }), configuration: configuration, adopting: connections) } catch {
             throw received.decline("adopting the NBD connections: \(error)", touched: true)
         }
         received.mark("nbd")

@@ -102,11 +102,11 @@ enum ExportRequest: Sendable {
 /// `batches` (all requests of a batch pipelined, then every reply collected; `before(n)` runs
 /// before batch n is sent, after every reply of the batches before it came; `afterSending(n)` once
 /// its requests are sent, while they are in flight), then stops the server. Returns the replies by cookie, the
-/// server's statistics and log.
+/// server's statistics and log, and the backend's recovery count.
 func serveExport(_ backend: consuming VirtioBlockBackend<EmulatedTransport>, batches: [[ExportRequest]],
                  before: @escaping @Sendable (Int) -> Void = { _ in },
                  afterSending: @escaping @Sendable (Int) -> Void = { _ in })
-    throws -> (record: ClientRecord, statistics: NBDServerStatistics, log: [String]) {
+    throws -> (record: ClientRecord, statistics: NBDServerStatistics, log: [String], recoveries: Int) {
     let path = NSTemporaryDirectory() + "vb-\(getpid())-\(UInt32.random(in: 0...UInt32.max)).sock"
     defer { unlink(path) }
     let lines = LogLines()
@@ -150,7 +150,8 @@ func serveExport(_ backend: consuming VirtioBlockBackend<EmulatedTransport>, bat
     thread.start()
     // The server stops once the client is done (it checks the flag at least every 100 ms).
     try server.run(until: record.done)
-    return (record, server.statistics, lines.all)
+    let recoveries = server.withBackend { $0.recoveries }
+    return (record, server.statistics, lines.all, recoveries)
 }
 
 final class LogLines: @unchecked Sendable {

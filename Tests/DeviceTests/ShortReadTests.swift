@@ -72,7 +72,7 @@ struct ShortReadTests {
         let backend = VirtioBlockBackend(device: try BlockDevice(transport: EmulatedTransport(device: device)))
         // First a good read (the slots now hold the disk's bytes), then the fault, a read of the
         // same range and of another, then the fault cleared and a read again.
-        let (record, statistics, _) = try serveExport(backend, batches: [
+        let (record, statistics, _, _) = try serveExport(backend, batches: [
             [.read(cookie: 1, offset: 0, length: 128 * 1024)],
             [.read(cookie: 2, offset: 0, length: 128 * 1024), .read(cookie: 3, offset: 128 * 1024, length: 4096)],
             [.read(cookie: 4, offset: 4096, length: 8192)],
