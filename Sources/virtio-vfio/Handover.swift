@@ -23,6 +23,19 @@ enum HandoverFault: String, ExpressibleByArgument {
     case crashAfterDeviceUp = "crash-after-device-up"
     /// Reports its first request as failed.
     case firstRequestFails = "first-request-fails"
+    /// Hangs right after it brought the device up (the old driver's deadline must end it).
+    case hangAfterDeviceUp = "hang-after-device-up"
+}
+
+extension HandoverFault? {
+    /// Acts out the faults that strike once the device is up.
+    func strikeAfterDeviceUp() {
+        switch self {
+        case .crashAfterDeviceUp?: kill(getpid(), SIGKILL)
+        case .hangAfterDeviceUp?: while true { sleep(60) }
+        default: break
+        }
+    }
 }
 
 /// The options every `serve` command has for hot upgrades.

@@ -195,7 +195,7 @@ struct ServeBlkCommand: ParsableCommand {
             }
         } catch { throw received.decline("\(error)", touched: !live) }
         received.mark(live ? "adopt" : "reset+rebuild")
-        if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
+        handover.debugFault.strikeAfterDeviceUp()
         // Healthy: the device answered a first request (sector 0 read).
         let probe = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
         defer { probe.deallocate() }

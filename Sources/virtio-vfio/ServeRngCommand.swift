@@ -187,7 +187,7 @@ struct ServeRngCommand: ParsableCommand {
             }
         } catch { throw received.decline("\(error)", touched: !live) }
         received.mark(live ? "adopt" : "reset+rebuild")
-        if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
+        handover.debugFault.strikeAfterDeviceUp()
         // Healthy: the device answered a first request.
         var got = 0
         do { try rng.read(16) { got += $0.count } } catch { throw received.decline("first read failed: \(error)", touched: true) }
