@@ -1,11 +1,17 @@
 /// The messages of a handover on the control socket, in the order they travel:
 ///
 ///     successor                         serving driver
-///     hello(mode, version) ───────────▶ quiesces the service (no new work, in flight finished)
-///                          ◀─────────── stateFollows, then the state record + descriptors (DescriptorPassing)
-///                                       or refused(reason): nothing changed, it keeps serving
-///     validates the record, brings the device up (reset mode: reset + renegotiate + rebuild;
-///     live mode: adopt the rings), completes a first request
+///     hello(mode, version) ───────────▶ (keeps serving)
+///                          ◀─────────── deviceFollows, then the device part of the state and its
+///                                       descriptors: VFIO container, group, device, DMA memfd,
+///                                       MSI-X eventfds (DescriptorPassing); or refused(reason)
+///     maps the device (read-only work:
+///     regions, BARs, DMA memory)
+///     prepared ───────────────────────▶ quiesces the service (no new work, in flight finished)
+///                          ◀─────────── stateFollows, then the service part: queue indices,
+///                                       features, the service's state and its sockets
+///     validates it, brings the device up (reset mode: reset + renegotiate + rebuild; live mode:
+///     adopt the rings), completes a first request
 ///     ready(summary) ─────────────────▶ go: it ends at once, touching nothing (exit)
 ///     or declined(reason, touched) ───▶ it resumes: resets and rebuilds first if `touched`
 ///                          ◀─────────── abort (the deadline passed first): the successor exits
@@ -26,7 +32,11 @@ public enum HandoverMessage: Equatable, Sendable {
 
     case hello(mode: Mode, driverVersion: String, pid: Int32)
     case refused(String)
-    /// The state record and the descriptors follow (DescriptorPassing) on the same connection.
+    /// The device part of the state and its descriptors follow (DescriptorPassing).
+    case deviceFollows
+    /// The successor mapped the device: the serving driver may quiesce now.
+    case prepared
+    /// The service part of the state and its descriptors follow (DescriptorPassing).
     case stateFollows
     case ready(String)
     case declined(String, touchedDevice: Bool)
@@ -35,7 +45,7 @@ public enum HandoverMessage: Equatable, Sendable {
     case describe
     case described(pid: Int32, driverVersion: String, features: UInt64, arguments: [String])
 
-    enum Kind: UInt8 { case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described }
+    enum Kind: UInt8 { case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described, deviceFollows, prepared }
 
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
@@ -44,6 +54,8 @@ public enum HandoverMessage: Equatable, Sendable {
             w.u8(Kind.hello.rawValue); w.u8(mode.rawValue); w.string(version); w.u32(UInt32(bitPattern: pid))
         case .refused(let why): w.u8(Kind.refused.rawValue); w.string(why)
         case .stateFollows: w.u8(Kind.stateFollows.rawValue)
+        case .deviceFollows: w.u8(Kind.deviceFollows.rawValue)
+        case .prepared: w.u8(Kind.prepared.rawValue)
         case .ready(let summary): w.u8(Kind.ready.rawValue); w.string(summary)
         case .declined(let why, let touched): w.u8(Kind.declined.rawValue); w.string(why); w.u8(touched ? 1 : 0)
         case .go: w.u8(Kind.go.rawValue)
@@ -72,6 +84,8 @@ public enum HandoverMessage: Equatable, Sendable {
             self = .hello(mode: mode, driverVersion: try text(&r, "driver version"), pid: Int32(bitPattern: try r.u32("pid")))
         case .refused: self = .refused(try text(&r, "reason"))
         case .stateFollows: self = .stateFollows
+        case .deviceFollows: self = .deviceFollows
+        case .prepared: self = .prepared
         case .ready: self = .ready(try text(&r, "summary"))
         case .declined:
             let why = try text(&r, "reason")

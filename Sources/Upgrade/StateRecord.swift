@@ -114,8 +114,20 @@ public struct StateRecord: Sendable, Equatable {
         return out.bytes
     }
 
+    /// Which descriptors a record may describe. A handover sends two records: first the device
+    /// part (container, group, device, DMA memory, interrupts) while the old driver still serves,
+    /// then, once it has quiesced, the service part (listening and client sockets).
+    public enum Part: Sendable {
+        /// Exactly one container, group, device and DMA memory, any interrupts, no sockets.
+        case device
+        /// Sockets only.
+        case service
+        /// Both in one record: exactly one of each device descriptor, anything else.
+        case whole
+    }
+
     /// Decodes and validates. `descriptorCount` is how many fds actually arrived with the record.
-    public init(decoding bytes: [UInt8], descriptorCount: Int) throws(StateRecordError) {
+    public init(decoding bytes: [UInt8], descriptorCount: Int, part: Part = .whole) throws(StateRecordError) {
         var r = ByteReader(bytes)
         guard Array(try r.take(8, "magic")) == StateRecord.magic else { throw .notARecord }
         let version = try r.u16("format version")
@@ -201,8 +213,19 @@ public struct StateRecord: Sendable, Equatable {
             guard let role = DescriptorRole(rawValue: raw) else { throw .invalid(field: "descriptor \(i) role", "unknown role \(raw)") }
             roles.append(role)
         }
-        for role in [DescriptorRole.container, .group, .device, .dmaMemory] where roles.filter({ $0 == role }).count != 1 {
-            throw .invalid(field: "descriptors", "exactly one \(role) descriptor is needed")
+        let deviceRoles: [DescriptorRole] = [.container, .group, .device, .dmaMemory]
+        switch part {
+        case .device, .whole:
+            for role in deviceRoles where roles.filter({ $0 == role }).count != 1 {
+                throw .invalid(field: "descriptors", "exactly one \(role) descriptor is needed")
+            }
+            if part == .device, let socket = roles.first(where: { $0 == .listener || $0 == .client }) {
+                throw .invalid(field: "descriptors", "a \(socket) socket in the device part")
+            }
+        case .service:
+            if let device = roles.first(where: { deviceRoles.contains($0) || $0 == .interrupt }) {
+                throw .invalid(field: "descriptors", "a \(device) descriptor in the service part")
+            }
         }
         for (i, r) in requests.enumerated() where r.client != UInt32.max {
             let clients = roles.filter { $0 == .client }.count

@@ -23,6 +23,19 @@ enum HandoverFault: String, ExpressibleByArgument {
     case crashAfterDeviceUp = "crash-after-device-up"
     /// Reports its first request as failed.
     case firstRequestFails = "first-request-fails"
+    /// Hangs right after it brought the device up (the old driver's deadline must end it).
+    case hangAfterDeviceUp = "hang-after-device-up"
+}
+
+extension HandoverFault? {
+    /// Acts out the faults that strike once the device is up.
+    func strikeAfterDeviceUp() {
+        switch self {
+        case .crashAfterDeviceUp?: kill(getpid(), SIGKILL)
+        case .hangAfterDeviceUp?: while true { sleep(60) }
+        default: break
+        }
+    }
 }
 
 /// The options every `serve` command has for hot upgrades.
@@ -58,7 +71,9 @@ struct HandoverRequest: Sendable {
 }
 
 /// The control socket of a serving driver, answered by a thread of its own: `describe` at once;
-/// `hello` is parked for the service loop (`take()`), which is woken through `wake`.
+/// `hello` with the device part of the state (the service keeps running while the successor maps
+/// the device); `prepared` is parked for the service loop (`take()`), which is woken through
+/// `wake`, quiesces and sends the service part.
 final class ControlService: @unchecked Sendable {
     let listener: ControlListener
     /// Written (eventfd) when a handover request is parked, so a poll loop wakes at once.
@@ -68,9 +83,20 @@ final class ControlService: @unchecked Sendable {
     let pending = Mutex<HandoverRequest?>(nil)
     let stopping = Atomic<Bool>(false)
     let description: @Sendable () -> HandoverMessage
+    /// The device part of the state and its descriptors (constant while this driver serves).
+    let deviceState: DeviceState
+    let options: HandoverOptions
     var thread = pthread_t()
 
-    init(path: String, replacing: Bool, wake: Int32? = nil, describe: @escaping @Sendable () -> HandoverMessage) throws {
+    struct DeviceState: Sendable {
+        let record: StateRecord
+        let descriptors: [Int32]
+    }
+
+    init(path: String, replacing: Bool, wake: Int32? = nil, deviceState: DeviceState, options: HandoverOptions,
+         describe: @escaping @Sendable () -> HandoverMessage) throws {
+        self.deviceState = deviceState
+        self.options = options
         do { listener = try ControlListener(path: path, replacing: replacing) } catch {
             printError("virtio-vfio: error: control socket: \(error)")
             throw ExitCode(error.isInUse ? Failure.busy : Failure.ioError)
@@ -128,20 +154,36 @@ final class ControlService: @unchecked Sendable {
             case .describe?:
                 try? connection.send(description())
             case .hello(let mode, let version, let pid)?:
-                let peer = connection.peer.pid
-                let fd = connection.releaseDescriptor()
-                let request = HandoverRequest(connection: fd, peer: peer, mode: mode, version: version)
-                let parked = pending.withLock { p -> Bool in
-                    guard p == nil else { return false }
-                    p = request
-                    return true
-                }
-                guard parked else {
-                    let refused = ControlConnection(adopting: OwnedFD(adopting: fd), peerPID: peer)
-                    try? refused.send(.refused("another handover is in progress"))
+                guard !quiesce.load(ordering: .relaxed) else {
+                    try? connection.send(.refused("another handover is in progress"))
                     continue
                 }
-                printError("virtio-vfio: handover requested by pid \(pid) (driver \(version), \(mode) mode); quiescing")
+                printError("virtio-vfio: handover requested by pid \(pid) (driver \(version), \(mode) mode); sending the device")
+                // The device part goes out while this driver keeps serving: the successor maps the
+                // device (regions, BARs, DMA memory: nothing written to it) before anything pauses.
+                do {
+                    try connection.send(.deviceFollows)
+                    try DescriptorPassing.send(socket: connection.fd.raw,
+                                               record: deviceState.record.encoded(format: options.debugStateFormat ?? StateRecord.formatVersion),
+                                               descriptors: deviceState.descriptors)
+                } catch {
+                    printError("virtio-vfio: handover to pid \(pid) abandoned while sending the device: \(error)")
+                    continue
+                }
+                let answer: HandoverMessage?
+                do { answer = try connection.receiveMessage(timeoutMilliseconds: options.handoverTimeout) } catch {
+                    printError("virtio-vfio: handover to pid \(pid) abandoned before the service paused: \(error)")
+                    continue
+                }
+                guard case .prepared? = answer else {
+                    let why = if case .declined(let reason, _)? = answer { reason } else { "\(answer.map { "\($0)" } ?? "it went away")" }
+                    printError("virtio-vfio: upgrade abandoned before the service paused (nothing was touched): pid \(pid): \(why)")
+                    continue
+                }
+                let peer = connection.peer.pid
+                let fd = connection.releaseDescriptor()
+                pending.withLock { $0 = HandoverRequest(connection: fd, peer: peer, mode: mode, version: version) }
+                printError("virtio-vfio: pid \(pid) mapped the device; quiescing")
                 quiesce.store(true, ordering: .relaxed)
                 if let wake { _ = Syscall.write64(wake, 1) }
             default:
@@ -167,13 +209,12 @@ struct Rollback {
 /// here may touch the device, the sockets or the socket files, which belong to the successor
 /// (no deinit runs, so no reset and no unlink). Otherwise returns why it rolled back; a successor
 /// that misses `timeout` is killed first, so it can never race the resumed service.
-func handOverDevice(_ request: HandoverRequest, record: StateRecord, descriptors: [Int32], format: UInt16?,
+func handOverDevice(_ request: HandoverRequest, record: StateRecord, descriptors: [Int32],
               timeoutMilliseconds: Int32, beforeExit: () -> Void) -> Rollback {
     let connection = ControlConnection(adopting: OwnedFD(adopting: request.connection), peerPID: request.peer)
     do {
         try connection.send(.stateFollows)
-        do { try DescriptorPassing.send(socket: connection.fd.raw, record: record.encoded(format: format ?? StateRecord.formatVersion),
-                                        descriptors: descriptors) } catch {
+        do { try DescriptorPassing.send(socket: connection.fd.raw, record: record.encoded(), descriptors: descriptors) } catch {
             return Rollback(deviceTouched: false, reason: "sending the state to pid \(request.peer): \(error)")
         }
         switch try connection.receiveMessage(timeoutMilliseconds: timeoutMilliseconds) {
@@ -212,20 +253,25 @@ func transportDescriptors(_ d: VFIODescriptors) -> (fds: [Int32], roles: [StateR
 
 // MARK: - The successor's side
 
-/// What a successor received: the connection (kept until `go`), the validated record, and the
-/// descriptors by role.
+/// What a successor received: the connection (kept until `go`), the validated records (first the
+/// device part, then the service part), and the descriptors of the current part by role.
 struct TakeOver: ~Copyable {
     let connection: ControlConnection
-    let record: StateRecord
-    /// Received descriptors, in record order; each taken out (set to -1) when adopted.
+    let address: PCIAddress
+    let type: DeviceType
+    let options: HandoverOptions
+    /// The device part until `prepared()`, then the service part.
+    var record: StateRecord
+    /// Received descriptors of `record`, in its order; each taken out (set to -1) when adopted.
     var descriptors: [Int32]
     let started: ContinuousClock.Instant
     let mode: HandoverMessage.Mode
     /// Where the service gap goes: (phase, CLOCK_MONOTONIC ns at its end), from the quiesce start.
     var phases: [(String, UInt64)] = []
 
-    /// Connects to the driver serving `address`, asks for the device and validates what arrives.
-    /// A record this build cannot read is declined before anything is touched.
+    /// Connects to the driver serving `address`, asks for the device and validates the device part
+    /// of the state that arrives. A record this build cannot read is declined before anything is
+    /// touched (and before the old driver pauses anything).
     init(address: PCIAddress, options: HandoverOptions, expecting type: DeviceType) throws {
         let started = ContinuousClock().now
         let path = options.controlPath(address)
@@ -234,15 +280,33 @@ struct TakeOver: ~Copyable {
             printError("virtio-vfio: error: --take-over: \(error)")
             throw ExitCode(Failure.unavailable)
         }
+        do { try connection.send(.hello(mode: options.mode, driverVersion: DriverVersion.string, pid: getpid())) } catch {
+            printError("virtio-vfio: error: --take-over: \(error)")
+            throw ExitCode(Failure.protocolError)
+        }
+        let (record, descriptors) = try Self.receive(.deviceFollows, part: .device, on: connection, address: address,
+                                                     type: type, timeout: options.handoverTimeout)
+        self.record = record
+        self.descriptors = descriptors
+        self.started = started
+        self.mode = options.mode
+        self.address = address
+        self.type = type
+        self.options = options
+        self.connection = connection
+    }
+
+    /// Waits for `announcement`, then a record of `part` and its descriptors; validates them.
+    static func receive(_ announcement: HandoverMessage, part: StateRecord.Part, on connection: borrowing ControlConnection,
+                        address: PCIAddress, type: DeviceType, timeout: Int32) throws -> (StateRecord, [Int32]) {
         do {
-            try connection.send(.hello(mode: options.mode, driverVersion: DriverVersion.string, pid: getpid()))
-            switch try connection.receiveMessage(timeoutMilliseconds: options.handoverTimeout) {
-            case .stateFollows?: break
+            switch try connection.receiveMessage(timeoutMilliseconds: timeout) {
+            case announcement?: break
             case .refused(let why)?:
                 printError("virtio-vfio: error: the serving driver refused the handover: \(why)")
                 throw ExitCode(Failure.busy)
-            default:
-                printError("virtio-vfio: error: the serving driver answered the handover request with something else")
+            case let other:
+                printError("virtio-vfio: error: the serving driver answered with \(other.map { "\($0)" } ?? "nothing (it closed the connection)"), not \(announcement)")
                 throw ExitCode(Failure.protocolError)
             }
         } catch let error as ControlSocketError {
@@ -251,31 +315,44 @@ struct TakeOver: ~Copyable {
         }
         let received: (record: [UInt8], descriptors: [Int32])
         do { received = try DescriptorPassing.receive(socket: connection.fd.raw) } catch {
-            printError("virtio-vfio: error: receiving the device: \(error)")
+            printError("virtio-vfio: error: receiving the \(part) part of the state: \(error)")
             throw ExitCode(Failure.protocolError)
         }
-        let record: StateRecord
         do {
-            record = try StateRecord(decoding: received.record, descriptorCount: received.descriptors.count)
+            let record = try StateRecord(decoding: received.record, descriptorCount: received.descriptors.count, part: part)
             guard record.deviceAddress == "\(address)" else {
                 throw StateRecordError.invalid(field: "device address", "\(record.deviceAddress), not \(address)")
             }
             guard record.deviceType == type.rawValue else {
                 throw StateRecordError.invalid(field: "device type", "\(record.deviceType), this service drives \(type)")
             }
+            return (record, received.descriptors)
         } catch {
-            // Nothing was touched: the old driver resumes as if nothing happened.
+            // Nothing was touched: the old driver resumes (or never paused) as if nothing happened.
             for fd in received.descriptors { Syscall.close(fd) }
             try? connection.send(.declined("\(error)", touchedDevice: false))
             printError("virtio-vfio: error: \(error)")
             throw ExitCode(Failure.protocolError)
         }
-        self.record = record
-        self.descriptors = received.descriptors
-        self.phases = [("quiesce+state", monotonicNanoseconds())]
-        self.started = started
-        self.mode = options.mode
-        self.connection = connection
+    }
+
+    /// Tells the old driver the device is mapped here; it quiesces and sends the service part,
+    /// which must describe the same device and DMA memory. From here on the service is paused.
+    mutating func prepared() throws {
+        do { try connection.send(.prepared) } catch {
+            printError("virtio-vfio: error: --take-over: \(error)")
+            throw ExitCode(Failure.protocolError)
+        }
+        let device = record
+        let (service, sockets) = try Self.receive(.stateFollows, part: .service, on: connection, address: address,
+                                                  type: type, timeout: options.handoverTimeout)
+        for fd in descriptors where fd >= 0 { Syscall.close(fd) }
+        record = service
+        descriptors = sockets
+        phases = [("quiesce+state", monotonicNanoseconds())]
+        guard service.dmaIOVA == device.dmaIOVA, service.dmaSize == device.dmaSize else {
+            throw decline("the service part names DMA memory 0x\(String(service.dmaIOVA, radix: 16))+\(service.dmaSize), the device part 0x\(String(device.dmaIOVA, radix: 16))+\(device.dmaSize)", touched: false)
+        }
     }
 
     /// Descriptors of `role` in order, taken out of the received set (the caller owns them now).

@@ -84,7 +84,9 @@ struct ServeBlkCommand: ParsableCommand {
         let features = server.withBackend { $0.device.negotiation.accepted }
         let capacity = server.withBackend { $0.size }
         let arguments = CommandLine.arguments
-        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver, wake: wake.raw) {
+        let device = server.withBackend { deviceState($0.device, address) }
+        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver, wake: wake.raw,
+                                         deviceState: device, options: handover) {
             .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
         }
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
@@ -128,21 +130,16 @@ struct ServeBlkCommand: ParsableCommand {
             control.refuse("\(result)")
             return
         }
-        let vfio = server.withBackend { $0.device.transport.handoverDescriptors }
-        let memory = server.withBackend { $0.device.transport.dma.memory }
-        let features = server.withBackend { $0.device.negotiation.accepted }
-        var (fds, roles) = transportDescriptors(vfio)
         let connections = server.handoverState()
-        for fd in connections.descriptors {
-            fds.append(fd)
-            roles.append(fd == connections.unixListener?.fd || fd == connections.tcpListener?.fd ? .listener : .client)
+        var record = server.withBackend { deviceState($0.device, address) }.record
+        record.queues = snapshots.map(StateRecord.Queue.init)
+        record.descriptors = connections.descriptors.map {
+            $0 == connections.unixListener?.fd || $0 == connections.tcpListener?.fd ? .listener : .client
         }
-        let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(address)",
-                                 deviceType: DeviceType.block.rawValue, features: features.rawValue,
-                                 dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size),
-                                 queues: snapshots.map(StateRecord.Queue.init), inFlight: [], descriptors: roles,
-                                 quiesceStarted: quiesced, serviceState: connections.encoded())
-        let rollback = handOverDevice(pending, record: record, descriptors: fds, format: handover.debugStateFormat,
+        record.quiesceStarted = quiesced
+        record.serviceState = connections.encoded()
+        let fds = connections.descriptors
+        let rollback = handOverDevice(pending, record: record, descriptors: fds, 
                                       timeoutMilliseconds: handover.handoverTimeout) {
             printError("\(address): handed over \(connections.clients.count) NBD connections")
         }
@@ -157,6 +154,17 @@ struct ServeBlkCommand: ParsableCommand {
         }
     }
 
+    /// The device part of the state: what a successor maps before this driver pauses.
+    func deviceState(_ blk: borrowing BlockDevice<VirtioPCITransport>, _ address: PCIAddress) -> ControlService.DeviceState {
+        let (fds, roles) = transportDescriptors(blk.transport.handoverDescriptors)
+        let memory = blk.transport.dma.memory
+        let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(address)",
+                                 deviceType: DeviceType.block.rawValue, features: blk.negotiation.accepted.rawValue,
+                                 dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size), queues: [], inFlight: [],
+                                 descriptors: roles)
+        return ControlService.DeviceState(record: record, descriptors: fds)
+    }
+
     /// The successor's side: the device (adopted live, or reset), a first read, the NBD
     /// connections adopted, then healthy.
     func takeOver(_ address: PCIAddress, wanted: Features, configuration: NBDServerConfiguration) throws
@@ -167,7 +175,7 @@ struct ServeBlkCommand: ParsableCommand {
         do { transport = try VirtioPCITransport(adopting: try received.vfio(address, sysfs: sysfs), sysfs: sysfs) } catch {
             throw received.decline("\(error)", touched: false)
         }
-        received.mark("vfio")
+        try received.prepared()
         var sockets = received.take(.listener) + received.take(.client)
         let connections: NBDHandoverState
         do { connections = try NBDHandoverState(decoding: received.record.serviceState, descriptors: sockets) } catch {
@@ -187,7 +195,7 @@ struct ServeBlkCommand: ParsableCommand {
             }
         } catch { throw received.decline("\(error)", touched: !live) }
         received.mark(live ? "adopt" : "reset+rebuild")
-        if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
+        handover.debugFault.strikeAfterDeviceUp()
         // Healthy: the device answered a first request (sector 0 read).
         let probe = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
         defer { probe.deallocate() }

@@ -68,7 +68,8 @@ struct ServeRngCommand: ParsableCommand {
         }
         let features = rng.negotiation.accepted
         let arguments = CommandLine.arguments
-        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver) {
+        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
+                                         deviceState: deviceState(rng, address), options: handover) {
             .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
         }
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
@@ -136,14 +137,12 @@ struct ServeRngCommand: ParsableCommand {
             if case .brokenQueue = error { try? rng.recover() }
             return
         }
-        let (fds, roles) = transportDescriptors(rng.transport.handoverDescriptors)
-        let memory = rng.transport.dma.memory
-        let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(address)",
-                                 deviceType: DeviceType.entropy.rawValue, features: rng.negotiation.accepted.rawValue,
-                                 dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size),
-                                 queues: [StateRecord.Queue(snapshot)], inFlight: [], descriptors: roles,
-                                 quiesceStarted: quiesced)
-        let rollback = handOverDevice(pending, record: record, descriptors: fds, format: handover.debugStateFormat,
+ 
+        var record = deviceState(rng, address).record
+        record.queues = [StateRecord.Queue(snapshot)]
+        record.descriptors = []
+        record.quiesceStarted = quiesced
+        let rollback = handOverDevice(pending, record: record, descriptors: [], 
                                         timeoutMilliseconds: handover.handoverTimeout) {
             printError("\(address): fed \(fed) bytes before the handover")
         }
@@ -155,6 +154,17 @@ struct ServeRngCommand: ParsableCommand {
         }
     }
 
+    /// The device part of the state: what a successor maps before this driver pauses.
+    func deviceState(_ rng: borrowing EntropyDevice<VirtioPCITransport>, _ address: PCIAddress) -> ControlService.DeviceState {
+        let (fds, roles) = transportDescriptors(rng.transport.handoverDescriptors)
+        let memory = rng.transport.dma.memory
+        let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(address)",
+                                 deviceType: DeviceType.entropy.rawValue, features: rng.negotiation.accepted.rawValue,
+                                 dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size), queues: [], inFlight: [],
+                                 descriptors: roles)
+        return ControlService.DeviceState(record: record, descriptors: fds)
+    }
+
     /// The successor's side: adopt (live) or reset the device handed over, read once, confirm.
     func takeOver(_ address: PCIAddress, wanted: Features) throws -> EntropyDevice<VirtioPCITransport> {
         var received = try TakeOver(address: address, options: handover, expecting: .entropy)
@@ -163,7 +173,7 @@ struct ServeRngCommand: ParsableCommand {
         do { transport = try VirtioPCITransport(adopting: try received.vfio(address, sysfs: sysfs), sysfs: sysfs) } catch {
             throw received.decline("\(error)", touched: false)
         }
-        received.mark("vfio")
+        try received.prepared()
         let snapshots = received.record.queues.map(QueueSnapshot.init)
         let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll)
         var rng: EntropyDevice<VirtioPCITransport>
@@ -177,7 +187,7 @@ struct ServeRngCommand: ParsableCommand {
             }
         } catch { throw received.decline("\(error)", touched: !live) }
         received.mark(live ? "adopt" : "reset+rebuild")
-        if handover.debugFault == .crashAfterDeviceUp { kill(getpid(), SIGKILL) }
+        handover.debugFault.strikeAfterDeviceUp()
         // Healthy: the device answered a first request.
         var got = 0
         do { try rng.read(16) { got += $0.count } } catch { throw received.decline("first read failed: \(error)", touched: true) }

@@ -93,7 +93,8 @@ old=$(serving_pid)
 upgrade "$B" reset
 [[ $RC == 1 && $(serving_pid) == "$old" ]] && pass "a successor refusing the state format leaves pid $old serving" || fail "format refusal: exit $RC: $OUT"
 grep -q "state record format 99 is not supported" "$log" && pass "the successor names the unsupported format" || fail "no format refusal in the log"
-grep -q "declined: state record format 99" "$log" && ! grep -q "reset and rebuilt" "$log" && pass "the old driver resumes without a reset (the successor touched nothing)" || fail "resume after format refusal"
+grep -q "abandoned before the service paused (nothing was touched).*state record format 99" "$log" && ! grep -q "reset and rebuilt" "$log" \
+  && pass "refused before the old driver paused: no quiesce, no reset" || fail "format refusal: $(grep -i "format 99" "$log" | head -3)"
 check "reads work after the refused upgrade" timeout 20 nbd-client -unix "$sock" /dev/nbd0 -b 4096 -N ""
 check "read 4 MiB" timeout 20 dd if=/dev/nbd0 of=/dev/null bs=1M count=4 iflag=direct status=none
 check "nbd-client disconnects" timeout 20 nbd-client -d /dev/nbd0

@@ -81,6 +81,14 @@ for fault in crash-after-device-up first-request-fails; do
   got=$(timeout 30 dd if=/dev/nbd0 bs=1M count=8 iflag=direct status=none | sha256sum)
   [[ $got == "$sum" ]] && pass "blk: data intact and served after the $fault rollback" || fail "blk: data after $fault rollback"
 done
+# A successor that hangs: the old driver's deadline (--handover-timeout, 10 s by default) kills it.
+t0=$(date +%s%N)
+upgrade $BLK "$B" reset --debug-fault hang-after-device-up
+t1=$(( ($(date +%s%N) - t0) / 1000000 ))
+[[ $RC == 1 && $OUT == *"killed by signal 9"*"pid $before"* ]] && pass "rollback when the successor hangs: killed at the deadline after $t1 ms, pid $before keeps serving" || fail "hang: exit $RC after $t1 ms: $OUT"
+grep -q "was not healthy within 10000 ms; killed it" "$work/upgrade.log" && pass "the old driver names the missed deadline" || fail "no deadline message"
+got=$(timeout 30 dd if=/dev/nbd0 bs=1M count=8 iflag=direct status=none | sha256sum)
+[[ $got == "$sum" ]] && pass "blk: data intact and served after the deadline rollback" || fail "blk: data after the deadline rollback"
 grep -q "device reset and rebuilt after the failed upgrade" "$work/upgrade.log" && pass "the old driver reset and rebuilt the device after the rollback" || fail "no rebuild logged"
 
 check "nbd-client disconnects" timeout 20 nbd-client -d /dev/nbd0
