@@ -60,7 +60,8 @@ func decode(_ bytes: [UInt8], fds: [Int32], dishonest: Bool) {
     do {
         state = try NBDHandoverState(decoding: bytes, descriptors: fds)
     } catch {
-        trace("refused with descriptors \(fds): \(error.description)")
+        let why = error.description
+        trace("refused with descriptors \(fds): \(why)")
         return
     }
     trace("decoded with descriptors \(fds): \(state.clients.count) clients, UNIX \(state.unixListener.map { "\($0)" } ?? "-"), TCP \(state.tcpListener.map { "\($0)" } ?? "-")")
@@ -196,6 +197,10 @@ func seeds() -> [(name: String, bytes: [UInt8])] {
     add("clients-in-every-phase", busy)
     add("maximum-pending-input", state(clients: [(false, .transmission,
         (0..<NBDHandoverState.maximumPendingInput).map { UInt8(truncatingIfNeeded: $0) })]))
+    // Well-formed but refused by problem(): a client in transmission promised flags without HAS_FLAGS.
+    var noHasFlags = busy
+    noHasFlags.clients[4].promisedFlags &= ~1
+    result.append(("transmission-without-has-flags", prefix(noHasFlags.descriptors.count, 0) + noHasFlags.encoded()))
     add("longest-path", state(unix: "/" + String(repeating: "p", count: 106), clients: [(false, .negotiating, option)]))
     add("multibyte-path", state(unix: "/tmp/nbd-\u{e9}t\u{e9}-\u{1F4BE}.sock"))
     // The TCP listener numbered 0 and the UNIX listener 1: legal, the decoder takes descriptors by index.
