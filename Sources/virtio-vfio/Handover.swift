@@ -243,6 +243,17 @@ func handOverDevice(_ request: HandoverRequest, record: StateRecord, descriptors
     }
 }
 
+/// The device part of the state: what a successor maps before this driver pauses.
+func deviceState(_ transport: borrowing VirtioPCITransport, features: Features) -> ControlService.DeviceState {
+    let (fds, roles) = transportDescriptors(transport.handoverDescriptors)
+    let memory = transport.dma.memory
+    let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(transport.address)",
+                             deviceType: transport.deviceType.rawValue, features: features.rawValue,
+                             dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size), queues: [], inFlight: [],
+                             descriptors: roles)
+    return ControlService.DeviceState(record: record, descriptors: fds)
+}
+
 /// The descriptors of a VFIO transport in the order the record lists their roles.
 func transportDescriptors(_ d: VFIODescriptors) -> (fds: [Int32], roles: [StateRecord.DescriptorRole]) {
     var fds = [d.container, d.group, d.device, d.dmaMemory]

@@ -84,7 +84,7 @@ struct ServeBlkCommand: ParsableCommand {
         let features = server.withBackend { $0.device.negotiation.accepted }
         let capacity = server.withBackend { $0.size }
         let arguments = CommandLine.arguments
-        let device = server.withBackend { deviceState($0.device, address) }
+        let device = server.withBackend { deviceState($0.device.transport, features: $0.device.negotiation.accepted) }
         let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver, wake: wake.raw,
                                          deviceState: device, options: handover) {
             .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
@@ -131,7 +131,7 @@ struct ServeBlkCommand: ParsableCommand {
             return
         }
         let connections = server.handoverState()
-        var record = server.withBackend { deviceState($0.device, address) }.record
+        var record = server.withBackend { deviceState($0.device.transport, features: $0.device.negotiation.accepted) }.record
         record.queues = snapshots.map(StateRecord.Queue.init)
         record.descriptors = connections.descriptors.map {
             $0 == connections.unixListener?.fd || $0 == connections.tcpListener?.fd ? .listener : .client
@@ -152,17 +152,6 @@ struct ServeBlkCommand: ParsableCommand {
                 printError("virtio-vfio: error: bringing the device back after the failed upgrade: \(error)")
             }
         }
-    }
-
-    /// The device part of the state: what a successor maps before this driver pauses.
-    func deviceState(_ blk: borrowing BlockDevice<VirtioPCITransport>, _ address: PCIAddress) -> ControlService.DeviceState {
-        let (fds, roles) = transportDescriptors(blk.transport.handoverDescriptors)
-        let memory = blk.transport.dma.memory
-        let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(address)",
-                                 deviceType: DeviceType.block.rawValue, features: blk.negotiation.accepted.rawValue,
-                                 dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size), queues: [], inFlight: [],
-                                 descriptors: roles)
-        return ControlService.DeviceState(record: record, descriptors: fds)
     }
 
     /// The successor's side: the device (adopted live, or reset), a first read, the NBD

@@ -69,7 +69,7 @@ struct ServeRngCommand: ParsableCommand {
         let features = rng.negotiation.accepted
         let arguments = CommandLine.arguments
         let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
-                                         deviceState: deviceState(rng, address), options: handover) {
+                                         deviceState: deviceState(rng.transport, features: rng.negotiation.accepted), options: handover) {
             .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
         }
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
@@ -138,7 +138,7 @@ struct ServeRngCommand: ParsableCommand {
             return
         }
  
-        var record = deviceState(rng, address).record
+        var record = deviceState(rng.transport, features: rng.negotiation.accepted).record
         record.queues = [StateRecord.Queue(snapshot)]
         record.descriptors = []
         record.quiesceStarted = quiesced
@@ -152,17 +152,6 @@ struct ServeRngCommand: ParsableCommand {
                 printError("virtio-vfio: error: bringing the device back after the failed upgrade: \(error)")
             }
         }
-    }
-
-    /// The device part of the state: what a successor maps before this driver pauses.
-    func deviceState(_ rng: borrowing EntropyDevice<VirtioPCITransport>, _ address: PCIAddress) -> ControlService.DeviceState {
-        let (fds, roles) = transportDescriptors(rng.transport.handoverDescriptors)
-        let memory = rng.transport.dma.memory
-        let record = StateRecord(driverVersion: DriverVersion.string, deviceAddress: "\(address)",
-                                 deviceType: DeviceType.entropy.rawValue, features: rng.negotiation.accepted.rawValue,
-                                 dmaIOVA: memory.deviceAddress, dmaSize: UInt64(memory.size), queues: [], inFlight: [],
-                                 descriptors: roles)
-        return ControlService.DeviceState(record: record, descriptors: fds)
     }
 
     /// The successor's side: adopt (live) or reset the device handed over, read once, confirm.
