@@ -20,6 +20,22 @@ public struct Features: OptionSet, Sendable, Hashable {
     public static let ringReset = Features(bit: 40)
     public static let adminVQ = Features(bit: 41)
 
+    // virtio-net bits (§5.1.3); device-specific bits overlap between device types, hence `net`.
+    public static let netChecksum = Features(bit: 0)            // CSUM: device checksums partial tx packets
+    public static let netGuestChecksum = Features(bit: 1)       // GUEST_CSUM: driver takes partial rx checksums
+    public static let netMTU = Features(bit: 3)                 // MTU: config `mtu` is valid
+    public static let netMAC = Features(bit: 5)                 // MAC: config `mac` is valid
+    public static let netGuestTSO4 = Features(bit: 7)
+    public static let netGuestTSO6 = Features(bit: 8)
+    public static let netHostTSO4 = Features(bit: 11)
+    public static let netHostTSO6 = Features(bit: 12)
+    public static let netMergeableRxBuffers = Features(bit: 15) // MRG_RXBUF: a packet may span rx buffers
+    public static let netStatus = Features(bit: 16)             // STATUS: config `status` is valid
+    public static let netControlQueue = Features(bit: 17)       // CTRL_VQ
+    public static let netControlRx = Features(bit: 18)          // CTRL_RX: promiscuous / all-multicast
+    public static let netGuestAnnounce = Features(bit: 21)
+    public static let netMultiQueue = Features(bit: 22)         // MQ: config `max_virtqueue_pairs` is valid
+
     static let transportNames: [Int: String] = [
         24: "NOTIFY_ON_EMPTY", 27: "ANY_LAYOUT", 28: "RING_INDIRECT_DESC", 29: "RING_EVENT_IDX",
         32: "VERSION_1", 33: "ACCESS_PLATFORM", 34: "RING_PACKED", 35: "IN_ORDER", 36: "ORDER_PLATFORM",

@@ -36,6 +36,8 @@ final class DeviceCore: @unchecked Sendable {
         var capacitySectors: UInt64
         /// The block device's storage; outlives resets like a disk.
         let store = BlockStore()
+        /// The network device's frame pipe, link and receive filters (NetModel.swift).
+        var net = NetState()
 
         static let violationLimit = 10_000
 
@@ -106,6 +108,7 @@ final class DeviceCore: @unchecked Sendable {
         }
         s.configVector = nil
         s.isr = 0
+        s.net.deviceReset()
         defer { s.worker = nil }
         return s.worker
     }

@@ -97,7 +97,7 @@ public final class EmulatedDevice: Sendable {
     /// outside it. A read not aligned to its width is a violation (§4.1.3.1) and returns nil.
     public func readDeviceConfig(_ offset: Int, width: Int) -> UInt32? {
         core.state.withLock { s -> UInt32? in
-            let bytes = model.type == .block ? core.blockConfig(s) : []
+            let bytes = model.type == .block ? core.blockConfig(s) : model.type == .net ? core.netConfig(s) : []
             guard [1, 2, 4].contains(width), offset >= 0, offset + width <= bytes.count else { return nil }
             guard offset % width == 0 else {
                 s.record("device configuration read of \(width) bytes at unaligned offset \(offset) (§4.1.3.1)")

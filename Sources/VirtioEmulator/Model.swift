@@ -22,6 +22,8 @@ extension EmulatedDevice {
         public var entropyBytesPerRequest: Int?
         /// The block device's configuration space and identity (used when `type` is `.block`).
         public var block = BlockConfig(capacitySectors: 0)
+        /// The network device's configuration space (used when `type` is `.net`; see NetModel.swift).
+        public var net = NetConfig()
         /// Scan every enabled queue on every pass, notified or not. Off by default: a strict
         /// device only looks at a queue after an available buffer notification (spec 2.7.13.4),
         /// so a driver that forgets to notify hangs here as it would on hardware.

@@ -27,6 +27,12 @@ extension DeviceCore {
                     s.record("queue \(i): notification wrote \(value); without VIRTIO_F_NOTIFICATION_DATA the driver writes the queue index (§4.1.5.2)")
                 }
             }
+            // A net receive queue is used when frames arrive, notified or not (NetFrames.swift).
+            if model.type == .net && netRole(i, s) == .receive {
+                if i == 0 && receiveNetFrames(q, &s) { worked = true }
+                if s.status.contains(.deviceNeedsReset) { break }
+                continue
+            }
             guard look else { continue }
             q.rescan = false
             if process(q, &s) { worked = true }
@@ -218,6 +224,7 @@ extension DeviceCore {
         switch model.type {
         case .entropy: return serveEntropy(q, &s)
         case .block: return serveBlock(q, &s)
+        case .net: return serveNet(q, &s)
         default: return 0
         }
     }

@@ -85,7 +85,7 @@ func text(_ input: inout FuzzInput) -> String {
 }
 
 func generate(_ input: inout FuzzInput) -> HandoverMessage {
-    switch input.u8() % 9 {
+    switch input.u8() % 11 {
     case 0:
         let mode = HandoverMessage.Mode.allCases[Int(input.u8()) % HandoverMessage.Mode.allCases.count]
         return .hello(mode: mode, driverVersion: text(&input), pid: Int32(bitPattern: input.u32()))
@@ -96,6 +96,8 @@ func generate(_ input: inout FuzzInput) -> HandoverMessage {
     case 5: return .go
     case 6: return .abort(text(&input))
     case 7: return .describe
+    case 8: return .deviceFollows
+    case 9: return .prepared
     default:
         let pid = Int32(bitPattern: input.u32())
         let version = text(&input)
@@ -128,6 +130,8 @@ func seeds() -> [(name: String, bytes: [UInt8])] {
         ("hello-live", .hello(mode: .live, driverVersion: "0.1.0-no-event-idx", pid: 1)),
         ("hello-auto", .hello(mode: .auto, driverVersion: "", pid: -1)),
         ("refused", .refused("another handover is in progress")),
+        ("device-follows", .deviceFollows),
+        ("prepared", .prepared),
         ("state-follows", .stateFollows),
         ("ready", .ready("live: adopted 1 queue, first read 4096 bytes in 180 µs")),
         ("declined-untouched", .declined("state record: queue 0 size 0", touchedDevice: false)),
@@ -143,7 +147,8 @@ func seeds() -> [(name: String, bytes: [UInt8])] {
     ]
     var result = messages.map { (name: $0.0, bytes: [0] + $0.1.encoded()) }
     // Refusals: an unknown kind, an unknown mode, touched = 2, a string that is not UTF-8.
-    result.append(("unknown-kind", [0, 10]))
+    result.append(("unknown-kind", [0, 12]))
+    result.append(("kind-0", [0, 0]))
     result.append(("hello-mode-4", [0, 1, 4, 0, 0, 0, 0, 0, 0]))
     result.append(("declined-touched-2", [0, 5, 1, 0, 0x41, 2]))
     result.append(("ready-not-utf8", [0, 4, 2, 0, 0xC3, 0x28]))
