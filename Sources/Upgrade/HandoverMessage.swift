@@ -45,26 +45,58 @@ public enum HandoverMessage: Equatable, Sendable {
     case describe
     case described(pid: Int32, driverVersion: String, features: UInt64, arguments: [String])
 
+    /// The decoder's limits, which the encoder keeps too (so every message it writes decodes to
+    /// itself): texts of at most 4096 UTF-8 bytes, at most 256 arguments.
+    public static let maxText = 4096, maxArguments = 256
+
+    /// Why `arguments` cannot travel in `.described` (too many, or one too long), or nil.
+    public static func problem(describing arguments: [String]) -> String? {
+        if arguments.count > maxArguments { return "\(arguments.count) arguments (at most \(maxArguments))" }
+        if let long = arguments.first(where: { $0.utf8.count > maxText }) {
+            return "an argument of \(long.utf8.count) bytes (at most \(maxText))"
+        }
+        return nil
+    }
+
+    /// A reason or summary cut to `maxText` UTF-8 bytes at a character boundary.
+    static func clipped(_ text: String) -> String {
+        guard text.utf8.count > maxText else { return text }
+        var result = ""
+        var bytes = 0
+        for character in text {
+            let n = character.utf8.count
+            if bytes + n > maxText - 3 { break }
+            result.append(character)
+            bytes += n
+        }
+        return result + "..."
+    }
+
     enum Kind: UInt8 { case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described, deviceFollows, prepared }
 
+    /// The message's bytes. Reasons and summaries longer than `maxText` are clipped; a driver
+    /// version or arguments past the limits are a programming error (`problem(describing:)`).
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
         switch self {
         case .hello(let mode, let version, let pid):
+            precondition(version.utf8.count <= Self.maxText, "driver version longer than \(Self.maxText) bytes")
             w.u8(Kind.hello.rawValue); w.u8(mode.rawValue); w.string(version); w.u32(UInt32(bitPattern: pid))
-        case .refused(let why): w.u8(Kind.refused.rawValue); w.string(why)
+        case .refused(let why): w.u8(Kind.refused.rawValue); w.string(Self.clipped(why))
         case .stateFollows: w.u8(Kind.stateFollows.rawValue)
         case .deviceFollows: w.u8(Kind.deviceFollows.rawValue)
         case .prepared: w.u8(Kind.prepared.rawValue)
-        case .ready(let summary): w.u8(Kind.ready.rawValue); w.string(summary)
-        case .declined(let why, let touched): w.u8(Kind.declined.rawValue); w.string(why); w.u8(touched ? 1 : 0)
+        case .ready(let summary): w.u8(Kind.ready.rawValue); w.string(Self.clipped(summary))
+        case .declined(let why, let touched): w.u8(Kind.declined.rawValue); w.string(Self.clipped(why)); w.u8(touched ? 1 : 0)
         case .go: w.u8(Kind.go.rawValue)
-        case .abort(let why): w.u8(Kind.abort.rawValue); w.string(why)
+        case .abort(let why): w.u8(Kind.abort.rawValue); w.string(Self.clipped(why))
         case .describe: w.u8(Kind.describe.rawValue)
         case .described(let pid, let version, let features, let arguments):
+            precondition(Self.problem(describing: arguments) == nil && version.utf8.count <= Self.maxText,
+                         "describe: \(Self.problem(describing: arguments) ?? "driver version too long")")
             w.u8(Kind.described.rawValue); w.u32(UInt32(bitPattern: pid)); w.string(version); w.u64(features)
-            w.u16(UInt16(min(arguments.count, 256)))
-            for a in arguments.prefix(256) { w.string(a) }
+            w.u16(UInt16(arguments.count))
+            for a in arguments { w.string(a) }
         }
         return w.bytes
     }
@@ -75,7 +107,7 @@ public enum HandoverMessage: Equatable, Sendable {
         let raw = try r.u8("message kind")
         guard let kind = Kind(rawValue: raw) else { throw .invalid(field: "message kind", "unknown kind \(raw)") }
         let text = { (r: inout ByteReader, field: String) throws(StateRecordError) -> String in
-            try r.string(field, max: 4096)
+            try r.string(field, max: HandoverMessage.maxText)
         }
         switch kind {
         case .hello:
@@ -100,7 +132,7 @@ public enum HandoverMessage: Equatable, Sendable {
             let version = try text(&r, "driver version")
             let features = try r.u64("features")
             let count = Int(try r.u16("argument count"))
-            guard count <= 256 else { throw .invalid(field: "argument count", "\(count)") }
+            guard count <= HandoverMessage.maxArguments else { throw .invalid(field: "argument count", "\(count)") }
             var arguments: [String] = []
             for i in 0..<count { arguments.append(try text(&r, "argument \(i)")) }
             self = .described(pid: pid, driverVersion: version, features: features, arguments: arguments)

@@ -497,3 +497,13 @@ func milliseconds(_ nanoseconds: UInt64) -> String {
     let tenths = (nanoseconds + 50_000) / 100_000
     return "\(tenths / 10).\(tenths % 10) ms"
 }
+
+/// The answer to `describe`: this driver's pid, version, features and command line, or a
+/// refusal if the command line cannot travel (then `upgrade` cannot repeat it; start the
+/// successor with `--take-over` by hand).
+func describeThisDriver(features: Features, arguments: [String]) -> HandoverMessage {
+    if let problem = HandoverMessage.problem(describing: arguments) {
+        return .refused("this driver's command line cannot be described (\(problem)); start the successor with --take-over yourself")
+    }
+    return .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
+}

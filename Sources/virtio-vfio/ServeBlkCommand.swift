@@ -87,7 +87,7 @@ struct ServeBlkCommand: ParsableCommand {
         let device = server.withBackend { deviceState($0.device.transport, features: $0.device.negotiation.accepted) }
         let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver, wake: wake.raw,
                                          deviceState: device, options: handover) {
-            .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
+            describeThisDriver(features: features, arguments: arguments)
         }
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
         signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }

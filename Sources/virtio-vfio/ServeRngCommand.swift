@@ -70,7 +70,7 @@ struct ServeRngCommand: ParsableCommand {
         let arguments = CommandLine.arguments
         let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
                                          deviceState: deviceState(rng.transport, features: rng.negotiation.accepted), options: handover) {
-            .described(pid: getpid(), driverVersion: DriverVersion.string, features: features.rawValue, arguments: arguments)
+            describeThisDriver(features: features, arguments: arguments)
         }
         signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
         signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }

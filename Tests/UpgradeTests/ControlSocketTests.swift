@@ -19,6 +19,17 @@ struct ControlSocketTests {
         for m in messages { #expect(try HandoverMessage(decoding: m.encoded()) == m) }
     }
 
+    @Test func longReasonsAreClippedAndTooManyArgumentsAreNamed() throws {
+        let long = String(repeating: "é", count: 3000)   // 6000 UTF-8 bytes
+        guard case .declined(let why, true) = try HandoverMessage(decoding: HandoverMessage.declined(long, touchedDevice: true).encoded()) else {
+            Issue.record("not a declined message"); return
+        }
+        #expect(why.utf8.count <= HandoverMessage.maxText && why.hasSuffix("...") && why.hasPrefix("éé"))
+        #expect(HandoverMessage.problem(describing: Array(repeating: "a", count: 257)) == "257 arguments (at most 256)")
+        #expect(HandoverMessage.problem(describing: [String(repeating: "a", count: 4097)]) == "an argument of 4097 bytes (at most 4096)")
+        #expect(HandoverMessage.problem(describing: Array(repeating: String(repeating: "a", count: 4096), count: 256)) == nil)
+    }
+
     @Test func malformedMessagesAreRefusedByField() {
         #expect(throws: StateRecordError.invalid(field: "message kind", "unknown kind 99")) { try HandoverMessage(decoding: [99]) }
         #expect(throws: StateRecordError.invalid(field: "mode", "unknown mode 9")) { try HandoverMessage(decoding: [1, 9]) }
