@@ -173,7 +173,7 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
                 // with TUNSETOFFLOAD here) is refused by `transmit` and dropped below.
                 header.flags &= ~NetHeader.dataValid
                 header.numBuffers = 0
-                if header.flags == 0 { header = .none }
+                if header.flags == 0 { header.checksumStart = 0; header.checksumOffset = 0 }
             }
             let frame = UnsafeRawBufferPointer(start: base + headerSize, count: frameBytes)
             do {
