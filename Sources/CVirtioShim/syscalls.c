@@ -6,6 +6,7 @@
 #include <sys/ioctl.h>
 #include <linux/random.h>
 #include <sys/socket.h>
+#include <linux/sockios.h>
 
 const unsigned long CVirtioShim_VFIO_GET_API_VERSION = VFIO_GET_API_VERSION;
 const unsigned long CVirtioShim_VFIO_CHECK_EXTENSION = VFIO_CHECK_EXTENSION;
@@ -23,6 +24,14 @@ const unsigned long CVirtioShim_VFIO_IOMMU_GET_INFO = VFIO_IOMMU_GET_INFO;
 const unsigned long CVirtioShim_VFIO_IOMMU_MAP_DMA = VFIO_IOMMU_MAP_DMA;
 const unsigned long CVirtioShim_VFIO_IOMMU_UNMAP_DMA = VFIO_IOMMU_UNMAP_DMA;
 const unsigned long CVirtioShim_RNDADDENTROPY = RNDADDENTROPY;
+const unsigned long CVirtioShim_TUNSETIFF = TUNSETIFF;
+const unsigned long CVirtioShim_TUNSETVNETHDRSZ = TUNSETVNETHDRSZ;
+const unsigned long CVirtioShim_TUNSETOFFLOAD = TUNSETOFFLOAD;
+const unsigned long CVirtioShim_SIOCSIFHWADDR = SIOCSIFHWADDR;
+const unsigned int CVirtioShim_IFF_TAP = IFF_TAP;
+const unsigned int CVirtioShim_IFF_NO_PI = IFF_NO_PI;
+const unsigned int CVirtioShim_IFF_VNET_HDR = IFF_VNET_HDR;
+const unsigned int CVirtioShim_TUN_F_CSUM = TUN_F_CSUM;
 
 long CVirtioShim_ioctl_ptr(int fd, unsigned long request, void *arg) {
     int r = ioctl(fd, request, arg);
@@ -46,3 +55,9 @@ int CVirtioShim_peer_credentials(int fd, int *pid, unsigned int *uid, unsigned i
     return 0;
 }
 const unsigned int CVirtioShim_MFD_CLOEXEC = MFD_CLOEXEC;
+
+int CVirtioShim_ppoll(struct pollfd *fds, unsigned long count, long long timeout_ns) {
+    struct timespec ts = { .tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL };
+    int r = ppoll(fds, (nfds_t)count, timeout_ns < 0 ? NULL : &ts, NULL);
+    return r < 0 ? -errno : r;
+}

@@ -16,7 +16,7 @@ struct ServeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "serve",
         abstract: "Run a device as a service for real clients.",
-        subcommands: [ServeRngCommand.self, ServeBlkCommand.self])
+        subcommands: [ServeRngCommand.self, ServeBlkCommand.self, ServeNetCommand.self])
 }
 
 /// Set by SIGINT/SIGTERM: the service finishes its current step and shuts the device down.

@@ -16,6 +16,9 @@
 #include <sys/socket.h>
 #include <linux/vfio.h>
 #include <sys/eventfd.h>
+#include <net/if.h>
+#include <linux/if_tun.h>
+#include <poll.h>
 
 // MARK: - VFIO ioctl request codes (linux/vfio.h)
 extern const unsigned long CVirtioShim_VFIO_GET_API_VERSION;
@@ -33,6 +36,20 @@ extern const unsigned long CVirtioShim_VFIO_DEVICE_RESET;
 extern const unsigned long CVirtioShim_VFIO_IOMMU_GET_INFO;
 extern const unsigned long CVirtioShim_VFIO_IOMMU_MAP_DMA;
 extern const unsigned long CVirtioShim_VFIO_IOMMU_UNMAP_DMA;
+
+// MARK: - TUN/TAP ioctl request codes and flags (linux/if_tun.h)
+/// TUNSETIFF: create or attach to the interface named in a struct ifreq, with ifr_flags.
+extern const unsigned long CVirtioShim_TUNSETIFF;
+/// TUNSETVNETHDRSZ: the size of the virtio-net header in front of each frame (int *).
+extern const unsigned long CVirtioShim_TUNSETVNETHDRSZ;
+/// TUNSETOFFLOAD: the TUN_F_* offloads userspace accepts in frames it reads (unsigned long value).
+extern const unsigned long CVirtioShim_TUNSETOFFLOAD;
+/// SIOCSIFHWADDR (linux/sockios.h): a TUN/TAP fd takes it directly to set the interface's MAC.
+extern const unsigned long CVirtioShim_SIOCSIFHWADDR;
+extern const unsigned int CVirtioShim_IFF_TAP;
+extern const unsigned int CVirtioShim_IFF_NO_PI;
+extern const unsigned int CVirtioShim_IFF_VNET_HDR;
+extern const unsigned int CVirtioShim_TUN_F_CSUM;
 
 /// RNDADDENTROPY from <linux/random.h>: add bytes to the kernel's entropy pool, with a credit.
 extern const unsigned long CVirtioShim_RNDADDENTROPY;
@@ -52,6 +69,10 @@ int CVirtioShim_memfd_create(const char *name, unsigned int flags);
 /// Returns 0 or -errno.
 int CVirtioShim_peer_credentials(int fd, int *pid, unsigned int *uid, unsigned int *gid);
 extern const unsigned int CVirtioShim_MFD_CLOEXEC;
+
+/// ppoll(2) with a nanosecond timeout (negative: wait forever) and no signal mask (ppoll needs
+/// _GNU_SOURCE, which Swift's Glibc module lacks). Returns the ready count or -errno.
+int CVirtioShim_ppoll(struct pollfd *fds, unsigned long count, long long timeout_ns);
 
 // MARK: - volatile MMIO (one layer; every device register access goes through these)
 // Virtio 1.2 §4.1.3.1: the driver MUST use 8-bit accesses for 8-bit fields, 16-bit aligned accesses

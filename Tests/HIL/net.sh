@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# HIL test of serve net (issue 8, first part): 00:07.0 driven by virtio-vfio and bridged to the
+# TAP vtap0 in network namespace A (10.0.0.1), the kernel-driven 00:08.0 in namespace B
+# (10.0.0.2); the QEMU hub joins the two NICs. ping both ways, a flood ping with no loss, iperf3
+# TCP both ways; then 00:07.0 goes back to virtio_net and the same iperf3 runs kernel to kernel
+# for a baseline. Every command is bounded by `timeout`.
+# Environment: NET_FLOOD_COUNT (default 10000), NET_IPERF_SECONDS (default 10).
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. Tests/HIL/lib.sh
+OURS=0000:00:07.0 PEER=0000:00:08.0
+FLOOD=${NET_FLOOD_COUNT:-10000} SECONDS_IPERF=${NET_IPERF_SECONDS:-10}
+work=$(mktemp -d)
+dmesg -n 1
+
+# net_if BDF: the kernel interface of a virtio-net PCI function (under its virtioN child).
+net_if() { local d; for d in /sys/bus/pci/devices/$1/virtio*/net/*; do [[ -e $d ]] && basename "$d"; done; }
+inA() { ip netns exec A "$@"; }
+inB() { ip netns exec B "$@"; }
+
+# iperf_run NAME [-R]: 10 s of TCP from A to B (or B to A with -R); prints Mbit/s received, or
+# nothing on failure (the JSON is kept in $work/NAME.json).
+iperf_run() {
+  local name=$1; shift
+  timeout $((SECONDS_IPERF + 30)) ip netns exec A iperf3 -c 10.0.0.2 -t "$SECONDS_IPERF" -J "$@" >"$work/$name.json" 2>&1
+  jq -r '.end.sum_received.bits_per_second / 1e6 | floor' "$work/$name.json" 2>/dev/null
+}
+
+peer=$(net_if $PEER)
+[[ -n $peer ]] && pass "kernel interface of $PEER: $peer" || fail "no interface under $PEER"
+check "bind $OURS to vfio-pci" vfio-bind bind $OURS >/dev/null
+ip netns add A && ip netns add B && pass "namespaces A and B" || fail "ip netns add"
+
+# ---- our driver -------------------------------------------------------------------------------
+virtio-vfio serve net $OURS --tap vtap0 2>"$work/serve.log" &
+serve=$!
+for _ in $(seq 100); do ip link show vtap0 >/dev/null 2>&1 && break; sleep 0.1; done
+ip link show vtap0 >/dev/null 2>&1 && pass "serve net created vtap0" || fail "no vtap0: $(cat "$work/serve.log")"
+line=$(grep "bridged to TAP vtap0" "$work/serve.log")
+[[ -n $line ]] && pass "serve net: $line" || fail "serve log: $(cat "$work/serve.log")"
+mac=$(cat /sys/class/net/vtap0/address 2>/dev/null)
+[[ $mac == 52:54:00:00:00:01 ]] && pass "vtap0 has the device's MAC $mac" || fail "vtap0 MAC '$mac'"
+ip link set vtap0 netns A && ip -n A addr add 10.0.0.1/24 dev vtap0 && ip -n A link set vtap0 up && ip -n A link set lo up \
+  && pass "vtap0 moved to namespace A as 10.0.0.1/24" || fail "vtap0 into A"
+ip link set "$peer" netns B && ip -n B addr add 10.0.0.2/24 dev "$peer" && ip -n B link set "$peer" up && ip -n B link set lo up \
+  && pass "$peer moved to namespace B as 10.0.0.2/24" || fail "$peer into B"
+
+# The first ping also resolves ARP; allow a few tries while links settle.
+ok=0
+for _ in 1 2 3 4 5; do inA timeout 10 ping -c 1 -W 2 10.0.0.2 >/dev/null 2>&1 && { ok=1; break; }; sleep 0.5; done
+((ok)) && pass "ping A -> B (through the TAP fd after the namespace move)" || fail "ping A -> B: $(inA ip neigh; tail -n 5 "$work/serve.log")"
+out=$(inA timeout 30 ping -c 5 -i 0.2 -W 2 10.0.0.2 2>&1)
+[[ $out == *" 0% packet loss"* ]] && pass "ping A -> B: $(grep -E 'rtt|round-trip' <<<"$out")" || fail "ping A -> B: $out"
+out=$(inB timeout 30 ping -c 5 -i 0.2 -W 2 10.0.0.1 2>&1)
+[[ $out == *" 0% packet loss"* ]] && pass "ping B -> A: $(grep -E 'rtt|round-trip' <<<"$out")" || fail "ping B -> A: $out"
+
+start=$(date +%s.%N)
+out=$(inA timeout 300 ping -f -c "$FLOOD" -W 2 10.0.0.2 2>&1)
+took=$(echo "$(date +%s.%N) - $start" | bc)
+summary=$(grep -E "packets transmitted" <<<"$out")
+[[ $summary == "$FLOOD packets transmitted, $FLOOD received,"*" 0% packet loss"* ]] && pass "flood ping A -> B: $summary (${took}s)" || fail "flood ping: $out"
+out=$(inB timeout 300 ping -f -c "$FLOOD" -W 2 10.0.0.1 2>&1)
+summary=$(grep -E "packets transmitted" <<<"$out")
+[[ $summary == "$FLOOD packets transmitted, $FLOOD received,"*" 0% packet loss"* ]] && pass "flood ping B -> A: $summary" || fail "flood ping B -> A: $out"
+
+kill -USR1 $serve; sleep 0.5
+grep -q "counters" "$work/serve.log" && pass "SIGUSR1 prints the counters" || fail "no counters after SIGUSR1: $(cat "$work/serve.log")"
+
+inB iperf3 -s -D --pidfile "$work/iperf3.pid" && sleep 0.5
+ours_tx=$(iperf_run ours-tx)
+[[ -n $ours_tx && $ours_tx != null && $ours_tx -gt 0 ]] && pass "iperf3 TCP A -> B through serve net: $ours_tx Mbit/s" || fail "iperf3 A -> B: $(tail -n 5 "$work/ours-tx.json")"
+ours_rx=$(iperf_run ours-rx -R)
+[[ -n $ours_rx && $ours_rx != null && $ours_rx -gt 0 ]] && pass "iperf3 TCP B -> A through serve net: $ours_rx Mbit/s" || fail "iperf3 B -> A: $(tail -n 5 "$work/ours-rx.json")"
+retr=$(jq -r '.end.sum_sent.retransmits // 0' "$work/ours-tx.json" 2>/dev/null)
+echo "iperf3 retransmits A -> B: $retr"
+
+kill -TERM $serve
+for _ in $(seq 100); do kill -0 $serve 2>/dev/null || break; sleep 0.1; done
+wait $serve; rc=$?
+echo "--- serve net log"; cat "$work/serve.log"; echo "---"
+[[ $rc == 0 ]] && pass "serve net stops on SIGTERM (exit 0)" || fail "serve net exit $rc"
+grep -q "stopped; device reset" "$work/serve.log" && pass "stop summary printed" || fail "no stop summary"
+grep -q "malformed from device: 0 " "$work/serve.log" && pass "no malformed frames from the device" || fail "malformed frames: $(grep malformed "$work/serve.log")"
+frames=$(sed -nE 's/^device->tap: ([0-9]+) frames.*/\1/p' "$work/serve.log" | tail -n 1)
+[[ ${frames:-0} -ge $((2 * FLOOD)) ]] && pass "device->tap counted $frames frames" || fail "device->tap frames '$frames'"
+ip -n A link show vtap0 >/dev/null 2>&1 && fail "vtap0 still exists after serve net stopped" || pass "vtap0 is gone with serve net"
+
+# ---- kernel to kernel baseline ----------------------------------------------------------------
+check "restore $OURS to its kernel driver" vfio-bind restore $OURS >/dev/null
+ours_if=
+for _ in $(seq 50); do ours_if=$(net_if $OURS); [[ -n $ours_if ]] && break; sleep 0.1; done
+ip link set "$ours_if" netns A && ip -n A addr add 10.0.0.1/24 dev "$ours_if" && ip -n A link set "$ours_if" up \
+  && pass "kernel interface $ours_if of $OURS in namespace A" || fail "baseline interface '$ours_if'"
+ok=0
+for _ in 1 2 3 4 5; do inA timeout 10 ping -c 1 -W 2 10.0.0.2 >/dev/null 2>&1 && { ok=1; break; }; sleep 0.5; done
+((ok)) && pass "kernel-to-kernel ping" || fail "kernel-to-kernel ping"
+start=$(date +%s.%N)
+out=$(inA timeout 300 ping -f -c "$FLOOD" -W 2 10.0.0.2 2>&1)
+took=$(echo "$(date +%s.%N) - $start" | bc)
+echo "kernel-to-kernel flood ping: $(grep -E 'packets transmitted' <<<"$out") (${took}s)"
+kern_tx=$(iperf_run kernel-tx)
+kern_rx=$(iperf_run kernel-rx -R)
+[[ -n $kern_tx && $kern_tx != null && -n $kern_rx && $kern_rx != null ]] && pass "iperf3 kernel to kernel: A -> B $kern_tx Mbit/s, B -> A $kern_rx Mbit/s" \
+  || fail "kernel iperf3: $(tail -n 5 "$work/kernel-tx.json")"
+ratio() { [[ ${2:-0} -gt 0 ]] && echo "scale=2; $1 / $2" | bc || echo "n/a"; }
+printf 'throughput (Mbit/s)   serve net   kernel   ratio\n'
+printf '  A -> B (TCP)        %9s %8s   %s\n' "$ours_tx" "$kern_tx" "$(ratio "${ours_tx:-0}" "$kern_tx")"
+printf '  B -> A (TCP, -R)    %9s %8s   %s\n' "$ours_rx" "$kern_rx" "$(ratio "${ours_rx:-0}" "$kern_rx")"
+
+[[ -f $work/iperf3.pid ]] && kill "$(cat "$work/iperf3.pid")" 2>/dev/null
+ip netns del A; ip netns del B
+hil_summary net
