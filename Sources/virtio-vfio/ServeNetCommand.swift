@@ -36,7 +36,8 @@ struct ServeNetCommand: ParsableCommand {
     @Option(help: "Completion mode (only poll for now).") var irq: CompletionMode = .poll
     @Flag(help: "Ask the device for every frame (VIRTIO_NET_CTRL_RX_PROMISC), e.g. when the TAP is in a bridge.")
     var promiscuous = false
-    @Option(help: "Microseconds to keep polling without sleeping after a frame moved.") var busyPoll = 200
+    @Option(help: "Microseconds to keep polling without sleeping after a frame moved (a reply within it is seen at once; under QEMU TCG round trips take 1-2 ms).")
+    var busyPoll = 2000
     @Option(help: "Longest sleep between polls when idle, in microseconds.") var maxSleep = 1000
 
     func validate() throws {

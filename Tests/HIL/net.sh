@@ -4,7 +4,8 @@
 # (10.0.0.2); the QEMU hub joins the two NICs. ping both ways, a flood ping with no loss, iperf3
 # TCP both ways; then 00:07.0 goes back to virtio_net and the same iperf3 runs kernel to kernel
 # for a baseline. Every command is bounded by `timeout`.
-# Environment: NET_FLOOD_COUNT (default 10000), NET_IPERF_SECONDS (default 10).
+# Environment: NET_FLOOD_COUNT (default 10000), NET_IPERF_SECONDS (default 10), NET_SERVE_ARGS
+# (extra serve net options, e.g. "--busy-poll 2000").
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
@@ -32,7 +33,8 @@ check "bind $OURS to vfio-pci" vfio-bind bind $OURS >/dev/null
 ip netns add A && ip netns add B && pass "namespaces A and B" || fail "ip netns add"
 
 # ---- our driver -------------------------------------------------------------------------------
-virtio-vfio serve net $OURS --tap vtap0 2>"$work/serve.log" &
+# shellcheck disable=SC2086 # NET_SERVE_ARGS is a list of options
+virtio-vfio serve net $OURS --tap vtap0 ${NET_SERVE_ARGS:-} 2>"$work/serve.log" &
 serve=$!
 for _ in $(seq 100); do ip link show vtap0 >/dev/null 2>&1 && break; sleep 0.1; done
 ip link show vtap0 >/dev/null 2>&1 && pass "serve net created vtap0" || fail "no vtap0: $(cat "$work/serve.log")"
