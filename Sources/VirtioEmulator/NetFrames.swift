@@ -213,16 +213,7 @@ extension DeviceCore {
             q.publishUsed()
         }
         guard q.usedIdx != oldUsed else { return false }
-        // §2.7.7.2: after the used idx is visible, read what the driver asked for.
-        Ring.full()
-        let notify = eventIdx
-            ? vringNeedEvent(event: q.usedEvent(), new: q.usedIdx, old: oldUsed)
-            : q.availFlags() & 1 == 0  // VIRTQ_AVAIL_F_NO_INTERRUPT
-        if notify {
-            queueInterrupt(q, &s)
-        } else {
-            s.statistics[q.index].suppressedInterrupts += 1
-        }
+        interruptIfAsked(q, since: oldUsed, eventIdx: eventIdx, &s)
         return true
     }
 

@@ -96,7 +96,14 @@ extension DeviceCore {
         }
         if used > 0 && failed { q.publishUsed() }
         guard q.usedIdx != oldUsed, !failed else { return used > 0 }
+        interruptIfAsked(q, since: oldUsed, eventIdx: eventIdx, &s)
+        return true
+    }
 
+    /// After new used elements were published: interrupts the driver if it asked to be
+    /// (EVENT_IDX's used_event, or the avail ring's NO_INTERRUPT flag), else counts the
+    /// suppressed interrupt.
+    func interruptIfAsked(_ q: SplitQueueDevice, since oldUsed: UInt16, eventIdx: Bool, _ s: inout State) {
         // §2.7.7.2: after the used idx is visible, read what the driver asked for.
         Ring.full()
         let notify = eventIdx
@@ -107,7 +114,6 @@ extension DeviceCore {
         } else {
             s.statistics[q.index].suppressedInterrupts += 1
         }
-        return true
     }
 
     /// Writes the used element for one chain, bent by the completion faults when they are on.
