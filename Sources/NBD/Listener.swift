@@ -123,7 +123,7 @@ struct Listener: ~Copyable {
         case .failure(let e): throw .system("creating a UNIX socket for", target: path, e)
         }
         let raw = fd.raw
-        var address = unixAddress(path)
+        var address = SocketSyscall.unixAddress(path)
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 SocketSyscall.bind(raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
@@ -198,23 +198,11 @@ struct Listener: ~Copyable {
         return Listener(fd: fd, path: nil, identity: (0, 0), port: port)
     }
 
-    static func unixAddress(_ path: String) -> sockaddr_un {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in
-            let bytes = Array(path.utf8)
-            precondition(bytes.count < raw.count)
-            raw.copyBytes(from: bytes)
-            raw[bytes.count] = 0
-        }
-        return address
-    }
-
     /// Whether a connect to `path` succeeds (a live server owns the socket).
     static func someoneListens(_ path: String) -> Bool {
         guard case .success(let raw) = SocketSyscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue)) else { return false }
         let fd = OwnedFD(adopting: raw)
-        var address = unixAddress(path)
+        var address = SocketSyscall.unixAddress(path)
         let r = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 SocketSyscall.connect(raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size))

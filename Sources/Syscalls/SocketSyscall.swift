@@ -176,4 +176,18 @@ public enum SocketSyscall {
     public static func chmod(_ path: String, _ mode: UInt32) -> Result<Void, Errno> {
         Glibc.chmod(path, mode_t(mode)) == 0 ? .success(()) : .failure(Errno(rawValue: errno))
     }
+
+    /// A sockaddr_un for `path`; the caller checked that it fits (`sun_path` holds 107 bytes
+    /// and the terminating NUL).
+    public static func unixAddress(_ path: String) -> sockaddr_un {
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            let bytes = Array(path.utf8)
+            precondition(bytes.count < raw.count, "UNIX socket path longer than sun_path")
+            raw.copyBytes(from: bytes)
+            raw[bytes.count] = 0
+        }
+        return address
+    }
 }

@@ -23,7 +23,7 @@ public enum ControlSocketError: Error, Equatable, CustomStringConvertible {
         case .inUse(let path, let pid):
             return "\(path) is the control socket of a running driver\(pid.map { " (pid \($0))" } ?? ""); stop it, or use --take-over / `virtio-vfio upgrade` to replace it"
         case .notASocket(let path): return "\(path) exists and is not a socket; refusing to replace it (remove it)"
-        case .pathTooLong(let path): return "\(path) is longer than a UNIX socket path can be (107 bytes)"
+        case .pathTooLong(let path): return "\(path) is too long for a UNIX socket path (107 bytes, with room for a .PID.new suffix while it is created); use a shorter --control-directory"
         case .nobodyListening(let path): return "no driver is serving on \(path) (start `virtio-vfio serve ...` first)"
         case .timedOut(let what): return "timed out \(what)"
         case .closed(let what): return "the other side closed the control connection \(what)"
@@ -54,7 +54,9 @@ public struct ControlListener: ~Copyable {
     /// driver answers there (the successor of that driver does this); otherwise a live socket is
     /// refused and a stale one (nobody answers) is replaced.
     public init(path: String, replacing: Bool = false) throws(ControlSocketError) {
-        guard path.utf8.count < MemoryLayout.size(ofValue: sockaddr_un().sun_path) - 8 else { throw .pathTooLong(path: path) }
+        // The socket is bound under `path.PID.new` first: that name must fit sun_path too.
+        let temporary = "\(path).\(getpid()).new"
+        guard temporary.utf8.count < MemoryLayout.size(ofValue: sockaddr_un().sun_path) else { throw .pathTooLong(path: path) }
         let directory = String(path[..<(path.lastIndex(of: "/") ?? path.startIndex)])
         if !directory.isEmpty, Glibc.mkdir(directory, 0o700) != 0, errno != EEXIST {
             throw .system("creating the directory", path: directory, Errno(rawValue: errno))
@@ -71,14 +73,13 @@ public struct ControlListener: ~Copyable {
         }
         // Bound under a temporary name, made 0600, listening, then renamed over `path`: a client
         // never finds the path without a listener behind it, and never with looser permissions.
-        let temporary = "\(path).\(getpid()).new"
         _ = SocketSyscall.unlink(temporary)
         let fd: OwnedFD
         switch SocketSyscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_NONBLOCK.rawValue)) {
         case .success(let raw): fd = OwnedFD(adopting: raw)
         case .failure(let e): throw .system("creating a UNIX socket for", path: path, e)
         }
-        var address = unixAddress(temporary)
+        var address = SocketSyscall.unixAddress(temporary)
         let raw = fd.raw
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketSyscall.bind(raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
@@ -145,12 +146,13 @@ public struct ControlConnection: ~Copyable {
 
     /// Connects to the driver serving on `path`; its credentials must carry our effective uid too.
     public init(connectingTo path: String, timeoutMilliseconds: Int32 = 5000) throws(ControlSocketError) {
+        guard path.utf8.count < MemoryLayout.size(ofValue: sockaddr_un().sun_path) else { throw .pathTooLong(path: path) }
         let fd: OwnedFD
         switch SocketSyscall.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue)) {
         case .success(let raw): fd = OwnedFD(adopting: raw)
         case .failure(let e): throw .system("creating a UNIX socket for", path: path, e)
         }
-        var address = unixAddress(path)
+        var address = SocketSyscall.unixAddress(path)
         let raw = fd.raw
         let connected = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketSyscall.connect(raw, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
@@ -228,16 +230,4 @@ public struct ControlConnection: ~Copyable {
         case .failure(let e): throw .system("poll on", path: "the control socket", e)
         }
     }
-}
-
-/// A sockaddr_un for `path` (the caller checked its length).
-func unixAddress(_ path: String) -> sockaddr_un {
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in
-        let bytes = Array(path.utf8.prefix(raw.count - 1))
-        raw.copyBytes(from: bytes)
-        raw[bytes.count] = 0
-    }
-    return address
 }

@@ -1,6 +1,7 @@
 import Glibc
 import Testing
 @testable import NBD
+import Syscalls
 import Synchronization
 
 /// The server on a temporary UNIX socket, its loop on its own thread, driven by `TestClient`.
@@ -547,7 +548,7 @@ struct ServerTests {
 
         // A stale socket (nobody listening) is replaced; the mode is 0600, or as configured.
         let stale = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
-        var address = Listener.unixAddress(path)
+        var address = SocketSyscall.unixAddress(path)
         _ = withUnsafePointer(to: &address) { $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
             bind(stale, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) } }
         Glibc.close(stale)

@@ -17,7 +17,7 @@ final class TestClient {
     init(unixPath path: String) throws {
         fd = Glibc.socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw TestFailure("socket: \(errno)") }
-        var address = Listener.unixAddress(path)
+        var address = SocketSyscall.unixAddress(path)
         let r = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) {
                 SocketSyscall.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size))
