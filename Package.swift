@@ -56,8 +56,8 @@ let package = Package(
         .target(name: "VirtioDevices", dependencies: ["Virtio"]),
         // Upgrade: the versioned state record and descriptor passing of a hot upgrade.
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")]),
-        // Services: devices exposed to real clients (NBD export of virtio-blk).
-        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls"]),
+        // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net).
+        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
             "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD", "Upgrade",
             .product(name: "SystemPackage", package: "swift-system"),
@@ -71,7 +71,7 @@ let package = Package(
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
         .testTarget(name: "VirtqueueTests", dependencies: ["Virtio"]),
         .testTarget(name: "UpgradeTests", dependencies: ["Upgrade", "Syscalls", "CVirtioShim"]),
-        .testTarget(name: "DeviceTests", dependencies: ["VirtioDevices", "VirtioEmulator", "Virtio", "Services", "NBD"]),
+        .testTarget(name: "DeviceTests", dependencies: ["VirtioDevices", "VirtioEmulator", "Virtio", "Services", "NBD", "Upgrade", "Syscalls"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
         // The emulator itself, driven by a hand-written driver-side ring writer.
         .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),

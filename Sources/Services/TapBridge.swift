@@ -19,6 +19,9 @@ public struct TapBridgeConfiguration: Sendable {
     public var batch = 64
     /// Link changes and recoveries, one line each (rare; never per frame).
     public var log: @Sendable (String) -> Void = { _ in }
+    /// Called with every counter by name (device's, then the bridge's) at each status look, so
+    /// another thread (the control socket's) can report them without touching the bridge.
+    public var publishCounters: (@Sendable ([(String, Int)]) -> Void)? = nil
 
     public init() {}
 }
@@ -50,6 +53,16 @@ public struct TapBridgeCounters: Sendable, Equatable {
     public var lastReadError: Int32 = 0
 
     public init() {}
+
+    /// Every count by a stable name (reports, and the hand-over to a successor driver). The
+    /// last errno values are not counts and stay with the process that saw them.
+    public static let fields: [(name: String, path: WritableKeyPath<TapBridgeCounters, Int> & Sendable)] = [
+        ("to_tap_frames", \.toTapFrames), ("to_tap_bytes", \.toTapBytes), ("to_tap_dropped_full", \.toTapDroppedFull),
+        ("to_tap_errors", \.toTapErrors), ("from_tap_frames", \.fromTapFrames), ("from_tap_bytes", \.fromTapBytes),
+        ("from_tap_dropped_size", \.fromTapDroppedSize), ("from_tap_dropped_header", \.fromTapDroppedHeader),
+        ("from_tap_dropped_ring", \.fromTapDroppedRing), ("transmit_ring_full", \.transmitRingFull),
+        ("tap_read_errors", \.tapReadErrors),
+    ]
 }
 
 /// Moves frames both ways between a TAP descriptor and a `NetDevice`, polling the device: every
@@ -87,15 +100,18 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
         features.contains(.netChecksum) ? 1 : 0  // TUN_F_CSUM
     }
 
+    /// `counters` continue a previous bridge's (after a hot upgrade).
     public init(device: consuming NetDevice<T>, fd: Int32, vnetHeaderSize: Int,
-                configuration: TapBridgeConfiguration = TapBridgeConfiguration()) {
+                configuration: TapBridgeConfiguration = TapBridgeConfiguration(),
+                counters: TapBridgeCounters = TapBridgeCounters()) {
         precondition(vnetHeaderSize == 0 || vnetHeaderSize == NetHeader.size)
+        self.counters = counters
+        self.lastRecoveries = device.counters.recoveries
         self.device = device
         self.fd = fd
         self.vnetHeaderSize = vnetHeaderSize
         self.configuration = configuration
         self.buffers = TapBridgeBuffers(headerSize: vnetHeaderSize)
-        self.lastRecoveries = 0
     }
 
     // MARK: - One round
@@ -197,12 +213,21 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
         return (moved, ringFull)
     }
 
-    /// Looks at DEVICE_NEEDS_RESET and the link (recovering by reset if needed); logs a change.
+    /// Looks at DEVICE_NEEDS_RESET and the link (recovering by reset if needed); logs a change
+    /// and publishes the counters.
     public mutating func refreshStatus() throws(NetError) {
         if try device.refreshStatus() {
             configuration.log("link \(device.linkStatus) (change \(device.counters.linkChanges))")
         }
         noteRecoveries()
+        if let publish = configuration.publishCounters { publish(namedCounters) }
+    }
+
+    /// The device's counters, then the bridge's, by name.
+    public var namedCounters: [(String, Int)] {
+        let d = device.counters, c = counters
+        return NetCounters.fields.map { ($0.name, d[keyPath: $0.path]) }
+            + TapBridgeCounters.fields.map { ($0.name, c[keyPath: $0.path]) }
     }
 
     mutating func noteRecoveries() {
@@ -231,13 +256,19 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
     /// the caller clears it, e.g. after printing counters on SIGUSR1, and calls `run` again).
     /// Throws only what the device could not recover from.
     public mutating func run(until stop: borrowing Atomic<Bool>, pauseWhen pause: borrowing Atomic<Bool>) throws(NetError) -> Outcome {
+        try run(until: stop) { pause.load(ordering: .relaxed) }
+    }
+
+    /// `run` with any pause condition (looked at once per round): a SIGUSR1 flag, or a hot
+    /// upgrade waiting for the bridge to stop moving frames.
+    public mutating func run(until stop: borrowing Atomic<Bool>, pauseWhen pause: () -> Bool) throws(NetError) -> Outcome {
         let clock = ContinuousClock()
         var lastProgress = clock.now
         var lastStatus = clock.now
         var sleep: Duration = .microseconds(20)
         while true {
             if stop.load(ordering: .relaxed) { return .stopped }
-            if pause.load(ordering: .relaxed) { return .paused }
+            if pause() { return .paused }
             let round = try step()
             let now = clock.now
             if round.progress {
@@ -262,6 +293,32 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
             }
             if pollSet.pointee.revents & Int16(POLLIN) != 0 { sleep = .microseconds(20) }
         }
+    }
+
+    // MARK: - Hot upgrade
+
+    /// Before a handover that resets the device (reset mode): frames the device has received go
+    /// to the TAP and transmitted frames are waited for, so the reset loses none of them; the
+    /// TAP is not read (what the stack sends meanwhile waits in the TAP's queue for the
+    /// successor). Bounded by `timeout`; returns the transmit frames still in flight (lost if
+    /// the successor resets).
+    public mutating func drainForReset(timeout: Duration) throws(NetError) -> Int {
+        let clock = ContinuousClock()
+        let deadline = clock.now + timeout
+        device.publishTransmitted()
+        while true {
+            _ = try deviceToTap()
+            try device.reclaimTransmitted()
+            if device.transmitInFlight == 0 || clock.now >= deadline { break }
+        }
+        _ = try deviceToTap()
+        return device.transmitInFlight
+    }
+
+    /// Gives up the device without touching it (live upgrade: the successor adopts it). The TAP
+    /// descriptor stays the caller's.
+    public consuming func detach() -> NetDevice<T> {
+        device
     }
 
     /// Resets the device (it uses no buffer afterwards) and returns the transport.

@@ -29,6 +29,29 @@ extension Syscall {
         }
     }
 
+    /// TUNGETIFF: the name and IFF_* flags of the interface `fd` is attached to (EBADFD when
+    /// it is attached to none).
+    @inline(never)
+    public static func tunGetInterface(_ fd: Int32) -> Result<(name: String, flags: UInt32), Errno> {
+        var request = ifreq()
+        let result = withUnsafeMutablePointer(to: &request) { Syscall.ioctl(fd, CVirtioShim_TUNGETIFF, UnsafeMutableRawPointer($0)) }
+        switch result {
+        case .failure(let e): return .failure(e)
+        case .success:
+            let name = withUnsafeBytes(of: request.ifr_ifrn) { p in
+                String(decoding: p.prefix(while: { $0 != 0 }), as: UTF8.self)
+            }
+            return .success((name, UInt32(UInt16(bitPattern: request.ifr_ifru.ifru_flags))))
+        }
+    }
+
+    /// TUNGETVNETHDRSZ: the virtio-net header size `fd` reads and writes frames with.
+    @inline(never)
+    public static func tunGetVnetHeaderSize(_ fd: Int32) -> Result<Int32, Errno> {
+        var value: Int32 = 0
+        return withUnsafeMutablePointer(to: &value) { Syscall.ioctl(fd, CVirtioShim_TUNGETVNETHDRSZ, UnsafeMutableRawPointer($0)) }.map { _ in value }
+    }
+
     /// TUNSETVNETHDRSZ: the virtio-net header in front of every frame read or written is `size`
     /// bytes (10 by default; 12 for the VERSION_1 header with num_buffers).
     @inline(never)
@@ -141,6 +164,40 @@ public struct TapInterface: ~Copyable {
             throw TapError(operation: "TUNSETOFFLOAD 0x\(String(offloads, radix: 16))", name: name, errno: e)
         }
         self.name = actual
+        self.vnetHeaderSize = vnetHeaderSize
+        self.fd = fd
+    }
+
+    /// Takes over a TAP descriptor another process handed over (hot upgrade): it must be attached
+    /// to a TAP (TUNGETIFF: IFF_TAP and IFF_NO_PI) and read and write frames behind a header of
+    /// `vnetHeaderSize` bytes (IFF_VNET_HDR and TUNGETVNETHDRSZ, or neither for 0). Nothing is
+    /// changed on the interface, so frames queued in it are kept. A mismatch is refused by name.
+    public init(adopting fd: consuming OwnedFD, vnetHeaderSize: Int) throws(TapError) {
+        let attached: (name: String, flags: UInt32)
+        switch Syscall.tunGetInterface(fd.raw) {
+        case .success(let a): attached = a
+        case .failure(let e): throw TapError(operation: "TUNGETIFF on the handed-over descriptor", name: "?", errno: e)
+        }
+        let wanted = CVirtioShim_IFF_TAP | CVirtioShim_IFF_NO_PI
+        guard attached.flags & wanted == wanted else {
+            throw TapError(operation: "adopting: flags 0x\(String(attached.flags, radix: 16)) are not IFF_TAP | IFF_NO_PI",
+                           name: attached.name, errno: Errno(rawValue: EINVAL))
+        }
+        let hasHeader = attached.flags & CVirtioShim_IFF_VNET_HDR != 0
+        if hasHeader != (vnetHeaderSize > 0) {
+            throw TapError(operation: "adopting: the TAP \(hasHeader ? "carries" : "does not carry") a virtio-net header, this driver needs \(vnetHeaderSize) bytes",
+                           name: attached.name, errno: Errno(rawValue: EINVAL))
+        }
+        if hasHeader {
+            switch Syscall.tunGetVnetHeaderSize(fd.raw) {
+            case .success(let n) where Int(n) == vnetHeaderSize: break
+            case .success(let n):
+                throw TapError(operation: "adopting: the virtio-net header is \(n) bytes, this driver needs \(vnetHeaderSize)",
+                               name: attached.name, errno: Errno(rawValue: EINVAL))
+            case .failure(let e): throw TapError(operation: "TUNGETVNETHDRSZ", name: attached.name, errno: e)
+            }
+        }
+        self.name = attached.name
         self.vnetHeaderSize = vnetHeaderSize
         self.fd = fd
     }

@@ -1,13 +1,15 @@
 /// Little-endian byte writing and bounds-checked reading for the upgrade state record.
-struct ByteWriter {
-    private(set) var bytes: [UInt8] = []
+public struct ByteWriter {
+    public private(set) var bytes: [UInt8] = []
 
-    mutating func u8(_ v: UInt8) { bytes.append(v) }
-    mutating func u16(_ v: UInt16) { for i in 0..<2 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt16(i)))) } }
-    mutating func u32(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(i)))) } }
-    mutating func u64(_ v: UInt64) { for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(i)))) } }
-    mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
-    mutating func string(_ s: String) {
+    public init() {}
+
+    public mutating func u8(_ v: UInt8) { bytes.append(v) }
+    public mutating func u16(_ v: UInt16) { for i in 0..<2 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt16(i)))) } }
+    public mutating func u32(_ v: UInt32) { for i in 0..<4 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt32(i)))) } }
+    public mutating func u64(_ v: UInt64) { for i in 0..<8 { bytes.append(UInt8(truncatingIfNeeded: v >> (8 * UInt64(i)))) } }
+    public mutating func raw(_ b: [UInt8]) { bytes.append(contentsOf: b) }
+    public mutating func string(_ s: String) {
         let utf8 = Array(s.utf8)
         u16(UInt16(min(utf8.count, Int(UInt16.max))))
         raw(Array(utf8.prefix(Int(UInt16.max))))
@@ -16,31 +18,31 @@ struct ByteWriter {
 
 /// Reads what `ByteWriter` wrote; every read is checked against the end, and each failure names
 /// the field, so a damaged record is refused with a reason.
-struct ByteReader {
+public struct ByteReader {
     let bytes: [UInt8]
-    private(set) var offset = 0
+    public private(set) var offset = 0
 
-    init(_ bytes: [UInt8]) { self.bytes = bytes }
+    public init(_ bytes: [UInt8]) { self.bytes = bytes }
 
-    var remaining: Int { bytes.count - offset }
+    public var remaining: Int { bytes.count - offset }
 
-    mutating func take(_ n: Int, _ field: String) throws(StateRecordError) -> ArraySlice<UInt8> {
+    public mutating func take(_ n: Int, _ field: String) throws(StateRecordError) -> ArraySlice<UInt8> {
         guard n >= 0, n <= remaining else { throw .truncated(field: field, at: offset) }
         defer { offset += n }
         return bytes[offset..<(offset + n)]
     }
 
-    mutating func u8(_ field: String) throws(StateRecordError) -> UInt8 { try take(1, field).first! }
-    mutating func u16(_ field: String) throws(StateRecordError) -> UInt16 {
+    public mutating func u8(_ field: String) throws(StateRecordError) -> UInt8 { try take(1, field).first! }
+    public mutating func u16(_ field: String) throws(StateRecordError) -> UInt16 {
         try take(2, field).reversed().reduce(0) { $0 << 8 | UInt16($1) }
     }
-    mutating func u32(_ field: String) throws(StateRecordError) -> UInt32 {
+    public mutating func u32(_ field: String) throws(StateRecordError) -> UInt32 {
         try take(4, field).reversed().reduce(0) { $0 << 8 | UInt32($1) }
     }
-    mutating func u64(_ field: String) throws(StateRecordError) -> UInt64 {
+    public mutating func u64(_ field: String) throws(StateRecordError) -> UInt64 {
         try take(8, field).reversed().reduce(0) { $0 << 8 | UInt64($1) }
     }
-    mutating func string(_ field: String, max: Int) throws(StateRecordError) -> String {
+    public mutating func string(_ field: String, max: Int) throws(StateRecordError) -> String {
         let n = Int(try u16(field + " length"))
         guard n <= max else { throw .invalid(field: field, "length \(n) is above \(max)") }
         let raw = try take(n, field)

@@ -18,7 +18,8 @@
 ///
 /// The serving driver keeps every descriptor and the device until it sends `go`; a successor that
 /// dies, declines or misses the deadline leaves it serving (rollback). `describe` is answered at
-/// any time with what `virtio-vfio upgrade` needs to start a successor.
+/// any time with what `virtio-vfio upgrade` needs to start a successor, `statistics` with the
+/// service's counters by name (`virtio-vfio info` on a served device).
 public enum HandoverMessage: Equatable, Sendable {
     public enum Mode: UInt8, Sendable, CaseIterable, CustomStringConvertible {
         /// The seed's way: reset, renegotiate (features may differ), rebuild the queues.
@@ -44,6 +45,18 @@ public enum HandoverMessage: Equatable, Sendable {
     case abort(String)
     case describe
     case described(pid: Int32, driverVersion: String, features: UInt64, arguments: [String])
+    case statistics
+    case counters([Counter])
+
+    /// One counter of a serving driver, by a stable name (`rx_packets`, ...).
+    public struct Counter: Equatable, Sendable {
+        public var name: String
+        public var value: UInt64
+        public init(name: String, value: UInt64) { self.name = name; self.value = value }
+    }
+
+    /// At most this many counters in one `counters` message, each name at most `maxCounterName` bytes.
+    public static let maxCounters = 256, maxCounterName = 64
 
     /// The decoder's limits, which the encoder keeps too (so every message it writes decodes to
     /// itself): texts of at most 4096 UTF-8 bytes, at most 256 arguments.
@@ -72,7 +85,10 @@ public enum HandoverMessage: Equatable, Sendable {
         return result + "..."
     }
 
-    enum Kind: UInt8 { case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described, deviceFollows, prepared }
+    enum Kind: UInt8 {
+        case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described, deviceFollows, prepared
+        case statistics, counters
+    }
 
     /// The message's bytes. Reasons and summaries longer than `maxText` are clipped; a driver
     /// version or arguments past the limits are a programming error (`problem(describing:)`).
@@ -97,6 +113,13 @@ public enum HandoverMessage: Equatable, Sendable {
             w.u8(Kind.described.rawValue); w.u32(UInt32(bitPattern: pid)); w.string(version); w.u64(features)
             w.u16(UInt16(arguments.count))
             for a in arguments { w.string(a) }
+        case .statistics: w.u8(Kind.statistics.rawValue)
+        case .counters(let counters):
+            precondition(counters.count <= Self.maxCounters && counters.allSatisfy { $0.name.utf8.count <= Self.maxCounterName },
+                         "counters: more than \(Self.maxCounters) or a name longer than \(Self.maxCounterName) bytes")
+            w.u8(Kind.counters.rawValue)
+            w.u16(UInt16(counters.count))
+            for c in counters { w.string(c.name); w.u64(c.value) }
         }
         return w.bytes
     }
@@ -136,6 +159,16 @@ public enum HandoverMessage: Equatable, Sendable {
             var arguments: [String] = []
             for i in 0..<count { arguments.append(try text(&r, "argument \(i)")) }
             self = .described(pid: pid, driverVersion: version, features: features, arguments: arguments)
+        case .statistics: self = .statistics
+        case .counters:
+            let count = Int(try r.u16("counter count"))
+            guard count <= HandoverMessage.maxCounters else { throw .invalid(field: "counter count", "\(count)") }
+            var counters: [Counter] = []
+            for i in 0..<count {
+                counters.append(Counter(name: try r.string("counter \(i) name", max: HandoverMessage.maxCounterName),
+                                        value: try r.u64("counter \(i) value")))
+            }
+            self = .counters(counters)
         }
         guard r.remaining == 0 else { throw .invalid(field: "message", "\(r.remaining) unexpected bytes at the end") }
     }

@@ -53,6 +53,9 @@ public struct StateRecord: Sendable, Equatable {
     /// What each handed-over file descriptor is, in the order they travel.
     public enum DescriptorRole: UInt8, Sendable, CaseIterable {
         case container = 1, group, device, dmaMemory, interrupt, listener, client
+        /// A TAP interface's descriptor (`serve net`): the interface and the frames queued in it
+        /// live on while it is open.
+        case tap
     }
 
     public var driverVersion: String
@@ -219,7 +222,7 @@ public struct StateRecord: Sendable, Equatable {
             for role in deviceRoles where roles.filter({ $0 == role }).count != 1 {
                 throw .invalid(field: "descriptors", "exactly one \(role) descriptor is needed")
             }
-            if part == .device, let socket = roles.first(where: { $0 == .listener || $0 == .client }) {
+            if part == .device, let socket = roles.first(where: { $0 == .listener || $0 == .client || $0 == .tap }) {
                 throw .invalid(field: "descriptors", "a \(socket) socket in the device part")
             }
         case .service:

@@ -66,29 +66,71 @@ public struct SplitQueue: ~Copyable {
         self.init(index: index, memory: memory, features: features, doorbell: doorbell, availIndex: 0, usedIndex: 0)
     }
 
-    /// Takes over queue `index` of a running device that a previous driver left idle (live
-    /// upgrade, no reset): the same `memory` at the same device addresses, its indices continued
-    /// from `availIndex` and `usedIndex` (the handed-over state). Nothing in the rings is written
-    /// or zeroed, and nothing a driver wrote (the available ring) is read back. The device's
-    /// `used.idx` is read once and must equal `usedIndex`, and `availIndex` must equal
-    /// `usedIndex` (everything published was used): otherwise the device moved on or the queue
-    /// was not idle, and the queue is refused. All descriptors start free. With EVENT_IDX,
-    /// `used_event` and `avail_event` stay as they are (`suppressInterrupts`/`armInterrupts`
-    /// rewrite `used_event`; `avail_event` is the device's).
+    /// Takes over queue `index` of a running device from a previous driver (live upgrade, no
+    /// reset): the same `memory` at the same device addresses, its indices continued from
+    /// `availIndex` and `usedIndex`, and the requests the device still holds (`outstanding`, one
+    /// descriptor each) as they were handed over. Nothing in the rings is written or zeroed, and
+    /// nothing a driver wrote (descriptors, the available ring) is read back: the free list is
+    /// every descriptor that is not an outstanding head.
+    ///
+    /// Checked before anything is kept: `outstanding` holds exactly `availIndex - usedIndex`
+    /// requests (every published one not consumed) with distinct heads below the queue size; the
+    /// device's `used.idx`, read once, is at most that many ahead of `usedIndex` (the device may
+    /// have used some since the previous driver stopped looking: they are consumed next). With
+    /// EVENT_IDX, `used_event` and `avail_event` stay as they are (`suppressInterrupts` /
+    /// `armInterrupts` rewrite `used_event`; `avail_event` is the device's).
     public init(adopting memory: SplitQueueMemory, features: Features, doorbell: Doorbell, index: Int,
-                availIndex: UInt16, usedIndex: UInt16) throws(VirtioError) {
-        guard availIndex == usedIndex else {
-            throw .adoption(queue: index, "not idle: available index \(availIndex), used index \(usedIndex) (requests were in flight)")
+                availIndex: UInt16, usedIndex: UInt16, outstanding: [QueueSnapshot.Outstanding] = []) throws(VirtioError) {
+        let published = Int(availIndex &- usedIndex)
+        guard published == outstanding.count else {
+            if outstanding.isEmpty {
+                throw .adoption(queue: index, "not idle: available index \(availIndex), used index \(usedIndex) (requests were in flight)")
+            }
+            throw .adoption(queue: index, "\(outstanding.count) requests handed over, but the indices say \(published) are outstanding (available \(availIndex), used \(usedIndex))")
+        }
+        guard published <= Int(memory.size) else {
+            throw .adoption(queue: index, "\(published) requests outstanding in a queue of \(memory.size)")
+        }
+        var seen = [Bool](repeating: false, count: Int(memory.size))
+        for request in outstanding {
+            guard request.head < memory.size else {
+                throw .adoption(queue: index, "outstanding head \(request.head) is not a descriptor (queue size \(memory.size))")
+            }
+            guard !seen[Int(request.head)] else {
+                throw .adoption(queue: index, "outstanding head \(request.head) is handed over twice")
+            }
+            seen[Int(request.head)] = true
         }
         // §2.7.8: used.idx is the device's; one volatile load, validated before anything relies on it.
         let deviceIndex = UInt16(littleEndian: CVirtioShim_mmio_read16(memory.used.pointer + 2))
-        guard deviceIndex == usedIndex else {
-            throw .adoption(queue: index, "used idx is \(deviceIndex) in the ring, expected \(usedIndex) from the handed-over state")
+        guard Int(deviceIndex &- usedIndex) <= published else {
+            if outstanding.isEmpty {
+                throw .adoption(queue: index, "used idx is \(deviceIndex) in the ring, expected \(usedIndex) from the handed-over state")
+            }
+            throw .adoption(queue: index, "used idx is \(deviceIndex) in the ring, more than the \(published) outstanding requests past \(usedIndex)")
         }
         // §2.7.14: like drainUsed, order the used.idx load before any later read of the rings.
         CVirtioShim_barrier_read()
         self.init(index: index, memory: memory, features: features, doorbell: doorbell,
                   availIndex: availIndex, usedIndex: usedIndex)
+        if outstanding.isEmpty { return }
+        for request in outstanding {
+            let head = Int(request.head)
+            chainLength[head] = 1
+            writableBytes[head] = request.writableBytes
+            tokens[head] = request.token
+        }
+        // The free list: every other descriptor, in index order (shadow links only).
+        var previous: Int? = nil
+        var first = Int(size)
+        for i in 0..<Int(size) where !seen[i] {
+            if let previous { nextFree[previous] = UInt16(truncatingIfNeeded: i) } else { first = i }
+            previous = i
+        }
+        if let previous { nextFree[previous] = UInt16(truncatingIfNeeded: Int(size)) }
+        freeHead = UInt16(truncatingIfNeeded: first)
+        freeCount = Int(size) - published
+        inFlight = published
     }
 
     /// What both initialisers share: the shadow state (all descriptors free) and the indices.
@@ -138,6 +180,27 @@ public struct SplitQueue: ~Copyable {
     /// The queue as a successor takes it over with `init(adopting:)`. Valid only when `isIdle`.
     public var snapshot: QueueSnapshot {
         QueueSnapshot(index: index, size: size, rings: rings, availIndex: publishedAvailIndex, usedIndex: lastUsedIndex)
+    }
+
+    /// The queue with the requests the device still holds, for a successor that adopts it while
+    /// they are outstanding (virtio-net keeps its receive buffers posted across a live upgrade).
+    /// Refused when the device broke the queue, when requests were added but not published (the
+    /// caller publishes first), or when a request takes more than one descriptor.
+    public func handoverSnapshot() throws(VirtioError) -> QueueSnapshot {
+        if let brokenReason { throw brokenReason }
+        guard availIndex == publishedAvailIndex else {
+            throw .adoption(queue: index, "\(availIndex &- publishedAvailIndex) requests added but not published")
+        }
+        var outstanding: [QueueSnapshot.Outstanding] = []
+        outstanding.reserveCapacity(inFlight)
+        for head in 0..<Int(size) where chainLength[head] != 0 {
+            guard chainLength[head] == 1 else {
+                throw .adoption(queue: index, "request at head \(head) takes \(chainLength[head]) descriptors: only single-descriptor requests are handed over (complete it first)")
+            }
+            outstanding.append(.init(head: UInt16(truncatingIfNeeded: head), token: tokens[head], writableBytes: writableBytes[head]))
+        }
+        return QueueSnapshot(index: index, size: size, rings: rings, availIndex: publishedAvailIndex,
+                             usedIndex: lastUsedIndex, outstanding: outstanding)
     }
 
     // MARK: - Ring memory accessors (little-endian, plain loads/stores ordered by the barriers below)

@@ -36,6 +36,23 @@ public struct NetControlQueue: ~Copyable {
         self.timeout = timeout
     }
 
+    /// Takes over the control queue of a running device (live upgrade). Commands are waited for
+    /// one at a time, so a handed-over control queue is idle.
+    init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
+                                   doorbell: Doorbell, timeout: Duration) throws(VirtioError) {
+        let memory = try SplitQueueMemory(arena: transport.dma, size: snapshot.size, zeroed: false)
+        let command = try transport.dma.allocate(NetControlQueue.commandBytes, alignment: 64, zeroed: false)
+        let ack = try transport.dma.allocate(1, alignment: 64, zeroed: false)
+        try Adoption.checkLayout(memory.rings, snapshot)
+        self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                    availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+        self.queue.suppressInterrupts()
+        self.command = command
+        self.ack = ack
+        self.index = snapshot.index
+        self.timeout = timeout
+    }
+
     /// Sends one command and waits for the device's answer: true for VIRTIO_NET_OK, false for
     /// VIRTIO_NET_ERR. The used length must cover the ack byte and the ack must be one of the two
     /// values; anything else, or no answer within `timeout`, is an error.

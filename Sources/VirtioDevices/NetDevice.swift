@@ -58,7 +58,7 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
     /// `rxBufferSize` is the buffer size with MRG_RXBUF; without it buffers hold a whole frame.
     public init(transport: consuming T, wanted: Features = NetDevice.supported, queueSize: UInt16? = nil,
                 rxBufferSize: Int = 2048, maxConsecutiveRecoveries: Int = 3,
-                controlTimeout: Duration = .seconds(1)) throws(VirtioError) {
+                controlTimeout: Duration = .seconds(1), counters: NetCounters = NetCounters()) throws(VirtioError) {
         guard transport.deviceType == .net else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-net")
         }
@@ -104,7 +104,84 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         self.config = config
         self.negotiation = negotiation
         self.maxConsecutiveRecoveries = maxConsecutiveRecoveries
+        self.counters = counters
         self.transport = transport
+    }
+
+    /// Takes over a running virtio-net device from a previous driver process without a reset
+    /// (live upgrade): status and features checked (`Adoption.checkLive`), the configuration read
+    /// and checked again, receiveq1, transmitq1 and the control queue (when CTRL_VQ was
+    /// negotiated) checked against `queues` and rebuilt over the same memory in the order `init`
+    /// lays them out, without writing it. The receive buffers stay posted (frames the device
+    /// received meanwhile come out of the next `receive`); transmit frames still in flight are
+    /// reclaimed as the device uses them. Polling only: queue and configuration vectors must be
+    /// NO_VECTOR. `counters`, `promiscuous` and `allMulticast` continue the previous driver's.
+    /// Every check comes before the first write (ring flags only): a refusal leaves the device
+    /// as it was.
+    public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
+                rxBufferSize: Int = 2048, counters: NetCounters = NetCounters(), promiscuous: Bool? = nil,
+                allMulticast: Bool? = nil, maxConsecutiveRecoveries: Int = 3,
+                controlTimeout: Duration = .seconds(1)) throws(VirtioError) {
+        guard transport.deviceType == .net else {
+            throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-net")
+        }
+        guard features.isSubset(of: NetDevice.usable.union([.version1, .accessPlatform])) else {
+            throw .adoption(queue: nil, "features 0x\(String(features.subtracting(NetDevice.usable).rawValue, radix: 16)) are not ones this driver uses")
+        }
+        let negotiation = try Adoption.checkLive(transport, features: features)
+        let config = try NetConfig(reading: transport, features: features)
+        let controlIndex = features.contains(.netMultiQueue) ? 2 * Int(config.maxQueuePairs) : 2
+        let expected = features.contains(.netControlQueue) ? [0, 1, controlIndex] : [0, 1]
+        guard snapshots.map(\.index) == expected else {
+            throw .adoption(queue: nil, "queues \(snapshots.map(\.index)) handed over, the negotiated features need \(expected) (§5.1.2)")
+        }
+        var doorbells: [Doorbell] = []
+        for snapshot in snapshots { doorbells.append(try Adoption.checkQueue(transport, snapshot, vector: nil)) }
+        transport.dma.reset()
+        let bufferSize = NetReceiveQueue.bufferSize(features: features, config: config, requested: rxBufferSize)
+        var rx = try NetReceiveQueue(adopting: snapshots[0], transport: transport, features: features, config: config,
+                                     bufferSize: bufferSize, doorbell: doorbells[0])
+        let tx = try NetTransmitQueue(adopting: snapshots[1], transport: transport, features: features, config: config,
+                                      doorbell: doorbells[1])
+        let control = features.contains(.netControlQueue)
+            ? NetControlBox(try NetControlQueue(adopting: snapshots[2], transport: transport, features: features,
+                                                doorbell: doorbells[2], timeout: controlTimeout)) : nil
+        // Buffers the previous driver had taken back and not posted again go out now (the
+        // device is live: DRIVER_OK was set by the previous driver, §3.1.1).
+        try rx.post()
+        self.rx = rx
+        self.tx = tx
+        self.control = control
+        self.linkStatus = config.status
+        self.config = config
+        self.negotiation = negotiation
+        self.counters = counters
+        self.promiscuous = promiscuous
+        self.allMulticast = allMulticast
+        self.maxConsecutiveRecoveries = maxConsecutiveRecoveries
+        self.transport = transport
+    }
+
+    /// Every queue as a successor adopts it (`init(adopting:)`), with the receive buffers the
+    /// device holds and the transmit frames it has not sent: frames queued with `publish: false`
+    /// are published first. Throws if a queue is broken or the control queue is busy.
+    public mutating func handoverSnapshots() throws(VirtioError) -> [QueueSnapshot] {
+        tx.publish()
+        var result = [try rx.handoverSnapshot(), try tx.handoverSnapshot()]
+        if let control {
+            guard control.queue.queue.isIdle else {
+                throw .adoption(queue: control.queue.index, "a control command is outstanding")
+            }
+            result.append(control.queue.queue.snapshot)
+        }
+        return result
+    }
+
+    /// Gives the transport back with the device still running (live upgrade): no reset, nothing
+    /// written; the successor adopts it. Only after `handoverSnapshots()`, with nothing touched
+    /// in between.
+    public consuming func detach() -> T {
+        transport
     }
 
     public var features: Features { negotiation.accepted }

@@ -103,54 +103,6 @@ public enum NetDropReason: Sendable, Equatable, CaseIterable {
     case badLength
 }
 
-/// What the net device counted: traffic, drops by reason, device faults.
-public struct NetCounters: Sendable, Equatable {
-    public var rxPackets = 0
-    public var rxBytes = 0
-    public var txPackets = 0
-    public var txBytes = 0
-    /// Transmitted frames the device has completed (their slots reclaimed).
-    public var txCompleted = 0
-    /// `transmit` calls refused because every slot was in flight (backpressure, not loss).
-    public var txRingFull = 0
-    /// Frames in flight on the transmit queue when a reset took them back (lost).
-    public var txLostToReset = 0
-    /// Received frames dropped, by reason (never delivered).
-    public var rxShortUsedLength = 0
-    public var rxBadNumBuffers = 0
-    public var rxBadHeader = 0
-    public var rxBadLength = 0
-    /// Rings the device broke (a used element the queue refused: §2.7.8), and the resets that
-    /// brought the device back.
-    public var brokenRings = 0
-    public var recoveries = 0
-    /// Changes of the link status seen by `refreshStatus`.
-    public var linkChanges = 0
-
-    public init() {}
-
-    public var rxDropped: Int { rxShortUsedLength + rxBadNumBuffers + rxBadHeader + rxBadLength }
-
-    public func drops(_ reason: NetDropReason) -> Int {
-        switch reason {
-        case .shortUsedLength: return rxShortUsedLength
-        case .badNumBuffers: return rxBadNumBuffers
-        case .badHeader: return rxBadHeader
-        case .badLength: return rxBadLength
-        }
-    }
-
-    @inline(__always)
-    mutating func drop(_ reason: NetDropReason) {
-        switch reason {
-        case .shortUsedLength: rxShortUsedLength += 1
-        case .badNumBuffers: rxBadNumBuffers += 1
-        case .badHeader: rxBadHeader += 1
-        case .badLength: rxBadLength += 1
-        }
-    }
-}
-
 /// What a net operation can fail with, beyond a broken device.
 public enum NetError: Error, Equatable, CustomStringConvertible {
     case virtio(VirtioError)

@@ -58,6 +58,51 @@ public struct NetReceiveQueue: ~Copyable {
         self.assembly = .allocate(byteCount: max(config.maxFrameBytes, 1), alignment: 64)
     }
 
+    /// Takes over receiveq1 of a running device (live upgrade): the same layout as `init`
+    /// recomputed over the live DMA memory without writing it, the rings checked against
+    /// `snapshot`, and the buffers the device holds (`snapshot.outstanding`, token = slot) kept
+    /// posted: each must be a distinct slot offering exactly `bufferSize` bytes, as this version
+    /// would post it. Frames the device wrote into them since the previous driver stopped are
+    /// delivered by the next `receive`. Slots not outstanding are idle and posted by `post()`.
+    init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
+                                   config: NetConfig, bufferSize: Int, doorbell: Doorbell) throws(VirtioError) {
+        let size = snapshot.size
+        let stride = (bufferSize + 63) / 64 * 64
+        let memory = try SplitQueueMemory(arena: transport.dma, size: size, zeroed: false)
+        let buffers = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
+        try Adoption.checkLayout(memory.rings, snapshot)
+        var held = [Bool](repeating: false, count: Int(size))
+        for request in snapshot.outstanding {
+            guard request.token < UInt64(size), !held[Int(request.token)] else {
+                throw .adoption(queue: snapshot.index, "receive buffer slot \(request.token) handed over is not a slot of \(size), or appears twice")
+            }
+            guard request.writableBytes == UInt32(bufferSize) else {
+                throw .adoption(queue: snapshot.index, "receive buffers of \(request.writableBytes) bytes handed over, this version posts \(bufferSize)")
+            }
+            held[Int(request.token)] = true
+        }
+        self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                    availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
+                                    outstanding: snapshot.outstanding)
+        self.queue.suppressInterrupts()
+        self.index = snapshot.index
+        self.buffers = buffers
+        self.bufferSize = bufferSize
+        self.stride = stride
+        self.mergeable = features.contains(.netMergeableRxBuffers)
+        self.guestChecksum = features.contains(.netGuestChecksum)
+        self.maxFrame = config.maxFrameBytes
+        var idle = SlotStack(capacity: Int(size))
+        for slot in (0..<Int(size)).reversed() where !held[slot] { idle.push(slot) }
+        self.idle = idle
+        self.spreadSlots = .allocate(capacity: Int(size))
+        self.spreadLengths = .allocate(capacity: Int(size))
+        self.assembly = .allocate(byteCount: max(config.maxFrameBytes, 1), alignment: 64)
+    }
+
+    /// The queue with every buffer the device holds, for a successor (live upgrade).
+    func handoverSnapshot() throws(VirtioError) -> QueueSnapshot { try queue.handoverSnapshot() }
+
     deinit {
         spreadSlots.deallocate()
         spreadLengths.deallocate()

@@ -25,6 +25,38 @@ public struct NetTransmitQueue: ~Copyable {
         self.idle = SlotStack(filledTo: Int(size))
     }
 
+    /// Takes over transmitq1 of a running device (live upgrade): the same layout as `init` over
+    /// the live memory, unwritten; the frames still in flight (`snapshot.outstanding`, token =
+    /// slot, nothing device-writable) stay in flight and are reclaimed when the device uses them.
+    init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
+                                   config: NetConfig, doorbell: Doorbell) throws(VirtioError) {
+        let size = snapshot.size
+        let stride = (NetHeader.size + config.maxFrameBytes + 63) / 64 * 64
+        let memory = try SplitQueueMemory(arena: transport.dma, size: size, zeroed: false)
+        let slots = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
+        try Adoption.checkLayout(memory.rings, snapshot)
+        var held = [Bool](repeating: false, count: Int(size))
+        for request in snapshot.outstanding {
+            guard request.token < UInt64(size), !held[Int(request.token)], request.writableBytes == 0 else {
+                throw .adoption(queue: snapshot.index, "transmit slot \(request.token) handed over (\(request.writableBytes) writable bytes) is not a slot of \(size), appears twice or is device-writable")
+            }
+            held[Int(request.token)] = true
+        }
+        self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                    availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
+                                    outstanding: snapshot.outstanding)
+        self.queue.suppressInterrupts()
+        self.index = snapshot.index
+        self.slots = slots
+        self.stride = stride
+        var idle = SlotStack(capacity: Int(size))
+        for slot in (0..<Int(size)).reversed() where !held[slot] { idle.push(slot) }
+        self.idle = idle
+    }
+
+    /// The queue with the frames still in flight, for a successor (live upgrade).
+    func handoverSnapshot() throws(VirtioError) -> QueueSnapshot { try queue.handoverSnapshot() }
+
     /// Frames handed to the device and not yet reclaimed.
     public var inFlight: Int { queue.inFlight }
     public var size: Int { Int(queue.size) }

@@ -33,6 +33,8 @@ final class ControlService: @unchecked Sendable {
     let pending = Mutex<HandoverRequest?>(nil)
     let stopping = Atomic<Bool>(false)
     let description: @Sendable () -> HandoverMessage
+    /// The service's counters by name, for `statistics` (nil: the service keeps none).
+    let counters: (@Sendable () -> [(String, Int)])?
     /// The device part of the state and its descriptors (constant while this driver serves).
     let deviceState: DeviceState
     let options: HandoverOptions
@@ -44,7 +46,9 @@ final class ControlService: @unchecked Sendable {
     }
 
     init(path: String, replacing: Bool, wake: Int32? = nil, deviceState: DeviceState, options: HandoverOptions,
+         counters: (@Sendable () -> [(String, Int)])? = nil,
          describe: @escaping @Sendable () -> HandoverMessage) throws {
+        self.counters = counters
         self.deviceState = deviceState
         self.options = options
         do { listener = try ControlListener(path: path, replacing: replacing) } catch {
@@ -103,6 +107,14 @@ final class ControlService: @unchecked Sendable {
             switch message {
             case .describe?:
                 try? connection.send(description())
+            case .statistics?:
+                if let counters {
+                    try? connection.send(.counters(counters().prefix(HandoverMessage.maxCounters).map {
+                        HandoverMessage.Counter(name: $0.0, value: UInt64(max($0.1, 0)))
+                    }))
+                } else {
+                    try? connection.send(.refused("this service keeps no counters"))
+                }
             case .hello(let mode, let version, let pid)?:
                 guard !quiesce.load(ordering: .relaxed) else {
                     try? connection.send(.refused("another handover is in progress"))
@@ -137,7 +149,7 @@ final class ControlService: @unchecked Sendable {
                 quiesce.store(true, ordering: .relaxed)
                 if let wake { _ = Syscall.write64(wake, 1) }
             default:
-                try? connection.send(.refused("expected hello or describe"))
+                try? connection.send(.refused("expected hello, describe or statistics"))
             }
         }
     }
@@ -154,6 +166,15 @@ func askServingDriver(_ path: String) -> (pid: Int32, version: String, features:
           case .described(let pid, let version, let features, let arguments)?? = try? connection.receiveMessage(timeoutMilliseconds: 2000)
     else { return nil }
     return (pid, version, features, arguments)
+}
+
+/// The counters of the driver serving a control socket (nil: nobody answers, or it keeps none).
+func askServingDriverCounters(_ path: String) -> [HandoverMessage.Counter]? {
+    guard let connection = try? ControlConnection(connectingTo: path, timeoutMilliseconds: 2000) else { return nil }
+    guard (try? connection.send(.statistics)) != nil,
+          case .counters(let counters)?? = try? connection.receiveMessage(timeoutMilliseconds: 2000)
+    else { return nil }
+    return counters
 }
 
 /// Nanoseconds as "12.3 ms".

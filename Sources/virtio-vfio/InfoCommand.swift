@@ -60,6 +60,13 @@ struct InfoCommand: ParsableCommand {
         var negotiatedFeatures: UInt64
         var negotiatedFeatureNames: [String]
         var command: [String]
+        /// The service's counters (serve net), in the order it reports them.
+        var counters: [ServedCounter]?
+    }
+
+    struct ServedCounter: Encodable {
+        var name: String
+        var value: UInt64
     }
 
     func run() throws {
@@ -72,11 +79,19 @@ struct InfoCommand: ParsableCommand {
             let report = ServedReport(address: "\(address)", servedByPID: served.pid, driverVersion: served.version,
                                       negotiatedFeatures: served.features,
                                       negotiatedFeatureNames: Features(rawValue: served.features).names(for: type),
-                                      command: served.arguments)
+                                      command: served.arguments,
+                                      counters: askServingDriverCounters(ControlListener.path(for: "\(address)"))?.map {
+                                          ServedCounter(name: $0.name, value: $0.value)
+                                      })
             if json { try JSONOutput.print(report); return }
             print("\(address): served by pid \(served.pid), driver virtio-vfio \(served.version) (\(served.arguments.dropFirst().joined(separator: " ")))")
             print("Negotiated features 0x\(hex(served.features, width: 16)):")
             print("  " + report.negotiatedFeatureNames.joined(separator: " "))
+            if let counters = report.counters, !counters.isEmpty {
+                let width = counters.map(\.name.count).max() ?? 0
+                print("Counters (as of the driver's last status look, at most 0.5 s ago):")
+                for c in counters { print("  \(c.name.padding(toLength: width, withPad: " ", startingAt: 0))  \(c.value)") }
+            }
             return
         }
         let transport = try global.openTransport(address)

@@ -132,7 +132,7 @@ struct ServeBlkCommand: ParsableCommand {
         }
         let connections = server.handoverState()
         var record = server.withBackend { deviceState($0.device.transport, features: $0.device.negotiation.accepted) }.record
-        record.queues = snapshots.map(StateRecord.Queue.init)
+        record.setQueues(snapshots)
         record.descriptors = connections.descriptors.map {
             $0 == connections.unixListener?.fd || $0 == connections.tcpListener?.fd ? .listener : .client
         }
@@ -172,7 +172,7 @@ struct ServeBlkCommand: ParsableCommand {
             throw received.decline("NBD connection state: \(error)", touched: false)
         }
         sockets = []
-        let snapshots = received.record.queues.map(QueueSnapshot.init)
+        let snapshots = received.record.queueSnapshots
         let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll)
         var blk: BlockDevice<VirtioPCITransport>
         do {

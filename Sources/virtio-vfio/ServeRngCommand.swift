@@ -139,7 +139,7 @@ struct ServeRngCommand: ParsableCommand {
         }
  
         var record = deviceState(rng.transport, features: rng.negotiation.accepted).record
-        record.queues = [StateRecord.Queue(snapshot)]
+        record.setQueues([snapshot])
         record.descriptors = []
         record.quiesceStarted = quiesced
         let rollback = handOverDevice(pending, record: record, descriptors: [], 
@@ -163,7 +163,7 @@ struct ServeRngCommand: ParsableCommand {
             throw received.decline("\(error)", touched: false)
         }
         try received.prepared()
-        let snapshots = received.record.queues.map(QueueSnapshot.init)
+        let snapshots = received.record.queueSnapshots
         let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll)
         var rng: EntropyDevice<VirtioPCITransport>
         do {

@@ -15,8 +15,19 @@ struct ControlSocketTests {
             .hello(mode: .live, driverVersion: "0.2.0", pid: 42), .refused("busy"), .stateFollows, .ready("ok"),
             .declined("first read failed", touchedDevice: true), .go, .abort("deadline"), .describe,
             .described(pid: 7, driverVersion: "0.2.0+no-event-idx", features: 0x3_0000_0000, arguments: ["virtio-vfio", "serve", "blk"]),
+            .statistics, .counters([]),
+            .counters([.init(name: "rx_packets", value: 12), .init(name: "tx_bytes", value: UInt64.max)]),
         ]
         for m in messages { #expect(try HandoverMessage(decoding: m.encoded()) == m) }
+    }
+
+    @Test func countersBeyondTheLimitsAreRefused() throws {
+        var bytes: [UInt8] = [13, 0x01, 0x01]  // counters, count 257
+        #expect { try HandoverMessage(decoding: bytes) } throws: { "\($0)".contains("counter count") }
+        bytes = [13, 1, 0, 65, 0] + Array(repeating: 0x61, count: 65) + Array(repeating: 0, count: 8)  // a 65-byte name
+        #expect { try HandoverMessage(decoding: bytes) } throws: { "\($0)".contains("counter 0 name") }
+        bytes = HandoverMessage.counters([.init(name: "a", value: 1)]).encoded() + [0]
+        #expect { try HandoverMessage(decoding: bytes) } throws: { "\($0)".contains("unexpected bytes") }
     }
 
     @Test func longReasonsAreClippedAndTooManyArgumentsAreNamed() throws {

@@ -52,6 +52,18 @@ struct StateRecordTests {
         }
     }
 
+    @Test func aTapTravelsOnlyInTheServicePart() throws {
+        var record = sample
+        record.descriptors = [.tap]
+        record.inFlight = []
+        let decoded = try StateRecord(decoding: record.encoded(), descriptorCount: 1, part: .service)
+        #expect(decoded.descriptors == [.tap])
+        record.descriptors = [.container, .group, .device, .dmaMemory, .tap]
+        #expect { try StateRecord(decoding: record.encoded(), descriptorCount: 5, part: .device) } throws: {
+            "\($0)".contains("a tap socket in the device part")
+        }
+    }
+
     @Test func validatesEachField() {
         refuses({ $0.features = 0x200 }, "VERSION_1")
         refuses({ $0.queues[0].size = 100 }, "not a power of two")

@@ -13,6 +13,9 @@ struct TunIoctlNumberTests {
         ("TUNSETOFFLOAD", CVirtioShim_TUNSETOFFLOAD, 0x4004_54D0),
         ("TUNSETVNETHDRSZ", CVirtioShim_TUNSETVNETHDRSZ, 0x4004_54D8),
         ("SIOCSIFHWADDR", CVirtioShim_SIOCSIFHWADDR, 0x8924),
+        // _IOR('T', nr, unsigned int / int): read direction.
+        ("TUNGETIFF", CVirtioShim_TUNGETIFF, 0x8004_54D2),
+        ("TUNGETVNETHDRSZ", CVirtioShim_TUNGETVNETHDRSZ, 0x8004_54D7),
     ])
     func requestNumber(_ name: String, _ actual: UInt, _ expected: UInt) {
         #expect(actual == expected, "\(name)")

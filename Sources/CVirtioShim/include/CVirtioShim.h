@@ -44,6 +44,10 @@ extern const unsigned long CVirtioShim_TUNSETIFF;
 extern const unsigned long CVirtioShim_TUNSETVNETHDRSZ;
 /// TUNSETOFFLOAD: the TUN_F_* offloads userspace accepts in frames it reads (unsigned long value).
 extern const unsigned long CVirtioShim_TUNSETOFFLOAD;
+/// TUNGETIFF: the name and IFF_* flags of the interface a descriptor is attached to (struct ifreq).
+extern const unsigned long CVirtioShim_TUNGETIFF;
+/// TUNGETVNETHDRSZ: the virtio-net header size the descriptor uses (int *).
+extern const unsigned long CVirtioShim_TUNGETVNETHDRSZ;
 /// SIOCSIFHWADDR (linux/sockios.h): a TUN/TAP fd takes it directly to set the interface's MAC.
 extern const unsigned long CVirtioShim_SIOCSIFHWADDR;
 extern const unsigned int CVirtioShim_IFF_TAP;
