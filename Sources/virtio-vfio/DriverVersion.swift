@@ -7,10 +7,10 @@ import Virtio
 /// needs equal features).
 enum DriverVersion {
 #if VIRTIO_VFIO_NO_EVENT_IDX
-    static let string = "0.2.0+no-event-idx"
+    static let string = "0.3.0+no-event-idx"
     static let ringFeatures: Features = []
 #else
-    static let string = "0.2.0"
+    static let string = "0.3.0"
     static let ringFeatures: Features = [.ringEventIdx]
 #endif
     /// The virtio-blk features this build accepts (`supported` is `BlockDevice.supported`).

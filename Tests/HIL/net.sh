@@ -3,7 +3,9 @@
 # TAP vtap0 in network namespace A (10.0.0.1), the kernel-driven 00:08.0 in namespace B
 # (10.0.0.2); the QEMU hub joins the two NICs. ping both ways, a flood ping with no loss, iperf3
 # TCP both ways; then 00:07.0 goes back to virtio_net and the same iperf3 runs kernel to kernel
-# for a baseline. Every command is bounded by `timeout`.
+# for a baseline. Between the two, serve net is upgraded (live, reset, auto, a rollback) while
+# iperf3 TCP runs both ways; the connection must survive and the gaps are reported per mode.
+# Every command is bounded by `timeout`.
 # Environment: NET_FLOOD_COUNT (default 10000), NET_IPERF_SECONDS (default 10), NET_SERVE_ARGS
 # (extra serve net options, e.g. "--busy-poll 2000").
 set -uo pipefail
@@ -76,14 +78,107 @@ ours_rx=$(iperf_run ours-rx -R)
 retr=$(jq -r '.end.sum_sent.retransmits // 0' "$work/ours-tx.json" 2>/dev/null)
 echo "iperf3 retransmits A -> B: $retr"
 
-kill -TERM $serve
-for _ in $(seq 100); do kill -0 $serve 2>/dev/null || break; sleep 0.1; done
-wait $serve; rc=$?
-echo "--- serve net log"; cat "$work/serve.log"; echo "---"
-[[ $rc == 0 ]] && pass "serve net stops on SIGTERM (exit 0)" || fail "serve net exit $rc"
-grep -q "stopped; device reset" "$work/serve.log" && pass "stop summary printed" || fail "no stop summary"
-grep -q "malformed from device: 0 " "$work/serve.log" && pass "no malformed frames from the device" || fail "malformed frames: $(grep malformed "$work/serve.log")"
-frames=$(sed -nE 's/^device->tap: ([0-9]+) frames.*/\1/p' "$work/serve.log" | tail -n 1)
+# ---- hot upgrade of serve net while TCP flows (issue 8) ------------------------------------------
+# Two builds as in upgrade.sh: A (this one) and B (-DVIRTIO_VFIO_NO_EVENT_IDX: another version,
+# no EVENT_IDX, so live mode between A and B is impossible and auto falls back to reset).
+A=$PWD/.build/debug/virtio-vfio B=$PWD/.build-variant/debug/virtio-vfio
+current=$serve
+if [[ -x $B ]]; then
+  va=$($A --version) vb=$($B --version)
+  # upgrade_net BINARY MODE [EXTRA...]: output in $OUT, status in $RC; the serving pid follows.
+  upgrade_net() {
+    local bin=$1 mode=$2; shift 2
+    OUT=$(timeout 90 $A upgrade $OURS --binary "$bin" --mode "$mode" -- "$@" 2>>"$work/upgrade.log"); RC=$?
+    local pid; pid=$(sed -nE 's/^after: pid ([0-9]+).*/\1/p' <<<"$OUT")
+    [[ -n $pid ]] && current=$pid
+  }
+  # probe_start / probe_gap: ping B -> A every 5 ms with timestamps around one upgrade; the
+  # longest time between two replies is the gap a client saw, with the replies lost.
+  probe_start() { ip netns exec B timeout 120 ping -D -n -i 0.005 -W 1 10.0.0.1 >"$work/probe.txt" 2>&1 & probe=$!; sleep 1; }
+  probe_gap() {
+    sleep 1; kill -INT $probe 2>/dev/null; wait $probe 2>/dev/null
+    local gap lost
+    gap=$(sed -nE 's/^\[([0-9.]+)\] [0-9]+ bytes from.*/\1/p' "$work/probe.txt" \
+      | awk 'NR > 1 { d = ($1 - p) * 1000; if (d > m) m = d } { p = $1 } END { printf "%.0f", m }')
+    lost=$(sed -nE 's/^([0-9]+) packets transmitted, ([0-9]+) received.*/\1 \2/p' "$work/probe.txt" | awk '{ print $1 - $2 }')
+    echo "${gap:-?} ms longest gap between ping replies, ${lost:-?} of $(sed -nE 's/^([0-9]+) packets transmitted.*/\1/p' "$work/probe.txt") lost"
+  }
+  driver_gap() { grep -oE "took over TAP vtap0 from driver [^ ]+ in (live|reset) mode in [^;]+; service gap [0-9.]+ ms \([^)]*\)" "$work/upgrade.log" | tail -n 1; }
+
+  timeout 120 ip netns exec A iperf3 -c 10.0.0.2 -t 30 -i 1 -J >"$work/upgrade-tx.json" 2>&1 &
+  iperf=$!
+  sleep 4
+  probe_start; upgrade_net "$A" live; client=$(probe_gap)
+  [[ $RC == 0 && $OUT == *"upgraded: $va -> $va"* ]] && pass "serve net: live upgrade $va -> $va during iperf3" || fail "live upgrade: exit $RC: $OUT $(tail -n 5 "$work/upgrade.log")"
+  live_driver=$(driver_gap) live_client=$client
+  [[ $live_driver == *"in live mode"* ]] && pass "live mode: $live_driver; client: $live_client" || fail "live takeover log: $(tail -n 5 "$work/upgrade.log")"
+  sleep 2
+  probe_start; upgrade_net "$B" reset; client=$(probe_gap)
+  [[ $RC == 0 && $OUT == *"upgraded: $va -> $vb"* ]] && pass "serve net: reset upgrade $va -> $vb during iperf3" || fail "reset upgrade: exit $RC: $OUT $(tail -n 5 "$work/upgrade.log")"
+  reset_driver=$(driver_gap) reset_client=$client
+  [[ $reset_driver == *"in reset mode"* ]] && pass "reset mode: $reset_driver; client: $reset_client" || fail "reset takeover log: $(tail -n 5 "$work/upgrade.log")"
+  sleep 2
+  upgrade_net "$A" auto
+  [[ $RC == 0 && $OUT == *"upgraded: $vb -> $va"* ]] && grep -q "live mode not possible" "$work/upgrade.log" \
+    && pass "serve net: auto mode across feature sets falls back to reset ($vb -> $va)" || fail "auto upgrade: exit $RC: $OUT"
+  sleep 2
+  upgrade_net "$A" live --debug-fault first-request-fails
+  [[ $RC == 1 && $OUT == *"rolled back"* ]] && pass "serve net: a successor failing its first check is rolled back" || fail "rollback: exit $RC: $OUT"
+  grep -q "device reset and rebuilt after the failed upgrade" "$work/upgrade.log" && pass "the old driver reset and rebuilt the device it had handed over live" || fail "no rebuild after rollback: $(tail -n 5 "$work/upgrade.log")"
+  wait $iperf; rc=$?
+  secs=$(jq -r '.end.sum_received.seconds // 0 | floor' "$work/upgrade-tx.json" 2>/dev/null)
+  err=$(jq -r '.error // empty' "$work/upgrade-tx.json" 2>/dev/null)
+  tail3=$(jq -r '[.intervals[-3:][].sum.bytes] | min' "$work/upgrade-tx.json" 2>/dev/null)
+  mbit=$(jq -r '.end.sum_received.bits_per_second / 1e6 | floor' "$work/upgrade-tx.json" 2>/dev/null)
+  retr=$(jq -r '.end.sum_sent.retransmits // 0' "$work/upgrade-tx.json" 2>/dev/null)
+  [[ $rc == 0 && -z $err && ${secs:-0} -ge 29 && ${tail3:-0} -gt 0 ]] \
+    && pass "iperf3 TCP A -> B kept its connection through 3 upgrades and a rollback: 30 s, $mbit Mbit/s, $retr retransmits" \
+    || fail "iperf3 across upgrades: exit $rc, error '$err', $secs s, last intervals min $tail3 bytes"
+  echo "per-second bytes: $(jq -r '[.intervals[].sum.bytes] | map(tostring) | join(" ")' "$work/upgrade-tx.json" 2>/dev/null)"
+
+  # The other direction: the device receives the bulk (B -> A), a live then a reset upgrade.
+  timeout 90 ip netns exec A iperf3 -c 10.0.0.2 -t 16 -i 1 -R -J >"$work/upgrade-rx.json" 2>&1 &
+  iperf=$!
+  sleep 4
+  probe_start; upgrade_net "$A" live; client=$(probe_gap)
+  [[ $RC == 0 ]] && pass "serve net: live upgrade during iperf3 B -> A; client: $client; $(driver_gap | grep -oE 'service gap [0-9.]+ ms')" || fail "live upgrade (-R): exit $RC: $OUT"
+  live_client_rx=$client
+  sleep 2
+  probe_start; upgrade_net "$B" reset; client=$(probe_gap)
+  [[ $RC == 0 ]] && pass "serve net: reset upgrade during iperf3 B -> A; client: $client; $(driver_gap | grep -oE 'service gap [0-9.]+ ms')" || fail "reset upgrade (-R): exit $RC: $OUT"
+  reset_client_rx=$client
+  wait $iperf; rc=$?
+  secs=$(jq -r '.end.sum_received.seconds // 0 | floor' "$work/upgrade-rx.json" 2>/dev/null)
+  err=$(jq -r '.error // empty' "$work/upgrade-rx.json" 2>/dev/null)
+  tail3=$(jq -r '[.intervals[-3:][].sum.bytes] | min' "$work/upgrade-rx.json" 2>/dev/null)
+  [[ $rc == 0 && -z $err && ${secs:-0} -ge 15 && ${tail3:-0} -gt 0 ]] \
+    && pass "iperf3 TCP B -> A kept its connection through 2 upgrades: $(jq -r '.end.sum_received.bits_per_second / 1e6 | floor' "$work/upgrade-rx.json") Mbit/s" \
+    || fail "iperf3 -R across upgrades: exit $rc, error '$err', $secs s, last intervals min $tail3 bytes"
+  printf 'hot upgrade gaps       driver-side (quiesce to confirm)   client-side (ping every 5 ms)\n'
+  printf '  live,  A -> B load   %s\n' "$(grep -oE 'service gap [0-9.]+ ms' <<<"$live_driver") | $live_client"
+  printf '  reset, A -> B load   %s\n' "$(grep -oE 'service gap [0-9.]+ ms' <<<"$reset_driver") | $reset_client"
+  printf '  live,  B -> A load   %s\n' "$live_client_rx"
+  printf '  reset, B -> A load   %s\n' "$reset_client_rx"
+
+  out=$(timeout 20 virtio-vfio info $OURS 2>&1)
+  rxp=$(sed -nE 's/^ +rx_packets +([0-9]+)$/\1/p' <<<"$out")
+  [[ $out == *"served by pid $current"* && ${rxp:-0} -ge $((2 * FLOOD)) ]] \
+    && pass "info asks the serving driver: pid $current, rx_packets $rxp (counted across the upgrades)" || fail "info: $out"
+else
+  fail "variant build $B missing (tools/test builds it): no upgrade test"
+fi
+
+kill -TERM $current
+for _ in $(seq 100); do kill -0 $current 2>/dev/null || break; sleep 0.1; done
+rc=0
+[[ $current == "$serve" ]] && { wait $serve; rc=$?; }
+cat "$work/serve.log" "$work/upgrade.log" 2>/dev/null >"$work/all.log"
+echo "--- serve net log (first driver, then the upgrades)"; cat "$work/all.log"; echo "---"
+kill -0 $current 2>/dev/null && fail "serve net (pid $current) still running after SIGTERM" || pass "serve net stops on SIGTERM"
+[[ $rc == 0 ]] || fail "serve net exit $rc"
+grep -q "stopped; device reset" "$work/all.log" && pass "stop summary printed" || fail "no stop summary"
+grep -q "malformed from device: 0 " "$work/all.log" && pass "no malformed frames from the device" || fail "malformed frames: $(grep malformed "$work/all.log")"
+frames=$(sed -nE 's/^device->tap: ([0-9]+) frames.*/\1/p' "$work/all.log" | tail -n 1)
 [[ ${frames:-0} -ge $((2 * FLOOD)) ]] && pass "device->tap counted $frames frames" || fail "device->tap frames '$frames'"
 ip -n A link show vtap0 >/dev/null 2>&1 && fail "vtap0 still exists after serve net stopped" || pass "vtap0 is gone with serve net"
 
