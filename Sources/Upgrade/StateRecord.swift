@@ -86,7 +86,7 @@ public struct StateRecord: Sendable, Equatable {
     /// The record's bytes. `format` is for tests of the refusal path only: a successor must refuse
     /// any format but `formatVersion` before it touches the device.
     public func encoded(format: UInt16 = StateRecord.formatVersion) -> [UInt8] {
-        var body = ByteWriter()
+        var body = ByteWriter(capacity: 256 + 40 * inFlight.count + serviceState.count)
         body.string(driverVersion)
         body.string(deviceAddress)
         body.u16(deviceType)
@@ -108,7 +108,7 @@ public struct StateRecord: Sendable, Equatable {
         body.u64(quiesceStarted)
         body.u32(UInt32(serviceState.count))
         body.raw(serviceState)
-        var out = ByteWriter()
+        var out = ByteWriter(capacity: body.bytes.count + 24)
         out.raw(StateRecord.magic)
         out.u16(format)
         out.u32(UInt32(body.bytes.count))
