@@ -71,16 +71,7 @@ public struct NetReceiveQueue: ~Copyable {
         let memory = try SplitQueueMemory(arena: transport.dma, size: size, zeroed: false)
         let buffers = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
         try Adoption.checkLayout(memory.rings, snapshot)
-        var held = [Bool](repeating: false, count: Int(size))
-        for request in snapshot.outstanding {
-            guard request.token < UInt64(size), !held[Int(request.token)] else {
-                throw .adoption(queue: snapshot.index, "receive buffer slot \(request.token) handed over is not a slot of \(size), or appears twice")
-            }
-            guard request.writableBytes == UInt32(bufferSize) else {
-                throw .adoption(queue: snapshot.index, "receive buffers of \(request.writableBytes) bytes handed over, this version posts \(bufferSize)")
-            }
-            held[Int(request.token)] = true
-        }
+        let idle = try SlotStack(idleBesides: snapshot, writableBytes: UInt32(bufferSize), kind: "receive buffer")
         self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
                                     availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
                                     outstanding: snapshot.outstanding)
@@ -92,8 +83,6 @@ public struct NetReceiveQueue: ~Copyable {
         self.mergeable = features.contains(.netMergeableRxBuffers)
         self.guestChecksum = features.contains(.netGuestChecksum)
         self.maxFrame = config.maxFrameBytes
-        var idle = SlotStack(capacity: Int(size))
-        for slot in (0..<Int(size)).reversed() where !held[slot] { idle.push(slot) }
         self.idle = idle
         self.spreadSlots = .allocate(capacity: Int(size))
         self.spreadLengths = .allocate(capacity: Int(size))

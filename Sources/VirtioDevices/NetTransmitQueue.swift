@@ -35,13 +35,7 @@ public struct NetTransmitQueue: ~Copyable {
         let memory = try SplitQueueMemory(arena: transport.dma, size: size, zeroed: false)
         let slots = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
         try Adoption.checkLayout(memory.rings, snapshot)
-        var held = [Bool](repeating: false, count: Int(size))
-        for request in snapshot.outstanding {
-            guard request.token < UInt64(size), !held[Int(request.token)], request.writableBytes == 0 else {
-                throw .adoption(queue: snapshot.index, "transmit slot \(request.token) handed over (\(request.writableBytes) writable bytes) is not a slot of \(size), appears twice or is device-writable")
-            }
-            held[Int(request.token)] = true
-        }
+        let idle = try SlotStack(idleBesides: snapshot, writableBytes: 0, kind: "transmit")
         self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
                                     availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
                                     outstanding: snapshot.outstanding)
@@ -49,8 +43,6 @@ public struct NetTransmitQueue: ~Copyable {
         self.index = snapshot.index
         self.slots = slots
         self.stride = stride
-        var idle = SlotStack(capacity: Int(size))
-        for slot in (0..<Int(size)).reversed() where !held[slot] { idle.push(slot) }
         self.idle = idle
     }
 

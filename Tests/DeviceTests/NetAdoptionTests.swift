@@ -172,7 +172,7 @@ struct NetAdoptionTests {
         }
         // Another receive buffer size moves everything after the receive buffers.
         #expect(refusal { try NetDevice(adopting: EmulatedTransport(sharing: h.transport), features: h.features, queues: h.snapshots,
-                                        rxBufferSize: 512) }?.contains("receive buffers of 1530 bytes handed over, this version posts 512") == true)
+                                        rxBufferSize: 512) }?.contains("offers 1530 device-writable bytes, this version posts 512") == true)
         #expect(refusal { try NetDevice(adopting: EmulatedTransport(sharing: h.transport), features: h.features,
                                         queues: Array(h.snapshots.prefix(2))) }?.contains("the negotiated features need [0, 1, 2]") == true)
         #expect(refusal { try NetDevice(adopting: EmulatedTransport(sharing: h.transport), features: h.features.subtracting(.netChecksum),
