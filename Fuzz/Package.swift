@@ -9,10 +9,11 @@
 // (why each flag: the comment at the top of tools/fuzz; not `--sanitize=address` as well).
 //
 // The library targets under Library/ are symlinks to ../Sources/<Module>: the main package has
-// no library products for PCI, Virtio, NBD and Upgrade (a path dependency can only use
-// products), and building the sources here lets every module, not only the fuzz targets, carry
-// libFuzzer's coverage instrumentation and ASan. Their dependencies must match the main
-// Package.swift; a mismatch is a compile error here ("no such module"), not a silent drift.
+// no library products for PCI, Virtio, NBD, Upgrade, VirtioDevices and Services (a path
+// dependency can only use products), and building the sources here lets every module, not only
+// the fuzz targets, carry libFuzzer's coverage instrumentation and ASan. Their dependencies must
+// match the main Package.swift; a mismatch is a compile error here ("no such module"), not a
+// silent drift.
 import PackageDescription
 
 let package = Package(
@@ -33,6 +34,9 @@ let package = Package(
                 path: "Library/NBD"),
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Upgrade"),
+        .target(name: "VirtioDevices", dependencies: ["Virtio"], path: "Library/VirtioDevices"),
+        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade"],
+                path: "Library/Services"),
 
         // Shared by the targets: input cursor, invariant check, seed writing; ASan poisoning in C.
         .target(name: "CFuzzShim", path: "Support/CFuzzShim"),
@@ -46,5 +50,7 @@ let package = Package(
         .executableTarget(name: "FuzzStateRecord", dependencies: ["Upgrade", "FuzzSupport"], path: "Targets/FuzzStateRecord"),
         .executableTarget(name: "FuzzNBDHandoverState", dependencies: ["NBD", "FuzzSupport"], path: "Targets/FuzzNBDHandoverState"),
         .executableTarget(name: "FuzzHandoverMessage", dependencies: ["Upgrade", "FuzzSupport"], path: "Targets/FuzzHandoverMessage"),
+        .executableTarget(name: "FuzzTapHandoverState", dependencies: ["Services", "VirtioDevices", "FuzzSupport"],
+                          path: "Targets/FuzzTapHandoverState"),
     ]
 )

@@ -68,7 +68,7 @@ public struct TapBridgeHandoverState: Sendable, Equatable {
         let version = try r.u16("TAP state version")
         guard version == Self.version else { throw .unsupportedVersion(found: version, supported: Self.version) }
         let name = try r.string("TAP name", max: 15)
-        guard !name.isEmpty, !name.contains("/") else { throw .invalid(field: "TAP name", "\"\(name)\" is not an interface name") }
+        guard Self.isInterfaceName(name) else { throw .invalid(field: "TAP name", "\"\(name)\" is not an interface name") }
         let header = Int(try r.u8("vnet header size"))
         guard header == 0 || header == NetHeader.size else {
             throw .invalid(field: "vnet header size", "\(header) bytes (0 or \(NetHeader.size))")
@@ -97,6 +97,15 @@ public struct TapBridgeHandoverState: Sendable, Equatable {
         guard r.remaining == 0 else { throw .invalid(field: "TAP state", "\(r.remaining) unexpected bytes at the end") }
         self.init(tapName: name, vnetHeaderSize: header, receiveBufferSize: buffer, promiscuous: promiscuous,
                   allMulticast: allMulticast, deviceCounters: device, bridgeCounters: bridge)
+    }
+
+    /// Linux's rule for an interface name (`dev_valid_name`), on bytes: 1-15 bytes, not "." or
+    /// "..", no "/", ":" or whitespace (and no NUL). Bytes, not characters: "/" followed by a
+    /// combining mark is one Swift character that is not "/", but still a "/" to the kernel.
+    public static func isInterfaceName(_ name: String) -> Bool {
+        let bytes = Array(name.utf8)
+        guard (1...15).contains(bytes.count), name != ".", name != ".." else { return false }
+        return !bytes.contains { $0 == UInt8(ascii: "/") || $0 == UInt8(ascii: ":") || $0 == 0 || $0 == 0x20 || (0x09...0x0D).contains($0) }
     }
 
     static func tristate(_ value: Bool?) -> UInt8 { value.map { $0 ? 2 : 1 } ?? 0 }

@@ -44,8 +44,8 @@ struct ServeNetCommand: ParsableCommand {
 
     func validate() throws {
         guard irq == .poll else { throw ValidationError("serve net polls the device: --irq \(irq) is not supported yet (use --irq poll)") }
-        guard !tap.isEmpty, tap.utf8.count < 16, !tap.contains("/"), !tap.contains(" ") else {
-            throw ValidationError("--tap takes an interface name of 1 to 15 characters")
+        guard TapBridgeHandoverState.isInterfaceName(tap) else {
+            throw ValidationError("--tap takes an interface name: 1 to 15 bytes, not . or .., without /, : or whitespace")
         }
         guard busyPoll >= 0, maxSleep > 0 else { throw ValidationError("--busy-poll must not be negative and --max-sleep must be positive") }
     }
@@ -222,7 +222,7 @@ struct ServeNetCommand: ParsableCommand {
         do { state = try TapBridgeHandoverState(decoding: received.record.serviceState) } catch {
             throw received.decline("TAP state: \(error)", touched: false)
         }
-        guard state.tapName == tap else {
+        guard state.tapName.utf8.elementsEqual(tap.utf8) else {
             throw received.decline("the serving driver bridges TAP \(state.tapName), this one was started with --tap \(tap)", touched: false)
         }
         let tapInterface: TapInterface

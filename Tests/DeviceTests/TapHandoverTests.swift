@@ -53,6 +53,10 @@ struct TapHandoverTests {
             (blob(name: ""), "TAP name"),
             (blob(name: "a/b"), "TAP name"),
             (blob(name: String(repeating: "x", count: 16)), "TAP name"),
+            (blob(name: "/\u{301}"), "TAP name"),  // one character that is not "/", but a "/" byte
+            (blob(name: ".."), "TAP name"),
+            (blob(name: "a b"), "TAP name"),
+            (blob(name: "a:1"), "TAP name"),
             (blob(header: 10), "vnet header size"),
             (blob(buffer: 20), "receive buffer size"),
             (blob(promiscuous: 3), "promiscuous"),
