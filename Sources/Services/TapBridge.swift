@@ -7,9 +7,12 @@ import Syscalls
 import Virtio
 import VirtioDevices
 
-/// How the bridge polls: the device has no descriptor in poll mode, so after anything happened
-/// the loop spins for `busyPoll`, then sleeps in ppoll(2) on the TAP for 20 µs, 40 µs ... up to
-/// `maxSleep` (a frame from the TAP wakes it at once; one from the device waits for the next look).
+/// How the bridge waits. After anything happened the loop spins for `busyPoll`. Then, with a
+/// device in poll mode (no descriptor to wait on), it sleeps in ppoll(2) on the TAP for 20 µs,
+/// 40 µs ... up to `maxSleep` (a frame from the TAP wakes it at once; one from the device waits
+/// for the next look); with MSI-X it arms the device's receive interrupt (and the transmit one
+/// when every slot is in flight) and sleeps on the TAP, those eventfds, the configuration
+/// vector's and `wakeDescriptor`, for at most `statusInterval`.
 public struct TapBridgeConfiguration: Sendable {
     public var busyPoll: Duration = .microseconds(200)
     public var maxSleep: Duration = .milliseconds(1)
@@ -17,6 +20,8 @@ public struct TapBridgeConfiguration: Sendable {
     public var statusInterval: Duration = .milliseconds(500)
     /// Frames moved per direction in one round, so neither direction starves the other.
     public var batch = 64
+    /// An eventfd another thread writes to end a sleep at once (a hot-upgrade request), or nil.
+    public var wakeDescriptor: Int32? = nil
     /// Link changes and recoveries, one line each (rare; never per frame).
     public var log: @Sendable (String) -> Void = { _ in }
     /// Called with every counter by name (device's, then the bridge's) at each status look, so
@@ -51,6 +56,10 @@ public struct TapBridgeCounters: Sendable, Equatable {
     public var transmitRingFull = 0
     public var tapReadErrors = 0
     public var lastReadError: Int32 = 0
+    /// Sleeps on interrupts (MSI-X mode), and those a device vector ended (the others ended on
+    /// the TAP, the wake descriptor or the status interval).
+    public var interruptSleeps = 0
+    public var interruptWakeups = 0
 
     public init() {}
 
@@ -61,7 +70,8 @@ public struct TapBridgeCounters: Sendable, Equatable {
         ("to_tap_errors", \.toTapErrors), ("from_tap_frames", \.fromTapFrames), ("from_tap_bytes", \.fromTapBytes),
         ("from_tap_dropped_size", \.fromTapDroppedSize), ("from_tap_dropped_header", \.fromTapDroppedHeader),
         ("from_tap_dropped_ring", \.fromTapDroppedRing), ("transmit_ring_full", \.transmitRingFull),
-        ("tap_read_errors", \.tapReadErrors),
+        ("tap_read_errors", \.tapReadErrors), ("interrupt_sleeps", \.interruptSleeps),
+        ("interrupt_wakeups", \.interruptWakeups),
     ]
 }
 
@@ -279,8 +289,12 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
                 lastStatus = now
                 try refreshStatus()
             }
-            // Busy while traffic flows: nothing to wait on for the device in poll mode.
+            // Busy while traffic flows.
             if now - lastProgress < configuration.busyPoll { continue }
+            if let interrupts = device.interruptDescriptors {
+                if try sleepOnInterrupts(interrupts, ringFull: round.ringFull) { lastStatus = clock.now }
+                continue
+            }
             let timeout = sleep
             sleep = min(sleep * 2, configuration.maxSleep)
             // Wait for the TAP only while a frame read from it can be sent; with a full ring
@@ -321,6 +335,42 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
         device
     }
 
+    /// One sleep in MSI-X mode: the receive interrupt armed (the transmit one too when the ring
+    /// is full), then ppoll on the TAP (unless the ring is full), the armed vectors' eventfds,
+    /// the configuration vector's and the wake descriptor, for at most `statusInterval`. Arming
+    /// re-checks the used ring after a full barrier (§2.7.7.1), so a frame that raced it is
+    /// handled now instead of waiting for an interrupt that was suppressed. Returns whether the
+    /// status was looked at (a configuration interrupt: the link changed).
+    mutating func sleepOnInterrupts(_ interrupts: NetInterruptDescriptors, ringFull: Bool) throws(NetError) -> Bool {
+        defer { device.suppressInterrupts() }
+        guard device.armReceiveInterrupt() else { return false }
+        if ringFull { guard device.armTransmitInterrupt() else { return false } }
+        counters.interruptSleeps += 1
+        let p = pollSet
+        p[0] = pollfd(fd: ringFull ? -1 : fd, events: Int16(POLLIN), revents: 0)
+        p[1] = pollfd(fd: interrupts.receive, events: Int16(POLLIN), revents: 0)
+        p[2] = pollfd(fd: ringFull ? interrupts.transmit : -1, events: Int16(POLLIN), revents: 0)
+        p[3] = pollfd(fd: interrupts.configuration, events: Int16(POLLIN), revents: 0)
+        p[4] = pollfd(fd: configuration.wakeDescriptor ?? -1, events: Int16(POLLIN), revents: 0)
+        let (s, a) = configuration.statusInterval.components
+        if case .failure(let e) = Syscall.poll(p, 5, timeoutNanoseconds: s * 1_000_000_000 + a / 1_000_000_000), e.rawValue != EINTR {
+            counters.tapReadErrors += 1
+            counters.lastReadError = e.rawValue
+        }
+        // Each eventfd that fired is read (reading clears its count). The rings are the truth.
+        var fired = false
+        for i in 1...4 where p[i].fd >= 0 && p[i].revents & Int16(POLLIN) != 0 {
+            _ = Syscall.read64(p[i].fd)
+            if i < 4 { fired = true }
+        }
+        if fired { counters.interruptWakeups += 1 }
+        if p[3].revents & Int16(POLLIN) != 0 {
+            try refreshStatus()
+            return true
+        }
+        return false
+    }
+
     /// Resets the device (it uses no buffer afterwards) and returns the transport.
     public consuming func shutdown() throws(VirtioError) -> T {
         try device.shutdown()
@@ -336,13 +386,16 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
         lines.append("  malformed from device: \(d.rxDropped) (short used length \(d.rxShortUsedLength), bad num_buffers \(d.rxBadNumBuffers), bad header \(d.rxBadHeader), bad length \(d.rxBadLength))")
         lines.append("tap->device: \(c.fromTapFrames) frames \(c.fromTapBytes) bytes, \(d.txCompleted) completed; dropped: size \(c.fromTapDroppedSize), header \(c.fromTapDroppedHeader), ring \(c.fromTapDroppedRing), lost to resets \(d.txLostToReset); ring full \(c.transmitRingFull) times; read errors \(c.tapReadErrors)\(c.lastReadError != 0 ? " (last \(Errno(rawValue: c.lastReadError)))" : "")")
         lines.append("device: link \(device.linkStatus), \(d.linkChanges) link changes, \(d.brokenRings) broken rings, \(d.recoveries) recoveries")
+        if device.interruptDescriptors != nil {
+            lines.append("interrupts: \(c.interruptSleeps) sleeps, \(c.interruptWakeups) woken by the device")
+        }
         return lines.joined(separator: "\n")
     }
 }
 
 /// The bridge's private memory, allocated once: one frame read from the TAP (header and frame,
 /// with room for the largest the kernel sends), the header written in front of a frame going to
-/// the TAP with the two iovecs of that write, and the poll set.
+/// the TAP with the two iovecs of that write, and the poll set (TAP, three vectors, wake).
 struct TapBridgeBuffers: ~Copyable {
     let read: UnsafeMutableRawBufferPointer
     let header: UnsafeMutableRawPointer
@@ -355,7 +408,7 @@ struct TapBridgeBuffers: ~Copyable {
         read = .allocate(byteCount: headerSize + 65536, alignment: 64)
         header = .allocate(byteCount: NetHeader.size, alignment: 8)
         vectors = .allocate(capacity: 2)
-        poll = .allocate(capacity: 1)
+        poll = .allocate(capacity: 5)
     }
 
     deinit {

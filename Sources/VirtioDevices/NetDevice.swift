@@ -6,7 +6,11 @@ import Virtio
 /// Shaped for a poll loop (a TAP bridge): `receive` hands out the frames the device returned and
 /// posts their buffers again, `transmit` copies a frame into a free slot (false when all are in
 /// flight), `reclaimTransmitted` takes completed slots back, `refreshStatus` looks at the link and
-/// at DEVICE_NEEDS_RESET. Completions are polled; interrupts stay suppressed.
+/// at DEVICE_NEEDS_RESET. Completions are polled; interrupts stay suppressed. In an interrupt
+/// mode (`mode` not `.poll`) the device also signals MSI-X vectors (receiveq1 0, transmitq1 1,
+/// configuration changes 2; the control queue none: its commands are waited for by polling), and
+/// a loop with nothing to do arms them (`armReceiveInterrupt`, `armTransmitInterrupt`) and
+/// sleeps on `interruptDescriptors`.
 ///
 /// The device is not trusted: every used element is checked by the split queue, every frame by
 /// the receive queue (lengths, num_buffers, header fields); a malformed frame is dropped and
@@ -26,6 +30,19 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
     public private(set) var allMulticast: Bool?
     public let maxConsecutiveRecoveries: Int
     var consecutiveRecoveries = 0
+    /// How completions are learnt: `.poll`, or MSI-X (`.msix`; `.hybrid` is the same here, the
+    /// caller decides how long to poll before it sleeps).
+    public let mode: CompletionMode
+    /// In an interrupt mode: the eventfds of the receive, transmit and configuration vectors
+    /// (owned by the transport).
+    public let interruptDescriptors: NetInterruptDescriptors?
+
+    /// The MSI-X vectors this driver programs (§4.1.5.1.2): one per data queue, one for
+    /// configuration changes (link status). The control queue gets none.
+    public static var receiveVector: UInt16 { 0 }
+    public static var transmitVector: UInt16 { 1 }
+    public static var configurationVector: UInt16 { 2 }
+    static var vectorCount: Int { 3 }
 
     /// The features this driver uses when offered (§5.1.3). Not GSO/TSO (no segmentation here),
     /// not MQ (one queue pair; accepted when asked for, see `init`).
@@ -58,7 +75,8 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
     /// `rxBufferSize` is the buffer size with MRG_RXBUF; without it buffers hold a whole frame.
     public init(transport: consuming T, wanted: Features = NetDevice.supported, queueSize: UInt16? = nil,
                 rxBufferSize: Int = 2048, maxConsecutiveRecoveries: Int = 3,
-                controlTimeout: Duration = .seconds(1), counters: NetCounters = NetCounters()) throws(VirtioError) {
+                controlTimeout: Duration = .seconds(1), counters: NetCounters = NetCounters(),
+                mode: CompletionMode = .poll) throws(VirtioError) {
         guard transport.deviceType == .net else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-net")
         }
@@ -80,7 +98,11 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
             throw .queueSetup(queue: needed - 1, "the device has \(transport.queueCount()) queues, \(needed) needed for the negotiated features (§5.1.2)")
         }
         transport.dma.reset()
-        try transport.setConfigVector(nil)
+        // §4.1.5.1.2: MSI-X vectors are mapped (config_msix_vector, queue_msix_vector) before
+        // DRIVER_OK; with none the device is polled.
+        var interrupts: NetInterruptDescriptors?
+        if mode != .poll { interrupts = NetInterruptDescriptors(try transport.enableInterrupts(count: NetDevice.vectorCount)) }
+        try transport.setConfigVector(mode == .poll ? nil : NetDevice.configurationVector)
         // §3.1.1 step 7: every queue set up before DRIVER_OK.
         var sizes: [UInt16] = []
         for index in 0..<2 {
@@ -89,8 +111,10 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
             sizes.append(SplitQueueLayout.queueSize(maximum: maximum, limit: queueSize))
         }
         var rx = try NetReceiveQueue(index: 0, transport: transport, size: sizes[0], features: features, config: config,
-                                     bufferSize: NetReceiveQueue.bufferSize(features: features, config: config, requested: rxBufferSize))
-        let tx = try NetTransmitQueue(index: 1, transport: transport, size: sizes[1], features: features, config: config)
+                                     bufferSize: NetReceiveQueue.bufferSize(features: features, config: config, requested: rxBufferSize),
+                                     vector: mode == .poll ? nil : NetDevice.receiveVector)
+        let tx = try NetTransmitQueue(index: 1, transport: transport, size: sizes[1], features: features, config: config,
+                                      vector: mode == .poll ? nil : NetDevice.transmitVector)
         let control = features.contains(.netControlQueue)
             ? NetControlBox(try NetControlQueue(index: controlIndex, transport: transport, features: features, timeout: controlTimeout)) : nil
         try Lifecycle.driverOK(transport)
@@ -105,6 +129,8 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         self.negotiation = negotiation
         self.maxConsecutiveRecoveries = maxConsecutiveRecoveries
         self.counters = counters
+        self.mode = mode
+        self.interruptDescriptors = interrupts
         self.transport = transport
     }
 
@@ -121,7 +147,7 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
     public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
                 rxBufferSize: Int = 2048, counters: NetCounters = NetCounters(), promiscuous: Bool? = nil,
                 allMulticast: Bool? = nil, maxConsecutiveRecoveries: Int = 3,
-                controlTimeout: Duration = .seconds(1)) throws(VirtioError) {
+                controlTimeout: Duration = .seconds(1), mode: CompletionMode = .poll) throws(VirtioError) {
         guard transport.deviceType == .net else {
             throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-net")
         }
@@ -136,7 +162,10 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
             throw .adoption(queue: nil, "queues \(snapshots.map(\.index)) handed over, the negotiated features need \(expected) (§5.1.2)")
         }
         var doorbells: [Doorbell] = []
-        for snapshot in snapshots { doorbells.append(try Adoption.checkQueue(transport, snapshot, vector: nil)) }
+        let vectors = NetDevice.queueVectors(mode: mode, count: snapshots.count)
+        for (snapshot, vector) in zip(snapshots, vectors) {
+            doorbells.append(try Adoption.checkQueue(transport, snapshot, vector: vector))
+        }
         transport.dma.reset()
         let bufferSize = NetReceiveQueue.bufferSize(features: features, config: config, requested: rxBufferSize)
         var rx = try NetReceiveQueue(adopting: snapshots[0], transport: transport, features: features, config: config,
@@ -146,6 +175,9 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         let control = features.contains(.netControlQueue)
             ? NetControlBox(try NetControlQueue(adopting: snapshots[2], transport: transport, features: features,
                                                 doorbell: doorbells[2], timeout: controlTimeout)) : nil
+        // MSI-X: eventfds of this process; queue_msix_vector and config_msix_vector are still
+        // programmed and are not written again, nor is queue_enable (§4.1.4.3.2).
+        let interrupts = mode == .poll ? nil : NetInterruptDescriptors(try transport.enableInterrupts(count: NetDevice.vectorCount))
         // Buffers the previous driver had taken back and not posted again go out now (the
         // device is live: DRIVER_OK was set by the previous driver, §3.1.1).
         try rx.post()
@@ -159,6 +191,8 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         self.promiscuous = promiscuous
         self.allMulticast = allMulticast
         self.maxConsecutiveRecoveries = maxConsecutiveRecoveries
+        self.mode = mode
+        self.interruptDescriptors = interrupts
         self.transport = transport
     }
 
@@ -212,6 +246,29 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
             try recoverFrom(error)
             return 0
         }
+    }
+
+    // MARK: - Interrupts
+
+    /// The MSI-X vector each handed-over queue must still signal in `mode`: receiveq1 and
+    /// transmitq1 theirs, the control queue none (not checked); nil for all when polling.
+    public static func queueVectors(mode: CompletionMode, count: Int) -> [UInt16?] {
+        guard mode != .poll else { return Array(repeating: nil, count: count) }
+        return (0..<count).map { $0 == 0 ? receiveVector : $0 == 1 ? transmitVector : nil }
+    }
+
+    /// Asks for an interrupt at the next received frame. False if frames are already waiting:
+    /// receive them instead of sleeping (§2.7.7.1: the arming could have raced them).
+    public mutating func armReceiveInterrupt() -> Bool { rx.queue.armInterrupts() }
+
+    /// Asks for an interrupt at the next transmit completion (when waiting for a free slot).
+    /// False if completions are already waiting.
+    public mutating func armTransmitInterrupt() -> Bool { tx.queue.armInterrupts() }
+
+    /// Back to polling after a sleep: no interrupts while the loop is busy (advisory, §2.7.7).
+    public mutating func suppressInterrupts() {
+        rx.queue.suppressInterrupts()
+        tx.queue.suppressInterrupts()
     }
 
     // MARK: - Transmit
@@ -338,9 +395,9 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         if fresh.status != linkStatus { counters.linkChanges += 1 }
         config = fresh
         linkStatus = fresh.status
-        try transport.setConfigVector(nil)
-        try rx.enableAgain(on: transport)
-        try tx.enableAgain(on: transport)
+        try transport.setConfigVector(mode == .poll ? nil : NetDevice.configurationVector)
+        try rx.enableAgain(on: transport, vector: mode == .poll ? nil : NetDevice.receiveVector)
+        try tx.enableAgain(on: transport, vector: mode == .poll ? nil : NetDevice.transmitVector)
         if let control { try control.queue.enableAgain(on: transport) }
         try Lifecycle.driverOK(transport)
         try rx.post()

@@ -37,12 +37,12 @@ public struct NetReceiveQueue: ~Copyable {
     /// Builds queue `index` on `transport` with `size` entries and buffers of `bufferSize` bytes
     /// from its DMA arena, and enables it. Nothing is posted until `post()` (after DRIVER_OK).
     init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, size: UInt16, features: Features,
-                                   config: NetConfig, bufferSize: Int) throws(VirtioError) {
+                                   config: NetConfig, bufferSize: Int, vector: UInt16?) throws(VirtioError) {
         let stride = (bufferSize + 63) / 64 * 64
         let memory = try SplitQueueMemory(arena: transport.dma, size: size)
         // Receive buffers are not zeroed: the device writes them before a length says so.
         let buffers = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
-        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: nil)
+        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: vector)
         self.index = index
         self.queue = SplitQueue(index: index, memory: memory, features: features, doorbell: doorbell)
         self.queue.suppressInterrupts()
@@ -196,8 +196,8 @@ public struct NetReceiveQueue: ~Copyable {
     }
 
     /// After a reset and `reclaimAll`: programs the queue again on the same ring memory.
-    mutating func enableAgain<T: Transport & ~Copyable>(on transport: borrowing T) throws(VirtioError) {
-        _ = try transport.enableQueue(index, size: queue.size, rings: queue.rings, vector: nil)
+    mutating func enableAgain<T: Transport & ~Copyable>(on transport: borrowing T, vector: UInt16?) throws(VirtioError) {
+        _ = try transport.enableQueue(index, size: queue.size, rings: queue.rings, vector: vector)
         queue.suppressInterrupts()
     }
 }

@@ -12,11 +12,11 @@ public struct NetTransmitQueue: ~Copyable {
     var idle: SlotStack
 
     init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, size: UInt16, features: Features,
-                                   config: NetConfig) throws(VirtioError) {
+                                   config: NetConfig, vector: UInt16?) throws(VirtioError) {
         let stride = (NetHeader.size + config.maxFrameBytes + 63) / 64 * 64
         let memory = try SplitQueueMemory(arena: transport.dma, size: size)
         let slots = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
-        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: nil)
+        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: vector)
         self.index = index
         self.queue = SplitQueue(index: index, memory: memory, features: features, doorbell: doorbell)
         self.queue.suppressInterrupts()
@@ -95,8 +95,8 @@ public struct NetTransmitQueue: ~Copyable {
         return lost
     }
 
-    mutating func enableAgain<T: Transport & ~Copyable>(on transport: borrowing T) throws(VirtioError) {
-        _ = try transport.enableQueue(index, size: queue.size, rings: queue.rings, vector: nil)
+    mutating func enableAgain<T: Transport & ~Copyable>(on transport: borrowing T, vector: UInt16?) throws(VirtioError) {
+        _ = try transport.enableQueue(index, size: queue.size, rings: queue.rings, vector: vector)
         queue.suppressInterrupts()
     }
 }

@@ -26,7 +26,8 @@ struct ServeNetCommand: ParsableCommand {
             GUEST_CSUM negotiated the TAP carries a 12-byte virtio-net header and partial \
             checksums pass through; otherwise plain frames. The interface may be moved to another \
             network namespace after it appears (ip link set NAME netns NS). Completions are \
-            polled (one core busy while traffic flows, short sleeps when idle). SIGUSR1 prints the \
+            polled (one core busy while traffic flows, short sleeps when idle), or with --irq msix \
+            polled while traffic flows and waited for on MSI-X interrupts when idle. SIGUSR1 prints the \
             counters; SIGINT/SIGTERM stops, prints them and resets the device. Needs CAP_NET_ADMIN \
             (or a persistent TAP owned by the user).
             """)
@@ -34,7 +35,8 @@ struct ServeNetCommand: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
     @Option(help: ArgumentHelp("TAP interface to create or attach to.", valueName: "NAME")) var tap: String
-    @Option(help: "Completion mode (only poll for now).") var irq: CompletionMode = .poll
+    @Option(help: "Completion mode: poll (spin, then short sleeps) or msix (spin for --busy-poll, then sleep on the device's MSI-X interrupts).")
+    var irq: CompletionMode = .poll
     @Flag(help: "Ask the device for every frame (VIRTIO_NET_CTRL_RX_PROMISC), e.g. when the TAP is in a bridge.")
     var promiscuous = false
     @Option(help: "Microseconds to keep polling without sleeping after a frame moved (a reply within it is seen at once; under QEMU TCG round trips take 1-2 ms).")
@@ -43,7 +45,7 @@ struct ServeNetCommand: ParsableCommand {
     @OptionGroup var handover: HandoverOptions
 
     func validate() throws {
-        guard irq == .poll else { throw ValidationError("serve net polls the device: --irq \(irq) is not supported yet (use --irq poll)") }
+        guard irq != .hybrid else { throw ValidationError("serve net takes --irq poll or msix (msix already polls for --busy-poll before it sleeps)") }
         guard TapBridgeHandoverState.isInterfaceName(tap) else {
             throw ValidationError("--tap takes an interface name: 1 to 15 bytes, not . or .., without /, : or whitespace")
         }
@@ -54,19 +56,25 @@ struct ServeNetCommand: ParsableCommand {
         let address = try device.address()
         let wanted = NetDevice<VirtioPCITransport>.supported.subtracting(.ringEventIdx).union(DriverVersion.ringFeatures)
         let published = PublishedCounters()
-        let configuration = bridgeConfiguration(address, published: published)
+        let wake: EventFD
+        do { wake = try EventFD() } catch {
+            printError("virtio-vfio: error: eventfd: \(error)")
+            throw ExitCode(Failure.ioError)
+        }
+        var configuration = bridgeConfiguration(address, published: published)
+        configuration.wakeDescriptor = wake.raw
         var service: NetService
         if handover.takeOver {
             service = try takeOver(address, wanted: wanted, configuration: configuration)
         } else {
             let transport = try global.openTransport(address, dmaBytes: 4 << 20, expecting: .net, announceLeftover: true)
             let net: NetDevice<VirtioPCITransport>
-            do { net = try NetDevice(transport: transport, wanted: wanted) } catch {
+            do { net = try NetDevice(transport: transport, wanted: wanted, mode: irq) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
             }
             service = try start(net, address: address, configuration: configuration)
         }
-        try serve(service, address: address, published: published)
+        try serve(service, address: address, published: published, wake: wake.raw)
     }
 
     /// How the bridge runs: polling as the options say, logging with the device's address, the
@@ -112,10 +120,10 @@ struct ServeNetCommand: ParsableCommand {
         return NetService(bridge: bridge, tap: tapInterface)
     }
 
-    func serve(_ service: consuming NetService, address: PCIAddress, published: PublishedCounters) throws {
+    func serve(_ service: consuming NetService, address: PCIAddress, published: PublishedCounters, wake: Int32) throws {
         let features = service.bridge.device.negotiation.accepted
         let arguments = CommandLine.arguments
-        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
+        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver, wake: wake,
                                          deviceState: deviceState(service.bridge.device.transport, features: features),
                                          options: handover, counters: { published.latest.withLock { $0 } }) {
             describeThisDriver(features: features, arguments: arguments)
@@ -230,16 +238,17 @@ struct ServeNetCommand: ParsableCommand {
             throw received.decline("\(error)", touched: false)
         }
         let snapshots = received.record.queueSnapshots
-        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: false)
+        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll,
+                                           vectors: NetDevice<VirtioPCITransport>.queueVectors(mode: irq, count: snapshots.count))
         var net: NetDevice<VirtioPCITransport>
         do {
             if live {
                 net = try NetDevice(adopting: transport, features: Features(rawValue: received.record.features), queues: snapshots,
                                     rxBufferSize: state.receiveBufferSize, counters: state.deviceCounters,
-                                    promiscuous: state.promiscuous, allMulticast: state.allMulticast)
+                                    promiscuous: state.promiscuous, allMulticast: state.allMulticast, mode: irq)
             } else {
                 net = try NetDevice(transport: transport, wanted: wanted, rxBufferSize: state.receiveBufferSize,
-                                    counters: state.deviceCounters)
+                                    counters: state.deviceCounters, mode: irq)
             }
         } catch { throw received.decline("\(error)", touched: !live) }
         received.mark(live ? "adopt" : "reset+rebuild")

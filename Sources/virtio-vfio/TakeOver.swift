@@ -174,8 +174,10 @@ struct TakeOver: ~Copyable {
     /// build would accept to be the ones the device runs with, and the device and every queue in
     /// the state the record describes (checked by reading only). `--mode live` refuses otherwise
     /// (nothing touched, the old driver resumes); `auto` falls back to reset.
+    /// `vectors` names the MSI-X vector each queue must signal (nil: not checked); by default
+    /// queue i signals vector i in an interrupt mode.
     func chooseLive(_ transport: borrowing VirtioPCITransport, wanted: Features, snapshots: [QueueSnapshot],
-                    interrupts: Bool) throws -> Bool {
+                    interrupts: Bool, vectors: [UInt16?]? = nil) throws -> Bool {
         guard mode != .reset else { return false }
         var problem: String?
         let mine = Lifecycle.acceptable(offered: transport.readDeviceFeatures(), wanted: wanted)
@@ -186,7 +188,8 @@ struct TakeOver: ~Copyable {
             do throws(VirtioError) {
                 _ = try Adoption.checkLive(transport, features: theirs)
                 for (i, snapshot) in snapshots.enumerated() {
-                    _ = try Adoption.checkQueue(transport, snapshot, vector: interrupts ? UInt16(i) : nil)
+                    let vector = vectors.map { i < $0.count ? $0[i] : nil } ?? (interrupts ? UInt16(i) : nil)
+                    _ = try Adoption.checkQueue(transport, snapshot, vector: vector)
                 }
             } catch { problem = "\(error)" }
         }

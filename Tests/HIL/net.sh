@@ -67,6 +67,8 @@ out=$(inB timeout 300 ping -f -c "$FLOOD" -W 2 10.0.0.1 2>&1)
 summary=$(grep -E "packets transmitted" <<<"$out")
 [[ $summary == "$FLOOD packets transmitted, $FLOOD received,"*" 0% packet loss"* ]] && pass "flood ping B -> A: $summary" || fail "flood ping B -> A: $out"
 
+t0=$(awk '{ print $14 + $15 }' "/proc/$serve/stat"); sleep 3; t1=$(awk '{ print $14 + $15 }' "/proc/$serve/stat")
+poll_idle=$((t1 - t0))
 kill -USR1 $serve; sleep 0.5
 grep -q "counters" "$work/serve.log" && pass "SIGUSR1 prints the counters" || fail "no counters after SIGUSR1: $(cat "$work/serve.log")"
 
@@ -182,6 +184,50 @@ frames=$(sed -nE 's/^device->tap: ([0-9]+) frames.*/\1/p' "$work/all.log" | tail
 [[ ${frames:-0} -ge $((2 * FLOOD)) ]] && pass "device->tap counted $frames frames" || fail "device->tap frames '$frames'"
 ip -n A link show vtap0 >/dev/null 2>&1 && fail "vtap0 still exists after serve net stopped" || pass "vtap0 is gone with serve net"
 
+# ---- the same bridge sleeping on MSI-X interrupts ------------------------------------------------
+# cpu_ticks PID: user + system clock ticks the process used so far (/proc/PID/stat fields 14, 15).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
+virtio-vfio serve net $OURS --tap vtap0 --irq msix 2>"$work/msix.log" &
+current=$!
+for _ in $(seq 100); do ip link show vtap0 >/dev/null 2>&1 && break; sleep 0.1; done
+ip link set vtap0 netns A && ip -n A addr add 10.0.0.1/24 dev vtap0 && ip -n A link set vtap0 up \
+  && pass "serve net --irq msix: vtap0 in namespace A ($(grep -oE 'msix mode' "$work/msix.log"))" || fail "msix: $(cat "$work/msix.log")"
+ok=0
+for _ in 1 2 3 4 5; do inA timeout 10 ping -c 1 -W 2 10.0.0.2 >/dev/null 2>&1 && { ok=1; break; }; sleep 0.5; done
+((ok)) && pass "msix: ping A -> B" || fail "msix: ping A -> B: $(tail -n 5 "$work/msix.log")"
+out=$(inB timeout 300 ping -f -c "$FLOOD" -W 2 10.0.0.1 2>&1)
+summary=$(grep -E "packets transmitted" <<<"$out")
+[[ $summary == "$FLOOD packets transmitted, $FLOOD received,"*" 0% packet loss"* ]] && pass "msix: flood ping B -> A: $summary" || fail "msix flood ping: $out"
+msix_tx=$(iperf_run msix-tx)
+[[ -n $msix_tx && $msix_tx != null && $msix_tx -gt 0 ]] && pass "msix: iperf3 TCP A -> B $msix_tx Mbit/s" || fail "msix iperf3: $(tail -n 5 "$work/msix-tx.json")"
+msix_rx=$(iperf_run msix-rx -R)
+[[ -n $msix_rx && $msix_rx != null && $msix_rx -gt 0 ]] && pass "msix: iperf3 TCP B -> A $msix_rx Mbit/s" || fail "msix iperf3 -R: $(tail -n 5 "$work/msix-rx.json")"
+# What an idle bridge costs: CPU ticks (1/100 s) over 3 s with no traffic, MSI-X against polling.
+t0=$(cpu_ticks $current); sleep 3; t1=$(cpu_ticks $current)
+msix_idle=$((t1 - t0))
+echo "idle CPU over 3 s: msix $msix_idle ticks, poll $poll_idle ticks (1 tick = 10 ms)"
+if [[ ${poll_idle:-0} -ge 3 ]]; then
+  [[ $msix_idle -lt $poll_idle ]] && pass "msix: an idle bridge sleeps ($msix_idle ticks in 3 s, polling $poll_idle)" || fail "msix idle CPU $msix_idle ticks, poll $poll_idle"
+else
+  echo "idle polling used only ${poll_idle:-?} ticks: too little to compare"
+fi
+if [[ -x $B ]]; then
+  timeout 60 ip netns exec A iperf3 -c 10.0.0.2 -t 12 -i 1 -J >"$work/msix-upgrade.json" 2>&1 &
+  iperf=$!
+  sleep 4
+  upgrade_net "$A" live
+  [[ $RC == 0 ]] && grep -q "in live mode" <(driver_gap) && pass "msix: live upgrade during iperf3 (vectors kept): $(driver_gap | grep -oE 'service gap [0-9.]+ ms')" \
+    || fail "msix live upgrade: exit $RC: $OUT $(tail -n 5 "$work/upgrade.log")"
+  wait $iperf; rc=$?
+  tail3=$(jq -r '[.intervals[-3:][].sum.bytes] | min' "$work/msix-upgrade.json" 2>/dev/null)
+  [[ $rc == 0 && ${tail3:-0} -gt 0 ]] && pass "msix: iperf3 kept its connection through the upgrade" || fail "msix iperf3 across the upgrade: exit $rc"
+fi
+kill -TERM $current
+for _ in $(seq 100); do kill -0 $current 2>/dev/null || break; sleep 0.1; done
+kill -0 $current 2>/dev/null && fail "serve net --irq msix still running" || pass "serve net --irq msix stopped"
+sleeps=$(cat "$work/msix.log" "$work/upgrade.log" | sed -nE 's/.*interrupts: ([0-9]+) sleeps, ([0-9]+) woken by the device.*/\1 \2/p' | tail -n 1)
+[[ -n $sleeps && ${sleeps%% *} -gt 0 ]] && pass "msix: the bridge slept on interrupts (sleeps, device wake-ups: $sleeps)" || fail "msix: no interrupt sleeps counted: $(tail -n 6 "$work/msix.log")"
+
 # ---- kernel to kernel baseline ----------------------------------------------------------------
 check "restore $OURS to its kernel driver" vfio-bind restore $OURS >/dev/null
 ours_if=
@@ -200,9 +246,9 @@ kern_rx=$(iperf_run kernel-rx -R)
 [[ -n $kern_tx && $kern_tx != null && -n $kern_rx && $kern_rx != null ]] && pass "iperf3 kernel to kernel: A -> B $kern_tx Mbit/s, B -> A $kern_rx Mbit/s" \
   || fail "kernel iperf3: $(tail -n 5 "$work/kernel-tx.json")"
 ratio() { [[ ${2:-0} -gt 0 ]] && echo "scale=2; $1 / $2" | bc || echo "n/a"; }
-printf 'throughput (Mbit/s)   serve net   kernel   ratio\n'
-printf '  A -> B (TCP)        %9s %8s   %s\n' "$ours_tx" "$kern_tx" "$(ratio "${ours_tx:-0}" "$kern_tx")"
-printf '  B -> A (TCP, -R)    %9s %8s   %s\n' "$ours_rx" "$kern_rx" "$(ratio "${ours_rx:-0}" "$kern_rx")"
+printf 'throughput (Mbit/s)   serve net (poll)   serve net (msix)   kernel   ratio poll   ratio msix\n'
+printf '  A -> B (TCP)        %16s %18s %8s %12s %12s\n' "$ours_tx" "$msix_tx" "$kern_tx" "$(ratio "${ours_tx:-0}" "$kern_tx")" "$(ratio "${msix_tx:-0}" "$kern_tx")"
+printf '  B -> A (TCP, -R)    %16s %18s %8s %12s %12s\n' "$ours_rx" "$msix_rx" "$kern_rx" "$(ratio "${ours_rx:-0}" "$kern_rx")" "$(ratio "${msix_rx:-0}" "$kern_rx")"
 
 [[ -f $work/iperf3.pid ]] && kill "$(cat "$work/iperf3.pid")" 2>/dev/null
 ip netns del A; ip netns del B
