@@ -37,8 +37,14 @@ struct UpgradeCommand: ParsableCommand {
     func run() throws {
         let address = try device.address()
         let path = ControlListener.path(for: "\(address)", directory: controlDirectory)
-        guard let old = askServingDriver(path) else {
-            printError("virtio-vfio: error: no driver serves \(address) (no answer on \(path)); start `virtio-vfio serve ...` first")
+        // A driver busy on a loaded machine may miss one 2 s answer deadline: ask three times.
+        var answer = askServingDriver(path)
+        for _ in 0..<2 where answer == nil {
+            usleep(200_000)
+            answer = askServingDriver(path)
+        }
+        guard let old = answer else {
+            printError("virtio-vfio: error: no driver serves \(address) (no answer on \(path) in three tries); start `virtio-vfio serve ...` first")
             throw ExitCode(Failure.unavailable)
         }
         guard case .success = Syscall.access(binary, X_OK) else {

@@ -44,7 +44,7 @@ ok=0
 for i in $(seq 20); do
   case $((i % 4)) in 1) bin=$B mode=reset ;; 2) bin=$B mode=live ;; 3) bin=$A mode=reset ;; 0) bin=$A mode=live ;; esac
   upgrade "$bin" $mode
-  if [[ $RC == 0 ]]; then ok=$((ok + 1)); else echo "upgrade $i ($mode to $($bin --version)) failed: $OUT"; fi
+  if [[ $RC == 0 ]]; then ok=$((ok + 1)); else echo "upgrade $i ($mode to $($bin --version)) failed: exit $RC: $OUT"; tail -n 8 "$log"; fi
   kill -0 $fio_pid 2>/dev/null || { echo "fio ended at upgrade $i"; break; }
   if [[ $i == 1 ]]; then
     info=$(timeout 10 virtio-vfio info $BLK)
