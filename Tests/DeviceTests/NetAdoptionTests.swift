@@ -12,15 +12,26 @@ import VirtioEmulator
 struct NetAdoptionTests {
     typealias F = NetFixture
 
-    @Test func aQueueWithRequestsOutstandingIsAdoptedAsItIs() throws {
-        let size = 1 << 16
-        let block = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
+    /// 64 KiB of zeroed memory standing in for DMA memory at 0x200000, an 8-entry queue's rings
+    /// at its start and a doorbell that rings into a private word.
+    final class RingMemory {
+        let block = UnsafeMutableRawPointer.allocate(byteCount: 1 << 16, alignment: 4096)
         let bell = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
-        defer { block.deallocate(); bell.deallocate() }
-        block.initializeMemory(as: UInt8.self, repeating: 0, count: size)
-        let arena = DMAArena(memory: DMASlice(pointer: block, deviceAddress: 0x20_0000, size: size))
-        let memory = try SplitQueueMemory(arena: arena, size: 8)
-        let doorbell = Doorbell(address: UnsafeMutableRawPointer(bell), value: 0)
+        let memory: SplitQueueMemory
+        var doorbell: Doorbell { Doorbell(address: UnsafeMutableRawPointer(bell), value: 0) }
+
+        init() throws {
+            block.initializeMemory(as: UInt8.self, repeating: 0, count: 1 << 16)
+            memory = try SplitQueueMemory(arena: DMAArena(memory: DMASlice(pointer: block, deviceAddress: 0x20_0000, size: 1 << 16)), size: 8)
+        }
+
+        deinit { block.deallocate(); bell.deallocate() }
+    }
+
+    @Test func aQueueWithRequestsOutstandingIsAdoptedAsItIs() throws {
+        let ring = try RingMemory()
+        defer { withExtendedLifetime(ring) {} }
+        let memory = ring.memory, doorbell = ring.doorbell
         var old = SplitQueue(index: 0, memory: memory, features: [], doorbell: doorbell)
         var segment = BufferSegment(address: 0x20_8000, length: 100, deviceWritable: true)
         for token in 0..<5 as Range<UInt64> {
@@ -62,16 +73,12 @@ struct NetAdoptionTests {
     }
 
     @Test func outstandingRequestsThatDoNotAddUpAreRefused() throws {
-        let size = 1 << 16
-        let block = UnsafeMutableRawPointer.allocate(byteCount: size, alignment: 4096)
-        let bell = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
-        defer { block.deallocate(); bell.deallocate() }
-        block.initializeMemory(as: UInt8.self, repeating: 0, count: size)
-        let arena = DMAArena(memory: DMASlice(pointer: block, deviceAddress: 0x20_0000, size: size))
-        let memory = try SplitQueueMemory(arena: arena, size: 8)
+        let ring = try RingMemory()
+        defer { withExtendedLifetime(ring) {} }
+        let memory = ring.memory
         // The device used one of the two outstanding since the old driver looked.
         memory.used.pointer.storeBytes(of: UInt16(11).littleEndian, toByteOffset: 2, as: UInt16.self)
-        let doorbell = Doorbell(address: UnsafeMutableRawPointer(bell), value: 0)
+        let doorbell = ring.doorbell
         func adopt(avail: UInt16, used: UInt16, _ heads: [UInt16]) -> String? {
             do {
                 _ = try SplitQueue(adopting: memory, features: [], doorbell: doorbell, index: 0, availIndex: avail, usedIndex: used,

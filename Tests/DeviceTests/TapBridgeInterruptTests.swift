@@ -15,19 +15,26 @@ struct TapBridgeInterruptTests {
     typealias F = NetFixture
     typealias Pair = TapBridgeTests.PacketPair
 
-    @Test func framesFromTheDeviceWakeASleepingBridge() throws {
-        let device = EmulatedDevice(model: .net())
+    /// A bridge in MSI-X mode that never spins and never looks at the status on its own, so
+    /// only an interrupt, the TAP or `wake` can end one of its sleeps.
+    static func sleepingBridge(_ device: EmulatedDevice, _ pair: Pair, wake: Int32,
+                               log: @escaping @Sendable (String) -> Void = { _ in }) throws -> TapBridge<EmulatedTransport> {
         let net = try NetDevice(transport: EmulatedTransport(device: device), mode: .msix)
         #expect(net.interruptDescriptors != nil && net.mode == .msix)
+        var configuration = TapBridgeConfiguration()
+        configuration.busyPoll = .zero
+        configuration.statusInterval = .seconds(3600)
+        configuration.wakeDescriptor = wake
+        configuration.log = log
+        return TapBridge(device: net, fd: pair.bridge, vnetHeaderSize: 12, configuration: configuration)
+    }
+
+    @Test func framesFromTheDeviceWakeASleepingBridge() throws {
+        let device = EmulatedDevice(model: .net())
         let pair = Pair()
         let wakeFD = try EventFD()
         let wake = wakeFD.raw
-        var configuration = TapBridgeConfiguration()
-        configuration.busyPoll = .zero
-        // No status look ends a sleep: only an interrupt, the TAP or the wake descriptor can.
-        configuration.statusInterval = .seconds(3600)
-        configuration.wakeDescriptor = wake
-        var bridge = TapBridge(device: net, fd: pair.bridge, vnetHeaderSize: 12, configuration: configuration)
+        var bridge = try Self.sleepingBridge(device, pair, wake: wake)
         interruptTestStop.store(false, ordering: .relaxed)
         // Frames arrive one by one with pauses, so the bridge is asleep when each comes.
         let feeder = Thread {
@@ -52,15 +59,10 @@ struct TapBridgeInterruptTests {
 
     @Test func framesFromTheTapAndTheWakeDescriptorEndASleep() throws {
         let device = EmulatedDevice(model: .net())
-        let net = try NetDevice(transport: EmulatedTransport(device: device), mode: .msix)
         let pair = Pair()
         let wakeFD = try EventFD()
         let wake = wakeFD.raw
-        var configuration = TapBridgeConfiguration()
-        configuration.busyPoll = .zero
-        configuration.statusInterval = .seconds(3600)
-        configuration.wakeDescriptor = wake
-        var bridge = TapBridge(device: net, fd: pair.bridge, vnetHeaderSize: 12, configuration: configuration)
+        var bridge = try Self.sleepingBridge(device, pair, wake: wake)
         interruptTestPause.store(false, ordering: .relaxed)
         interruptTestStop.store(false, ordering: .relaxed)
         let peer = pair.peer
@@ -87,17 +89,11 @@ struct TapBridgeInterruptTests {
 
     @Test func aLinkChangeIsReportedThroughTheConfigurationVector() throws {
         let device = EmulatedDevice(model: .net())
-        let net = try NetDevice(transport: EmulatedTransport(device: device), mode: .msix)
         let pair = Pair()
         let lines = LogLines()
         let wakeFD = try EventFD()
         let wake = wakeFD.raw
-        var configuration = TapBridgeConfiguration()
-        configuration.busyPoll = .zero
-        configuration.statusInterval = .seconds(3600)
-        configuration.wakeDescriptor = wake
-        configuration.log = { lines.append($0) }
-        var bridge = TapBridge(device: net, fd: pair.bridge, vnetHeaderSize: 12, configuration: configuration)
+        var bridge = try Self.sleepingBridge(device, pair, wake: wake, log: { lines.append($0) })
         interruptTestStop.store(false, ordering: .relaxed)
         let changer = Thread {
             usleep(100_000)
