@@ -121,17 +121,9 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         // §5.1.5 step 3 / §5.1.6.3: fill the receive queue. Buffers go out only after DRIVER_OK
         // (§3.1.1: no notification before it).
         try rx.post()
-        self.rx = rx
-        self.tx = tx
-        self.control = control
-        self.linkStatus = config.status
-        self.config = config
-        self.negotiation = negotiation
-        self.maxConsecutiveRecoveries = maxConsecutiveRecoveries
-        self.counters = counters
-        self.mode = mode
-        self.interruptDescriptors = interrupts
-        self.transport = transport
+        self.init(transport: transport, negotiation: negotiation, config: config, rx: rx, tx: tx, control: control,
+                  counters: counters, promiscuous: nil, allMulticast: nil, maxConsecutiveRecoveries: maxConsecutiveRecoveries,
+                  mode: mode, interrupts: interrupts)
     }
 
     /// Takes over a running virtio-net device from a previous driver process without a reset
@@ -181,6 +173,15 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         // Buffers the previous driver had taken back and not posted again go out now (the
         // device is live: DRIVER_OK was set by the previous driver, §3.1.1).
         try rx.post()
+        self.init(transport: transport, negotiation: negotiation, config: config, rx: rx, tx: tx, control: control,
+                  counters: counters, promiscuous: promiscuous, allMulticast: allMulticast,
+                  maxConsecutiveRecoveries: maxConsecutiveRecoveries, mode: mode, interrupts: interrupts)
+    }
+
+    /// What both public initialisers end with: the device as they set it up or adopted it.
+    init(transport: consuming T, negotiation: Lifecycle.Negotiation, config: NetConfig, rx: consuming NetReceiveQueue,
+         tx: consuming NetTransmitQueue, control: NetControlBox?, counters: NetCounters, promiscuous: Bool?,
+         allMulticast: Bool?, maxConsecutiveRecoveries: Int, mode: CompletionMode, interrupts: NetInterruptDescriptors?) {
         self.rx = rx
         self.tx = tx
         self.control = control
