@@ -27,5 +27,15 @@ for cmd in "info $first" "reset $first" "info $first --json"; do
 done
 [[ $(readlink "/sys/bus/pci/devices/$first/driver" || true) == "$driver_before" ]] && ok "the device's driver is unchanged" \
   || bad "driver of $first changed"
+# Bad arguments are refused before anything is opened (exit 64, the rule named).
+for args in "--tap a:b" "--tap .." "--tap 0123456789abcdef" "--tap x --irq hybrid"; do
+  # shellcheck disable=SC2086 # each entry is a list of options
+  err=$($bin serve net "$first" $args 2>&1 >/dev/null); rc=$?
+  [[ $rc == 64 && $err == *"--"* ]] && ok "serve net $args refused (exit 64)" || bad "serve net $args: exit $rc: $err"
+done
+dir=$(mktemp -d)
+err=$($bin upgrade "$first" --binary "$bin" --control-directory "$dir" 2>&1 >/dev/null); rc=$?
+[[ $rc == 69 && $err == *"no driver serves $first"* ]] && ok "upgrade without a serving driver exits 69 and says so" || bad "upgrade: exit $rc: $err"
+rm -rf "$dir"
 echo "no-vfio: $passed passed, $failed failed"
 ((failed == 0))
