@@ -138,6 +138,17 @@ public enum Syscall {
         }
     }
 
+    /// pthread_sigmask(SIG_BLOCK): the calling thread no longer takes `signals`, so the process's
+    /// other threads (the one that sleeps in ppoll and checks the stop flags) get them.
+    @inline(never)
+    public static func blockSignalsInThisThread(_ signals: [Int32]) -> Result<Void, Errno> {
+        var set = sigset_t()
+        sigemptyset(&set)
+        for s in signals { sigaddset(&set, s) }
+        let rc = pthread_sigmask(SIG_BLOCK, &set, nil)
+        return rc == 0 ? .success(()) : .failure(Errno(rawValue: rc))
+    }
+
     /// poll(2) for POLLIN on one descriptor. Returns true if readable, false on timeout.
     /// EINTR is returned as "not readable" so that the caller re-checks its own state.
     @inline(never)

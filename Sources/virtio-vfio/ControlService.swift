@@ -60,6 +60,9 @@ final class ControlService: @unchecked Sendable {
         let box = Unmanaged.passRetained(self).toOpaque()
         pthread_create(&thread, nil, { raw in
             let service = Unmanaged<ControlService>.fromOpaque(raw!).takeRetainedValue()
+            // Stop and counter signals go to the service loop's thread, whose ppoll they end at
+            // once (here they would only set a flag the loop sees at its next wake-up).
+            _ = Syscall.blockSignalsInThisThread([SIGINT, SIGTERM, SIGUSR1])
             service.serve()
             return nil
         }, box)
