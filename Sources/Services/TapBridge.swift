@@ -73,6 +73,12 @@ public struct TapBridgeCounters: Sendable, Equatable {
         ("tap_read_errors", \.tapReadErrors), ("interrupt_sleeps", \.interruptSleeps),
         ("interrupt_wakeups", \.interruptWakeups),
     ]
+
+    /// `device`'s counters, then `bridge`'s, by name: what `info` shows and a successor gets.
+    public static func named(device: NetCounters, bridge: TapBridgeCounters) -> [(String, Int)] {
+        NetCounters.fields.map { ($0.name, device[keyPath: $0.path]) }
+            + fields.map { ($0.name, bridge[keyPath: $0.path]) }
+    }
 }
 
 /// Moves frames both ways between a TAP descriptor and a `NetDevice`, polling the device: every
@@ -234,11 +240,7 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
     }
 
     /// The device's counters, then the bridge's, by name.
-    public var namedCounters: [(String, Int)] {
-        let d = device.counters, c = counters
-        return NetCounters.fields.map { ($0.name, d[keyPath: $0.path]) }
-            + TapBridgeCounters.fields.map { ($0.name, c[keyPath: $0.path]) }
-    }
+    public var namedCounters: [(String, Int)] { TapBridgeCounters.named(device: device.counters, bridge: counters) }
 
     mutating func noteRecoveries() {
         let r = device.counters.recoveries

@@ -50,8 +50,7 @@ public struct TapBridgeHandoverState: Sendable, Equatable {
         w.u32(UInt32(receiveBufferSize))
         w.u8(Self.tristate(promiscuous))
         w.u8(Self.tristate(allMulticast))
-        let counters = NetCounters.fields.map { ($0.name, deviceCounters[keyPath: $0.path]) }
-            + TapBridgeCounters.fields.map { ($0.name, bridgeCounters[keyPath: $0.path]) }
+        let counters = TapBridgeCounters.named(device: deviceCounters, bridge: bridgeCounters)
         w.u16(UInt16(counters.count))
         for (name, value) in counters {
             w.string(name)

@@ -11,21 +11,13 @@ extension Syscall {
     /// a name) with `flags` (IFF_TAP, IFF_NO_PI, IFF_VNET_HDR ...). Returns the interface's name.
     @inline(never)
     public static func tunSetInterface(_ fd: Int32, name: String, flags: UInt32) -> Result<String, Errno> {
-        var request = ifreq()
-        let bytes = Array(name.utf8.prefix(Int(IFNAMSIZ) - 1))
-        withUnsafeMutableBytes(of: &request.ifr_ifrn) { p in
-            p.initializeMemory(as: UInt8.self, repeating: 0)
-            p.copyBytes(from: bytes)
-        }
+        var request = ifreq(interfaceName: name)
         request.ifr_ifru.ifru_flags = Int16(truncatingIfNeeded: flags)
         let result = withUnsafeMutablePointer(to: &request) { Syscall.ioctl(fd, CVirtioShim_TUNSETIFF, UnsafeMutableRawPointer($0)) }
         switch result {
         case .failure(let e): return .failure(e)
         case .success:
-            let actual = withUnsafeBytes(of: request.ifr_ifrn) { p in
-                String(decoding: p.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
-            return .success(actual)
+            return .success(request.interfaceName)
         }
     }
 
@@ -38,10 +30,7 @@ extension Syscall {
         switch result {
         case .failure(let e): return .failure(e)
         case .success:
-            let name = withUnsafeBytes(of: request.ifr_ifrn) { p in
-                String(decoding: p.prefix(while: { $0 != 0 }), as: UTF8.self)
-            }
-            return .success((name, UInt32(UInt16(bitPattern: request.ifr_ifru.ifru_flags))))
+            return .success((request.interfaceName, UInt32(UInt16(bitPattern: request.ifr_ifru.ifru_flags))))
         }
     }
 
@@ -72,12 +61,7 @@ extension Syscall {
     @inline(never)
     public static func tunSetHardwareAddress(_ fd: Int32, name: String, mac: [UInt8]) -> Result<Void, Errno> {
         precondition(mac.count == 6)
-        var request = ifreq()
-        let bytes = Array(name.utf8.prefix(Int(IFNAMSIZ) - 1))
-        withUnsafeMutableBytes(of: &request.ifr_ifrn) { p in
-            p.initializeMemory(as: UInt8.self, repeating: 0)
-            p.copyBytes(from: bytes)
-        }
+        var request = ifreq(interfaceName: name)
         request.ifr_ifru.ifru_hwaddr.sa_family = 1  // ARPHRD_ETHER (net/if_arp.h)
         withUnsafeMutableBytes(of: &request.ifr_ifru.ifru_hwaddr.sa_data) { $0.copyBytes(from: mac) }
         return withUnsafeMutablePointer(to: &request) { Syscall.ioctl(fd, CVirtioShim_SIOCSIFHWADDR, UnsafeMutableRawPointer($0)) }.map { _ in () }
@@ -210,5 +194,22 @@ public struct TapInterface: ~Copyable {
         if case .failure(let e) = Syscall.tunSetHardwareAddress(fd.raw, name: name, mac: mac) {
             throw TapError(operation: "SIOCSIFHWADDR", name: name, errno: e)
         }
+    }
+}
+
+extension ifreq {
+    /// A zeroed request naming interface `name` (cut to IFNAMSIZ - 1 bytes, NUL-terminated).
+    init(interfaceName name: String) {
+        self.init()
+        let bytes = Array(name.utf8.prefix(Int(IFNAMSIZ) - 1))
+        withUnsafeMutableBytes(of: &ifr_ifrn) { p in
+            p.initializeMemory(as: UInt8.self, repeating: 0)
+            p.copyBytes(from: bytes)
+        }
+    }
+
+    /// The interface name the kernel wrote back (up to the first NUL).
+    var interfaceName: String {
+        withUnsafeBytes(of: ifr_ifrn) { String(decoding: $0.prefix(while: { $0 != 0 }), as: UTF8.self) }
     }
 }

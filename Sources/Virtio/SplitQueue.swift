@@ -113,7 +113,6 @@ public struct SplitQueue: ~Copyable {
         CVirtioShim_barrier_read()
         self.init(index: index, memory: memory, features: features, doorbell: doorbell,
                   availIndex: availIndex, usedIndex: usedIndex)
-        if outstanding.isEmpty { return }
         for request in outstanding {
             let head = Int(request.head)
             chainLength[head] = 1

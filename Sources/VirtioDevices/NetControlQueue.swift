@@ -20,36 +20,44 @@ public struct NetControlQueue: ~Copyable {
     static let rxAllMulti: UInt8 = 1  // VIRTIO_NET_CTRL_RX_ALLMULTI
     static let commandBytes = 64
 
+    /// The rings, then the command bytes and the ack byte, in the order both initialisers
+    /// allocate them (so a successor recomputes the previous driver's layout exactly).
+    static func layout(arena: DMAArena, size: UInt16, zeroed: Bool) throws(VirtioError)
+        -> (memory: SplitQueueMemory, command: DMASlice, ack: DMASlice) {
+        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+        let command = try arena.allocate(NetControlQueue.commandBytes, alignment: 64, zeroed: zeroed)
+        let ack = try arena.allocate(1, alignment: 64, zeroed: zeroed)
+        return (memory, command, ack)
+    }
+
     init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, features: Features, timeout: Duration) throws(VirtioError) {
         let maximum = transport.queueMaxSize(index)
         guard maximum > 0 else { throw .queueSetup(queue: index, "the device reports no control queue (size 0)") }
         let size = SplitQueueLayout.queueSize(maximum: maximum, limit: 8)
-        let memory = try SplitQueueMemory(arena: transport.dma, size: size)
-        let command = try transport.dma.allocate(NetControlQueue.commandBytes, alignment: 64)
-        let ack = try transport.dma.allocate(1, alignment: 64)
-        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: nil)
-        self.command = command
-        self.ack = ack
-        self.index = index
-        self.queue = SplitQueue(index: index, memory: memory, features: features, doorbell: doorbell)
-        self.queue.suppressInterrupts()
-        self.timeout = timeout
+        let layout = try NetControlQueue.layout(arena: transport.dma, size: size, zeroed: true)
+        let doorbell = try transport.enableQueue(index, size: size, rings: layout.memory.rings, vector: nil)
+        self.init(queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+                  command: layout.command, ack: layout.ack, timeout: timeout)
     }
 
     /// Takes over the control queue of a running device (live upgrade). Commands are waited for
     /// one at a time, so a handed-over control queue is idle.
     init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
                                    doorbell: Doorbell, timeout: Duration) throws(VirtioError) {
-        let memory = try SplitQueueMemory(arena: transport.dma, size: snapshot.size, zeroed: false)
-        let command = try transport.dma.allocate(NetControlQueue.commandBytes, alignment: 64, zeroed: false)
-        let ack = try transport.dma.allocate(1, alignment: 64, zeroed: false)
-        try Adoption.checkLayout(memory.rings, snapshot)
-        self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                    availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+        let layout = try NetControlQueue.layout(arena: transport.dma, size: snapshot.size, zeroed: false)
+        try Adoption.checkLayout(layout.memory.rings, snapshot)
+        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+        self.init(queue: queue, command: layout.command, ack: layout.ack, timeout: timeout)
+    }
+
+    /// What both initialisers end with; interrupts start suppressed (commands are polled).
+    init(queue: consuming SplitQueue, command: DMASlice, ack: DMASlice, timeout: Duration) {
+        self.index = queue.index
+        self.queue = queue
         self.queue.suppressInterrupts()
         self.command = command
         self.ack = ack
-        self.index = snapshot.index
         self.timeout = timeout
     }
 

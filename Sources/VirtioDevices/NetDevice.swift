@@ -102,7 +102,8 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         // DRIVER_OK; with none the device is polled.
         var interrupts: NetInterruptDescriptors?
         if mode != .poll { interrupts = NetInterruptDescriptors(try transport.enableInterrupts(count: NetDevice.vectorCount)) }
-        try transport.setConfigVector(mode == .poll ? nil : NetDevice.configurationVector)
+        let vectors = NetDevice.vectors(mode: mode)
+        try transport.setConfigVector(vectors.configuration)
         // §3.1.1 step 7: every queue set up before DRIVER_OK.
         var sizes: [UInt16] = []
         for index in 0..<2 {
@@ -112,9 +113,9 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         }
         var rx = try NetReceiveQueue(index: 0, transport: transport, size: sizes[0], features: features, config: config,
                                      bufferSize: NetReceiveQueue.bufferSize(features: features, config: config, requested: rxBufferSize),
-                                     vector: mode == .poll ? nil : NetDevice.receiveVector)
+                                     vector: vectors.receive)
         let tx = try NetTransmitQueue(index: 1, transport: transport, size: sizes[1], features: features, config: config,
-                                      vector: mode == .poll ? nil : NetDevice.transmitVector)
+                                      vector: vectors.transmit)
         let control = features.contains(.netControlQueue)
             ? NetControlBox(try NetControlQueue(index: controlIndex, transport: transport, features: features, timeout: controlTimeout)) : nil
         try Lifecycle.driverOK(transport)
@@ -132,8 +133,10 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
     /// negotiated) checked against `queues` and rebuilt over the same memory in the order `init`
     /// lays them out, without writing it. The receive buffers stay posted (frames the device
     /// received meanwhile come out of the next `receive`); transmit frames still in flight are
-    /// reclaimed as the device uses them. Polling only: queue and configuration vectors must be
-    /// NO_VECTOR. `counters`, `promiscuous` and `allMulticast` continue the previous driver's.
+    /// reclaimed as the device uses them. In an interrupt `mode` receiveq1 and transmitq1 must
+    /// still signal their vectors (`queueVectors`) and the eventfds are registered again for this
+    /// process; polling checks no vector. `counters`, `promiscuous` and `allMulticast` continue
+    /// the previous driver's.
     /// Every check comes before the first write (ring flags only): a refusal leaves the device
     /// as it was.
     public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
@@ -143,8 +146,9 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         guard transport.deviceType == .net else {
             throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-net")
         }
-        guard features.isSubset(of: NetDevice.usable.union([.version1, .accessPlatform])) else {
-            throw .adoption(queue: nil, "features 0x\(String(features.subtracting(NetDevice.usable).rawValue, radix: 16)) are not ones this driver uses")
+        let known = NetDevice.usable.union([.version1, .accessPlatform])
+        guard features.isSubset(of: known) else {
+            throw .adoption(queue: nil, "features 0x\(String(features.subtracting(known).rawValue, radix: 16)) are not ones this driver uses")
         }
         let negotiation = try Adoption.checkLive(transport, features: features)
         let config = try NetConfig(reading: transport, features: features)
@@ -251,11 +255,16 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
 
     // MARK: - Interrupts
 
-    /// The MSI-X vector each handed-over queue must still signal in `mode`: receiveq1 and
-    /// transmitq1 theirs, the control queue none (not checked); nil for all when polling.
+    /// The vectors programmed in `mode`: none when polling.
+    static func vectors(mode: CompletionMode) -> (receive: UInt16?, transmit: UInt16?, configuration: UInt16?) {
+        mode == .poll ? (nil, nil, nil) : (receiveVector, transmitVector, configurationVector)
+    }
+
+    /// The MSI-X vector each handed-over queue (receiveq1, transmitq1, control) must still
+    /// signal in `mode`; nil is not checked (the control queue, and every queue when polling).
     public static func queueVectors(mode: CompletionMode, count: Int) -> [UInt16?] {
-        guard mode != .poll else { return Array(repeating: nil, count: count) }
-        return (0..<count).map { $0 == 0 ? receiveVector : $0 == 1 ? transmitVector : nil }
+        let v = vectors(mode: mode)
+        return (0..<count).map { $0 == 0 ? v.receive : $0 == 1 ? v.transmit : nil }
     }
 
     /// Asks for an interrupt at the next received frame. False if frames are already waiting:
@@ -396,9 +405,10 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         if fresh.status != linkStatus { counters.linkChanges += 1 }
         config = fresh
         linkStatus = fresh.status
-        try transport.setConfigVector(mode == .poll ? nil : NetDevice.configurationVector)
-        try rx.enableAgain(on: transport, vector: mode == .poll ? nil : NetDevice.receiveVector)
-        try tx.enableAgain(on: transport, vector: mode == .poll ? nil : NetDevice.transmitVector)
+        let vectors = NetDevice.vectors(mode: mode)
+        try transport.setConfigVector(vectors.configuration)
+        try rx.enableAgain(on: transport, vector: vectors.receive)
+        try tx.enableAgain(on: transport, vector: vectors.transmit)
         if let control { try control.queue.enableAgain(on: transport) }
         try Lifecycle.driverOK(transport)
         try rx.post()

@@ -34,28 +34,27 @@ public struct NetReceiveQueue: ~Copyable {
             : NetHeader.size + config.maxFrameBytes
     }
 
+    /// Where queue memory goes in the DMA arena, in the order both initialisers allocate it (the
+    /// rings, then `size` buffers of `bufferSize` bytes on 64-byte strides): a successor that
+    /// adopts the queue recomputes exactly the layout the previous driver built. Receive buffers
+    /// are never zeroed: the device writes them before a used length says so.
+    static func layout(arena: DMAArena, size: UInt16, bufferSize: Int, zeroed: Bool) throws(VirtioError)
+        -> (memory: SplitQueueMemory, buffers: DMASlice, stride: Int) {
+        let stride = (bufferSize + 63) / 64 * 64
+        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+        let buffers = try arena.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
+        return (memory, buffers, stride)
+    }
+
     /// Builds queue `index` on `transport` with `size` entries and buffers of `bufferSize` bytes
     /// from its DMA arena, and enables it. Nothing is posted until `post()` (after DRIVER_OK).
     init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, size: UInt16, features: Features,
                                    config: NetConfig, bufferSize: Int, vector: UInt16?) throws(VirtioError) {
-        let stride = (bufferSize + 63) / 64 * 64
-        let memory = try SplitQueueMemory(arena: transport.dma, size: size)
-        // Receive buffers are not zeroed: the device writes them before a length says so.
-        let buffers = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
-        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: vector)
-        self.index = index
-        self.queue = SplitQueue(index: index, memory: memory, features: features, doorbell: doorbell)
-        self.queue.suppressInterrupts()
-        self.buffers = buffers
-        self.bufferSize = bufferSize
-        self.stride = stride
-        self.mergeable = features.contains(.netMergeableRxBuffers)
-        self.guestChecksum = features.contains(.netGuestChecksum)
-        self.maxFrame = config.maxFrameBytes
-        self.idle = SlotStack(filledTo: Int(size))
-        self.spreadSlots = .allocate(capacity: Int(size))
-        self.spreadLengths = .allocate(capacity: Int(size))
-        self.assembly = .allocate(byteCount: max(config.maxFrameBytes, 1), alignment: 64)
+        let layout = try NetReceiveQueue.layout(arena: transport.dma, size: size, bufferSize: bufferSize, zeroed: true)
+        let doorbell = try transport.enableQueue(index, size: size, rings: layout.memory.rings, vector: vector)
+        self.init(queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+                  buffers: layout.buffers, stride: layout.stride, bufferSize: bufferSize, features: features,
+                  config: config, idle: SlotStack(filledTo: Int(size)))
     }
 
     /// Takes over receiveq1 of a running device (live upgrade): the same layout as `init`
@@ -66,17 +65,24 @@ public struct NetReceiveQueue: ~Copyable {
     /// delivered by the next `receive`. Slots not outstanding are idle and posted by `post()`.
     init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
                                    config: NetConfig, bufferSize: Int, doorbell: Doorbell) throws(VirtioError) {
-        let size = snapshot.size
-        let stride = (bufferSize + 63) / 64 * 64
-        let memory = try SplitQueueMemory(arena: transport.dma, size: size, zeroed: false)
-        let buffers = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
-        try Adoption.checkLayout(memory.rings, snapshot)
+        let layout = try NetReceiveQueue.layout(arena: transport.dma, size: snapshot.size, bufferSize: bufferSize, zeroed: false)
+        try Adoption.checkLayout(layout.memory.rings, snapshot)
         let idle = try SlotStack(idleBesides: snapshot, writableBytes: UInt32(bufferSize), kind: "receive buffer")
-        self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                    availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
-                                    outstanding: snapshot.outstanding)
+        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
+                                   outstanding: snapshot.outstanding)
+        self.init(queue: queue, buffers: layout.buffers, stride: layout.stride, bufferSize: bufferSize, features: features,
+                  config: config, idle: idle)
+    }
+
+    /// What both initialisers end with; interrupts start suppressed (the caller polls, or arms
+    /// them before it sleeps).
+    init(queue: consuming SplitQueue, buffers: DMASlice, stride: Int, bufferSize: Int, features: Features,
+         config: NetConfig, idle: consuming SlotStack) {
+        let size = Int(queue.size)
+        self.index = queue.index
+        self.queue = queue
         self.queue.suppressInterrupts()
-        self.index = snapshot.index
         self.buffers = buffers
         self.bufferSize = bufferSize
         self.stride = stride
@@ -84,8 +90,8 @@ public struct NetReceiveQueue: ~Copyable {
         self.guestChecksum = features.contains(.netGuestChecksum)
         self.maxFrame = config.maxFrameBytes
         self.idle = idle
-        self.spreadSlots = .allocate(capacity: Int(size))
-        self.spreadLengths = .allocate(capacity: Int(size))
+        self.spreadSlots = .allocate(capacity: size)
+        self.spreadLengths = .allocate(capacity: size)
         self.assembly = .allocate(byteCount: max(config.maxFrameBytes, 1), alignment: 64)
     }
 

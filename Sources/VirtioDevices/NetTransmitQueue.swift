@@ -11,18 +11,23 @@ public struct NetTransmitQueue: ~Copyable {
     let stride: Int
     var idle: SlotStack
 
+    /// Where queue memory goes in the DMA arena, in the order both initialisers allocate it (the
+    /// rings, then one slot per entry for a header and a whole frame, on 64-byte strides), so a
+    /// successor recomputes the previous driver's layout exactly. Slots are written before use.
+    static func layout(arena: DMAArena, size: UInt16, config: NetConfig, zeroed: Bool) throws(VirtioError)
+        -> (memory: SplitQueueMemory, slots: DMASlice, stride: Int) {
+        let stride = (NetHeader.size + config.maxFrameBytes + 63) / 64 * 64
+        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+        let slots = try arena.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
+        return (memory, slots, stride)
+    }
+
     init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, size: UInt16, features: Features,
                                    config: NetConfig, vector: UInt16?) throws(VirtioError) {
-        let stride = (NetHeader.size + config.maxFrameBytes + 63) / 64 * 64
-        let memory = try SplitQueueMemory(arena: transport.dma, size: size)
-        let slots = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
-        let doorbell = try transport.enableQueue(index, size: size, rings: memory.rings, vector: vector)
-        self.index = index
-        self.queue = SplitQueue(index: index, memory: memory, features: features, doorbell: doorbell)
-        self.queue.suppressInterrupts()
-        self.slots = slots
-        self.stride = stride
-        self.idle = SlotStack(filledTo: Int(size))
+        let layout = try NetTransmitQueue.layout(arena: transport.dma, size: size, config: config, zeroed: true)
+        let doorbell = try transport.enableQueue(index, size: size, rings: layout.memory.rings, vector: vector)
+        self.init(queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+                  slots: layout.slots, stride: layout.stride, idle: SlotStack(filledTo: Int(size)))
     }
 
     /// Takes over transmitq1 of a running device (live upgrade): the same layout as `init` over
@@ -30,17 +35,20 @@ public struct NetTransmitQueue: ~Copyable {
     /// slot, nothing device-writable) stay in flight and are reclaimed when the device uses them.
     init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
                                    config: NetConfig, doorbell: Doorbell) throws(VirtioError) {
-        let size = snapshot.size
-        let stride = (NetHeader.size + config.maxFrameBytes + 63) / 64 * 64
-        let memory = try SplitQueueMemory(arena: transport.dma, size: size, zeroed: false)
-        let slots = try transport.dma.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
-        try Adoption.checkLayout(memory.rings, snapshot)
+        let layout = try NetTransmitQueue.layout(arena: transport.dma, size: snapshot.size, config: config, zeroed: false)
+        try Adoption.checkLayout(layout.memory.rings, snapshot)
         let idle = try SlotStack(idleBesides: snapshot, writableBytes: 0, kind: "transmit")
-        self.queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                    availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
-                                    outstanding: snapshot.outstanding)
+        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
+                                   outstanding: snapshot.outstanding)
+        self.init(queue: queue, slots: layout.slots, stride: layout.stride, idle: idle)
+    }
+
+    /// What both initialisers end with; interrupts start suppressed.
+    init(queue: consuming SplitQueue, slots: DMASlice, stride: Int, idle: consuming SlotStack) {
+        self.index = queue.index
+        self.queue = queue
         self.queue.suppressInterrupts()
-        self.index = snapshot.index
         self.slots = slots
         self.stride = stride
         self.idle = idle

@@ -173,7 +173,7 @@ struct ServeBlkCommand: ParsableCommand {
         }
         sockets = []
         let snapshots = received.record.queueSnapshots
-        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll)
+        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, vectors: irq.vectorPerQueue(snapshots.count))
         var blk: BlockDevice<VirtioPCITransport>
         do {
             if live {

@@ -61,8 +61,7 @@ struct ServeNetCommand: ParsableCommand {
             printError("virtio-vfio: error: eventfd: \(error)")
             throw ExitCode(Failure.ioError)
         }
-        var configuration = bridgeConfiguration(address, published: published)
-        configuration.wakeDescriptor = wake.raw
+        let configuration = bridgeConfiguration(address, published: published, wake: wake.raw)
         var service: NetService
         if handover.takeOver {
             service = try takeOver(address, wanted: wanted, configuration: configuration)
@@ -74,13 +73,15 @@ struct ServeNetCommand: ParsableCommand {
             }
             service = try start(net, address: address, configuration: configuration)
         }
-        try serve(service, address: address, published: published, wake: wake.raw)
+        try serve(service, address: address, published: published)
     }
 
     /// How the bridge runs: polling as the options say, logging with the device's address, the
-    /// counters published for the control socket's `statistics` at each status look.
-    func bridgeConfiguration(_ address: PCIAddress, published: PublishedCounters) -> TapBridgeConfiguration {
+    /// counters published for the control socket's `statistics` at each status look, a sleep
+    /// ended by `wake` (the control socket's handover requests).
+    func bridgeConfiguration(_ address: PCIAddress, published: PublishedCounters, wake: Int32) -> TapBridgeConfiguration {
         var configuration = TapBridgeConfiguration()
+        configuration.wakeDescriptor = wake
         configuration.busyPoll = .microseconds(busyPoll)
         configuration.maxSleep = .microseconds(maxSleep)
         configuration.log = { line in printError("\(address): \(line)") }
@@ -120,10 +121,11 @@ struct ServeNetCommand: ParsableCommand {
         return NetService(bridge: bridge, tap: tapInterface)
     }
 
-    func serve(_ service: consuming NetService, address: PCIAddress, published: PublishedCounters, wake: Int32) throws {
+    func serve(_ service: consuming NetService, address: PCIAddress, published: PublishedCounters) throws {
         let features = service.bridge.device.negotiation.accepted
         let arguments = CommandLine.arguments
-        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver, wake: wake,
+        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
+                                         wake: service.bridge.configuration.wakeDescriptor,
                                          deviceState: deviceState(service.bridge.device.transport, features: features),
                                          options: handover, counters: { published.latest.withLock { $0 } }) {
             describeThisDriver(features: features, arguments: arguments)
@@ -238,7 +240,7 @@ struct ServeNetCommand: ParsableCommand {
             throw received.decline("\(error)", touched: false)
         }
         let snapshots = received.record.queueSnapshots
-        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll,
+        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots,
                                            vectors: NetDevice<VirtioPCITransport>.queueVectors(mode: irq, count: snapshots.count))
         var net: NetDevice<VirtioPCITransport>
         do {

@@ -164,7 +164,7 @@ struct ServeRngCommand: ParsableCommand {
         }
         try received.prepared()
         let snapshots = received.record.queueSnapshots
-        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, interrupts: irq != .poll)
+        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, vectors: irq.vectorPerQueue(snapshots.count))
         var rng: EntropyDevice<VirtioPCITransport>
         do {
             if live {

@@ -174,10 +174,9 @@ struct TakeOver: ~Copyable {
     /// build would accept to be the ones the device runs with, and the device and every queue in
     /// the state the record describes (checked by reading only). `--mode live` refuses otherwise
     /// (nothing touched, the old driver resumes); `auto` falls back to reset.
-    /// `vectors` names the MSI-X vector each queue must signal (nil: not checked); by default
-    /// queue i signals vector i in an interrupt mode.
+    /// `vectors[i]` is the MSI-X vector queue i must still signal (nil: not checked).
     func chooseLive(_ transport: borrowing VirtioPCITransport, wanted: Features, snapshots: [QueueSnapshot],
-                    interrupts: Bool, vectors: [UInt16?]? = nil) throws -> Bool {
+                    vectors: [UInt16?]) throws -> Bool {
         guard mode != .reset else { return false }
         var problem: String?
         let mine = Lifecycle.acceptable(offered: transport.readDeviceFeatures(), wanted: wanted)
@@ -188,8 +187,7 @@ struct TakeOver: ~Copyable {
             do throws(VirtioError) {
                 _ = try Adoption.checkLive(transport, features: theirs)
                 for (i, snapshot) in snapshots.enumerated() {
-                    let vector = vectors.map { i < $0.count ? $0[i] : nil } ?? (interrupts ? UInt16(i) : nil)
-                    _ = try Adoption.checkQueue(transport, snapshot, vector: vector)
+                    _ = try Adoption.checkQueue(transport, snapshot, vector: i < vectors.count ? vectors[i] : nil)
                 }
             } catch { problem = "\(error)" }
         }
@@ -217,6 +215,13 @@ struct TakeOver: ~Copyable {
         let now = monotonicNanoseconds()
         guard record.quiesceStarted > 0, now >= record.quiesceStarted else { return "unknown" }
         return milliseconds(now - record.quiesceStarted)
+    }
+}
+
+extension CompletionMode {
+    /// One vector per queue, queue i on vector i (rng, blk), in an interrupt mode; none polling.
+    func vectorPerQueue(_ count: Int) -> [UInt16?] {
+        (0..<count).map { self == .poll ? nil : UInt16($0) }
     }
 }
 

@@ -20,6 +20,8 @@ dmesg -n 1
 net_if() { local d; for d in /sys/bus/pci/devices/$1/virtio*/net/*; do [[ -e $d ]] && basename "$d"; done; }
 inA() { ip netns exec A "$@"; }
 inB() { ip netns exec B "$@"; }
+# cpu_ticks PID: user + system clock ticks the process used so far (/proc/PID/stat fields 14, 15).
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
 
 # iperf_run NAME [-R]: 10 s of TCP from A to B (or B to A with -R); prints Mbit/s received, or
 # nothing on failure (the JSON is kept in $work/NAME.json).
@@ -67,7 +69,7 @@ out=$(inB timeout 300 ping -f -c "$FLOOD" -W 2 10.0.0.1 2>&1)
 summary=$(grep -E "packets transmitted" <<<"$out")
 [[ $summary == "$FLOOD packets transmitted, $FLOOD received,"*" 0% packet loss"* ]] && pass "flood ping B -> A: $summary" || fail "flood ping B -> A: $out"
 
-t0=$(awk '{ print $14 + $15 }' "/proc/$serve/stat"); sleep 3; t1=$(awk '{ print $14 + $15 }' "/proc/$serve/stat")
+t0=$(cpu_ticks $serve); sleep 3; t1=$(cpu_ticks $serve)
 poll_idle=$((t1 - t0))
 kill -USR1 $serve; sleep 0.5
 grep -q "counters" "$work/serve.log" && pass "SIGUSR1 prints the counters" || fail "no counters after SIGUSR1: $(cat "$work/serve.log")"
@@ -185,8 +187,6 @@ frames=$(sed -nE 's/^device->tap: ([0-9]+) frames.*/\1/p' "$work/all.log" | tail
 ip -n A link show vtap0 >/dev/null 2>&1 && fail "vtap0 still exists after serve net stopped" || pass "vtap0 is gone with serve net"
 
 # ---- the same bridge sleeping on MSI-X interrupts ------------------------------------------------
-# cpu_ticks PID: user + system clock ticks the process used so far (/proc/PID/stat fields 14, 15).
-cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null; }
 virtio-vfio serve net $OURS --tap vtap0 --irq msix 2>"$work/msix.log" &
 current=$!
 for _ in $(seq 100); do ip link show vtap0 >/dev/null 2>&1 && break; sleep 0.1; done
