@@ -56,10 +56,17 @@ let package = Package(
         .target(name: "VirtioDevices", dependencies: ["Virtio"]),
         // Upgrade: the versioned state record and descriptor passing of a hot upgrade.
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")]),
-        // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net).
-        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade"]),
+        // HotUpgrade: the hot-upgrade protocol for any service: the serving driver's control socket,
+        // hand-over and rollback, the successor's take-over, the live-or-reset choice.
+        .target(name: "HotUpgrade", dependencies: [
+            "Upgrade", "Virtio", "Syscalls", "VirtioPCI", "VFIO", "PCI",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
+        // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net,
+        // entropy feed of virtio-rng), each an UpgradableService.
+        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade", "HotUpgrade"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD", "Upgrade",
+            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD", "Upgrade", "HotUpgrade",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -71,6 +78,11 @@ let package = Package(
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
         .testTarget(name: "VirtqueueTests", dependencies: ["Virtio"]),
         .testTarget(name: "UpgradeTests", dependencies: ["Upgrade", "Syscalls", "CVirtioShim"]),
+        // The whole handover state machine, both sides in one process, against the emulator.
+        .testTarget(name: "HotUpgradeTests", dependencies: [
+            "HotUpgrade", "Services", "Upgrade", "Virtio", "VirtioDevices", "VirtioEmulator", "NBD", "Syscalls",
+            .product(name: "Logging", package: "swift-log"),
+        ]),
         .testTarget(name: "DeviceTests", dependencies: ["VirtioDevices", "VirtioEmulator", "Virtio", "Services", "NBD", "Upgrade", "Syscalls"]),
         .testTarget(name: "VirtioTests", dependencies: ["Virtio", "VirtioEmulator"]),
         // The emulator itself, driven by a hand-written driver-side ring writer.

@@ -65,9 +65,9 @@ public enum DescriptorPassing {
         try writeAll(socket, record)
     }
 
-    /// Receives a record and its descriptors; each descriptor is owned by the caller from here on
-    /// (wrapped in `OwnedFD`, closed if the caller drops it, e.g. when it refuses the record).
-    public static func receive(socket: Int32) throws(Failure) -> (record: [UInt8], descriptors: [Int32]) {
+    /// Receives a record and its descriptors, owned by the returned set from here on (closed with
+    /// it unless taken out, e.g. when the caller refuses the record).
+    public static func receive(socket: Int32) throws(Failure) -> Received {
         var length: UInt32 = 0
         let space = CVirtioShim_CMSG_SPACE(MemoryLayout<Int32>.size * maxDescriptors)
         let control = UnsafeMutableRawPointer.allocate(byteCount: space, alignment: 8)
@@ -115,7 +115,13 @@ public enum DescriptorPassing {
             case .success(let n): got += n
             }
         }
-        return (record, descriptors)
+        return Received(record: record, descriptors: OwnedFDList(adopting: descriptors))
+    }
+
+    /// A record and the descriptors that came with it.
+    @frozen public struct Received: ~Copyable {
+        public var record: [UInt8]
+        public var descriptors: OwnedFDList
     }
 
     static func writeAll(_ socket: Int32, _ bytes: [UInt8]) throws(Failure) {

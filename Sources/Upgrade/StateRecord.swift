@@ -118,16 +118,22 @@ public struct StateRecord: Sendable, Equatable {
     }
 
     /// Which descriptors a record may describe. A handover sends two records: first the device
-    /// part (container, group, device, DMA memory, interrupts) while the old driver still serves,
-    /// then, once it has quiesced, the service part (listening and client sockets).
-    public enum Part: Sendable {
-        /// Exactly one container, group, device and DMA memory, any interrupts, no sockets.
-        case device
+    /// part (for VFIO: container, group, device, DMA memory, interrupts) while the old driver still
+    /// serves, then, once it has quiesced, the service part (listening and client sockets, a TAP).
+    public enum Part: Sendable, Equatable {
+        /// Exactly one descriptor of each role in `requiring`, any interrupts, no sockets.
+        case device(requiring: [DescriptorRole])
         /// Sockets only.
         case service
-        /// Both in one record: exactly one of each device descriptor, anything else.
+        /// Both in one record: exactly one of each VFIO device role, anything else.
         case whole
+
+        /// The device part of a VFIO-driven device.
+        public static let vfioDevice = Part.device(requiring: vfioRoles)
     }
+
+    /// The descriptors that make a VFIO device: what a successor needs to drive it.
+    public static let vfioRoles: [DescriptorRole] = [.container, .group, .device, .dmaMemory]
 
     /// Decodes and validates. `descriptorCount` is how many fds actually arrived with the record.
     public init(decoding bytes: [UInt8], descriptorCount: Int, part: Part = .whole) throws(StateRecordError) {
@@ -216,13 +222,18 @@ public struct StateRecord: Sendable, Equatable {
             guard let role = DescriptorRole(rawValue: raw) else { throw .invalid(field: "descriptor \(i) role", "unknown role \(raw)") }
             roles.append(role)
         }
-        let deviceRoles: [DescriptorRole] = [.container, .group, .device, .dmaMemory]
-        switch part {
-        case .device, .whole:
-            for role in deviceRoles where roles.filter({ $0 == role }).count != 1 {
+        let deviceRoles: [DescriptorRole] = StateRecord.vfioRoles
+        func requireOnce(_ required: [DescriptorRole]) throws(StateRecordError) {
+            for role in required where roles.filter({ $0 == role }).count != 1 {
                 throw .invalid(field: "descriptors", "exactly one \(role) descriptor is needed")
             }
-            if part == .device, let socket = roles.first(where: { $0 == .listener || $0 == .client || $0 == .tap }) {
+        }
+        switch part {
+        case .whole:
+            try requireOnce(deviceRoles)
+        case .device(let required):
+            try requireOnce(required)
+            if let socket = roles.first(where: { $0 == .listener || $0 == .client || $0 == .tap }) {
                 throw .invalid(field: "descriptors", "a \(socket) socket in the device part")
             }
         case .service:

@@ -15,10 +15,10 @@ import Syscalls
     public let dmaIOVA: UInt64
     public let dmaSize: Int
     /// Eventfds of MSI-X vectors 0..<count, in order (owned: closed unless adopted).
-    public let interrupts: [Int32]
+    public let interrupts: OwnedFDList
 
     public init(address: PCIAddress, container: consuming OwnedFD, group: consuming OwnedFD, groupNumber: Int,
-                device: consuming OwnedFD, dmaMemory: consuming OwnedFD, dmaIOVA: UInt64, dmaSize: Int, interrupts: [Int32]) {
+                device: consuming OwnedFD, dmaMemory: consuming OwnedFD, dmaIOVA: UInt64, dmaSize: Int, interrupts: consuming OwnedFDList) {
         self.address = address
         self.container = container
         self.group = group

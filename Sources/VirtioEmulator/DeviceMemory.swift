@@ -3,6 +3,7 @@ import Glibc
 #elseif canImport(Musl)
 import Musl
 #endif
+import CVirtioShim
 import Synchronization
 import Virtio
 
@@ -11,10 +12,14 @@ import Virtio
 ///
 /// Every address the device dereferences goes through `translate`, which bounds-checks it like an
 /// IOMMU would: an address or length outside the block is refused, never touched.
+///
+/// The block is a memfd mapped shared, as the driver's DMA memory is under VFIO: a successor
+/// driver in a hot-upgrade test receives the descriptor and can check it names the same memory.
 final class DeviceMemory: @unchecked Sendable {
     let cpuBase: UnsafeMutableRawPointer
     let deviceBase: UInt64
     let size: Int
+    let descriptor: Int32
 
     init(size requested: Int, deviceBase: UInt64) {
         let page = 4096
@@ -22,17 +27,24 @@ final class DeviceMemory: @unchecked Sendable {
         precondition(deviceBase % UInt64(page) == 0, "device base address must be page-aligned")
         precondition(deviceBase <= UInt64.max - UInt64(requested), "device memory wraps the address space")
         let size = (requested + page - 1) / page * page
-        // Anonymous mmap: page-aligned, zeroed, returned to the kernel by munmap in deinit.
-        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0),
-              p != MAP_FAILED else {
+        // A memfd mapped shared: page-aligned, zeroed, returned to the kernel in deinit.
+        let fd = CVirtioShim_memfd_create("virtio-emulator-dma", 1)  // MFD_CLOEXEC
+        guard fd >= 0, ftruncate(fd, off_t(size)) == 0 else {
+            fatalError("emulated device: memfd of \(size) bytes failed (errno \(errno))")
+        }
+        guard let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0), p != MAP_FAILED else {
             fatalError("emulated device: mmap of \(size) bytes failed (errno \(errno))")
         }
+        self.descriptor = fd
         self.cpuBase = p
         self.deviceBase = deviceBase
         self.size = size
     }
 
-    deinit { munmap(cpuBase, size) }
+    deinit {
+        munmap(cpuBase, size)
+        close(descriptor)
+    }
 
     var slice: DMASlice { DMASlice(pointer: cpuBase, deviceAddress: deviceBase, size: size) }
 

@@ -46,6 +46,8 @@ public final class EmulatedDevice: Sendable {
     public var configVectorWrites: Int { core.state.withLock { $0.configVectorWrites } }
     /// The whole device-visible block (CPU pointer, bus address, size).
     public var memory: DMASlice { core.memory.slice }
+    /// The memfd behind `memory` (owned by the device, open as long as it lives).
+    public var memoryDescriptor: Int32 { core.memory.descriptor }
 
     // MARK: Device side of the registers
 

@@ -68,7 +68,7 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         let buffer: DMABuffer
         do { buffer = try VFIOSession.adoptDMA(memfd: memory, iova: iova, size: size) } catch { throw .vfio(error) }
         try self.init(function: function, type: type, session: session, dmaBuffer: buffer)
-        self.interrupts.adopt(interrupts)
+        self.interrupts.adopt(interrupts.release())
     }
 
     static func identify(_ address: PCIAddress, sysfs: SysfsPCI) throws(VirtioPCIError) -> (PCIFunction, DeviceType) {

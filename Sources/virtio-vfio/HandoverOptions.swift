@@ -1,4 +1,6 @@
 import ArgumentParser
+import HotUpgrade
+import Logging
 import PCI
 import Synchronization
 import Syscalls
@@ -28,16 +30,6 @@ enum HandoverFault: String, ExpressibleByArgument {
     case hangAfterDeviceUp = "hang-after-device-up"
 }
 
-extension HandoverFault? {
-    /// Acts out the faults that strike once the device is up.
-    func strikeAfterDeviceUp() {
-        switch self {
-        case .crashAfterDeviceUp?: kill(getpid(), SIGKILL)
-        case .hangAfterDeviceUp?: while true { sleep(60) }
-        default: break
-        }
-    }
-}
 
 /// The options every `serve` command has for hot upgrades.
 struct HandoverOptions: ParsableArguments {
@@ -59,4 +51,56 @@ struct HandoverOptions: ParsableArguments {
     func controlPath(_ address: PCIAddress) -> String {
         ControlListener.path(for: "\(address)", directory: controlDirectory)
     }
+
+    /// How this successor takes over, with the test faults acted out at their moments.
+    var takeOverOptions: TakeOverOptions {
+        var options = TakeOverOptions(mode: mode, driverVersion: DriverVersion.string)
+        options.handoverTimeout = handoverTimeout
+        switch debugFault {
+        case .crashAfterDeviceUp?: options.afterDeviceUp = { kill(getpid(), SIGKILL) }
+        case .hangAfterDeviceUp?: options.afterDeviceUp = { while true { sleep(60) } }
+        case .firstRequestFails?: options.failFirstRequest = true
+        case nil: break
+        }
+        return options
+    }
+
+    /// The control socket of a service running `features` with this process's command line.
+    func controlConfiguration(features: UInt64, wake: Int32?, counters: (@Sendable () -> [(String, Int)])? = nil)
+        -> ControlServiceConfiguration {
+        let arguments = CommandLine.arguments
+        var configuration = ControlServiceConfiguration { describeThisDriver(features: features, arguments: arguments) }
+        configuration.wake = wake
+        configuration.counters = counters
+        configuration.handoverTimeout = handoverTimeout
+        configuration.debugStateFormat = debugStateFormat
+        return configuration
+    }
+}
+
+extension UpgradeError {
+    /// The exit status the command line gives this failure (one line on stderr first).
+    var exit: ExitCode {
+        printError("virtio-vfio: error: \(message)")
+        switch kind {
+        case .unavailable: return ExitCode(Failure.unavailable)
+        case .busy: return ExitCode(Failure.busy)
+        case .protocolError: return ExitCode(Failure.protocolError)
+        case .ioError: return ExitCode(Failure.ioError)
+        }
+    }
+}
+
+/// Serves `service` behind its control socket until SIGINT/SIGTERM, handing it over whenever a
+/// successor asks. Returns `.stopped` or the failure; after a completed handover this process
+/// ends at once with `_exit(0)`: no deinit runs, so nothing of the device, the clients or the
+/// socket files (the successor's now) is touched.
+func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, control: ControlService) -> ServeOutcome {
+    signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
+    signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
+    signal(SIGPIPE, SIG_IGN)
+    let outcome = control.serve(&service, until: stopRequested)
+    if case .handedOver = outcome { _exit(0) }
+    control.stop()
+    return outcome
 }

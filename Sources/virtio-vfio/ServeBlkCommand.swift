@@ -1,4 +1,5 @@
 import ArgumentParser
+import HotUpgrade
 import NBD
 import PCI
 import Services
@@ -67,142 +68,46 @@ struct ServeBlkCommand: ParsableCommand {
         let verbose = global.verbose
         configuration.log = { line in if verbose { printError(line) } }
 
-        var server: NBDServer<VirtioBlockBackend<VirtioPCITransport>>
+        let logger = global.serviceLogger("serve-blk")
+        let backendLog: @Sendable (String) -> Void = { printError("\(address): \($0)") }
+        var export: BlockExport<VirtioPCITransport>
         if handover.takeOver {
-            server = try takeOver(address, wanted: wanted, configuration: configuration)
+            let sysfs = SysfsPCI(root: global.sysfsRoot)
+            do {
+                export = try takeOver(path: handover.controlPath(address), address: "\(address)", type: .block,
+                                      options: handover.takeOverOptions, logger: logger,
+                                      attach: { s throws(UpgradeError) in try s.attachVFIO(address, sysfs: sysfs) },
+                                      adopt: { t, s throws(UpgradeError) in
+                                          try BlockExport.adopt(t, &s, wanted: wanted, mode: irq, configuration: configuration, log: backendLog)
+                                      })
+            } catch { throw error.exit }
         } else {
             let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block, announceLeftover: true)
             let blk: BlockDevice<VirtioPCITransport>
             do { blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
             }
-            do { server = try NBDServer(backend: VirtioBlockBackend(device: blk, log: { printError("\(address): \($0)") }), configuration: configuration) } catch {
+            do { export = BlockExport(server: try NBDServer(backend: VirtioBlockBackend(device: blk, log: backendLog), configuration: configuration)) } catch {
                 printError("virtio-vfio: error: \(error)")
                 throw ExitCode(Failure.ioError)
             }
         }
-        let features = server.withBackend { $0.device.negotiation.accepted }
-        let capacity = server.withBackend { $0.size }
-        let arguments = CommandLine.arguments
-        let device = server.withBackend { deviceState($0.device.transport, features: $0.device.negotiation.accepted) }
-        let control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver, wake: wake.raw,
-                                         deviceState: device, options: handover) {
-            describeThisDriver(features: features, arguments: arguments)
-        }
-        signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
-        signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
-        signal(SIGPIPE, SIG_IGN)
-        printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path))")
-        serving: while true {
-            let outcome: NBDRunOutcome
-            do { outcome = try server.run(until: stopRequested, quiesceWhen: control.quiesce) } catch {
-                printError("virtio-vfio: error: \(error)")
-                throw ExitCode(Failure.ioError)
-            }
-            switch outcome {
-            case .stopped:
-                break serving
-            case .quiesceFailed(let failure):
-                printError("virtio-vfio: handover refused: \(failure)")
-                control.refuse("\(failure)")
-            case .quiesced:
-                guard let pending = control.take() else { control.finished(); continue }
-                handOver(pending, &server, address: address, control: control)
-                control.finished()
-            }
-        }
-        control.stop()
-        let stats = server.statistics
-        printError("\(address): stopped; \(stats.connectionsAccepted) connections, \(stats.reads) reads, \(stats.writes) writes, \(stats.flushes) flushes, \(stats.errorReplies) error replies")
-    }
-
-    /// The serving side of an upgrade, once the NBD server quiesced (no request in flight, every
-    /// reply sent): hands the device and the connections over. Returns only if the successor
-    /// failed; the device is then reset and rebuilt if the successor may have touched it.
-    func handOver(_ pending: HandoverRequest, _ server: inout NBDServer<VirtioBlockBackend<VirtioPCITransport>>,
-                  address: PCIAddress, control: ControlService) {
-        let quiesced = monotonicNanoseconds()
-        let result: Result<[QueueSnapshot], VirtioError> = server.withBackend { backend in
-            do throws(VirtioError) { return .success(try backend.device.queueSnapshots()) } catch { return .failure(error) }
-        }
-        guard case .success(let snapshots) = result else {
-            printError("virtio-vfio: handover refused: \(result)")
-            control.refuse("\(result)")
-            return
-        }
-        let connections = server.handoverState()
-        var record = server.withBackend { deviceState($0.device.transport, features: $0.device.negotiation.accepted) }.record
-        record.setQueues(snapshots)
-        record.descriptors = connections.descriptors.map {
-            $0 == connections.unixListener?.fd || $0 == connections.tcpListener?.fd ? .listener : .client
-        }
-        record.quiesceStarted = quiesced
-        record.serviceState = connections.encoded()
-        let fds = connections.descriptors
-        let rollback = handOverDevice(pending, record: record, descriptors: fds, 
-                                      timeoutMilliseconds: handover.handoverTimeout) {
-            printError("\(address): handed over \(connections.clients.count) NBD connections")
-        }
-        printError("virtio-vfio: upgrade rolled back, this driver (\(DriverVersion.string)) keeps serving: \(rollback.reason)")
-        if rollback.deviceTouched {
-            do throws(VirtioError) {
-                try server.modifyBackend { backend throws(VirtioError) in try backend.device.recover() }
-                printError("\(address): device reset and rebuilt after the failed upgrade")
-            } catch {
-                printError("virtio-vfio: error: bringing the device back after the failed upgrade: \(error)")
-            }
-        }
-    }
-
-    /// The successor's side: the device (adopted live, or reset), a first read, the NBD
-    /// connections adopted, then healthy.
-    func takeOver(_ address: PCIAddress, wanted: Features, configuration: NBDServerConfiguration) throws
-        -> NBDServer<VirtioBlockBackend<VirtioPCITransport>> {
-        var received = try TakeOver(address: address, options: handover, expecting: .block)
-        let sysfs = SysfsPCI(root: global.sysfsRoot)
-        let transport: VirtioPCITransport
-        do { transport = try VirtioPCITransport(adopting: try received.vfio(address, sysfs: sysfs), sysfs: sysfs) } catch {
-            throw received.decline("\(error)", touched: false)
-        }
-        try received.prepared()
-        var sockets = received.take(.listener) + received.take(.client)
-        let connections: NBDHandoverState
-        do { connections = try NBDHandoverState(decoding: received.record.serviceState, descriptors: sockets) } catch {
-            for fd in sockets { Syscall.close(fd) }
-            throw received.decline("NBD connection state: \(error)", touched: false)
-        }
-        sockets = []
-        let snapshots = received.record.queueSnapshots
-        let live = try received.chooseLive(transport, wanted: wanted, snapshots: snapshots, vectors: irq.vectorPerQueue(snapshots.count))
-        var blk: BlockDevice<VirtioPCITransport>
+        let features = export.server.withBackend { $0.device.negotiation.accepted }
+        let capacity = export.server.withBackend { $0.size }
+        let control: ControlService
         do {
-            if live {
-                blk = try BlockDevice(adopting: transport, features: Features(rawValue: received.record.features),
-                                      queues: snapshots, mode: irq)
-            } else {
-                blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq)
-            }
-        } catch { throw received.decline("\(error)", touched: !live) }
-        received.mark(live ? "adopt" : "reset+rebuild")
-        handover.debugFault.strikeAfterDeviceUp()
-        // Healthy: the device answered a first request (sector 0 read).
-        let probe = UnsafeMutableRawBufferPointer.allocate(byteCount: 4096, alignment: 4096)
-        defer { probe.deallocate() }
-        do throws(BlockError) { try blk.read(sector: 0, into: probe) } catch {
-            throw received.decline("first read failed: \(error)", touched: true)
+            control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
+                                         devicePart: export.devicePart(driverVersion: DriverVersion.string),
+                                         configuration: handover.controlConfiguration(features: features.rawValue, wake: wake.raw),
+                                         logger: logger)
+        } catch { throw error.exit }
+        printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path))")
+        let outcome = serveUpgradable(&export, control: control)
+        if case .failed(let error) = outcome {
+            printError("virtio-vfio: error: \(error)")
+            throw ExitCode(Failure.ioError)
         }
-        received.mark("first read")
-        if handover.debugFault == .firstRequestFails {
-            throw received.decline("first read failed (--debug-fault first-request-fails)", touched: true)
-        }
-        let server: NBDServer<VirtioBlockBackend<VirtioPCITransport>>
-        do { server = try NBDServer(backend: VirtioBlockBackend(device: blk, log: { printError("\(address): \($0)") }), configuration: configuration, adopting: connections) } catch {
-            throw received.decline("adopting the NBD connections: \(error)", touched: true)
-        }
-        received.mark("nbd")
-        try received.confirm("\(live ? "live" : "reset") mode, driver \(DriverVersion.string), \(connections.clients.count) NBD connections, first read ok",
-                             timeoutMilliseconds: handover.handoverTimeout)
-        printError("\(address): took over from driver \(received.record.driverVersion) in \(live ? "live" : "reset") mode with \(connections.clients.count) NBD connections in \(received.elapsed); service gap \(received.gap) (\(received.phaseSummary), confirm)")
-        return server
+        let stats = export.server.statistics
+        printError("\(address): stopped; \(stats.connectionsAccepted) connections, \(stats.reads) reads, \(stats.writes) writes, \(stats.flushes) flushes, \(stats.errorReplies) error replies")
     }
 }

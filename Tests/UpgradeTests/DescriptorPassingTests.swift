@@ -27,7 +27,10 @@ struct DescriptorPassingTests {
         let eventRaw = event.raw
         let sender = Thread { try? DescriptorPassing.send(socket: a, record: record, descriptors: [memfd, eventRaw]) }
         sender.start()
-        let (received, fds) = try DescriptorPassing.receive(socket: b)
+        let arrived = try DescriptorPassing.receive(socket: b)
+        let received = arrived.record
+        #expect(arrived.descriptors.count == 2)
+        let fds = arrived.descriptors.release()
         defer { for fd in fds { close(fd) } }
         #expect(received == record)
         #expect(fds.count == 2)
@@ -41,6 +44,20 @@ struct DescriptorPassingTests {
         #expect(read(fds[1], &count, 8) == 8 && count == 1)
         // Received descriptors are close-on-exec.
         #expect(fcntl(fds[0], F_GETFD) & FD_CLOEXEC != 0)
+    }
+
+    @Test func descriptorsLeftInTheSetAreClosedWithIt() throws {
+        let a = try EventFD(), b = try EventFD()
+        let rawA = dup(a.raw), rawB = dup(b.raw)
+        do {
+            var set = OwnedFDList(adopting: [rawA, rawB])
+            guard let first = set.take(0) else { Issue.record("nothing at 0"); return }
+            #expect(first.raw == rawA && set.peek(0) == -1 && set.remaining == 1)
+            _ = first.take()  // the caller keeps rawA
+        }
+        #expect(fcntl(rawA, F_GETFD) >= 0, "a taken descriptor stays open")
+        #expect(fcntl(rawB, F_GETFD) == -1 && errno == EBADF, "a descriptor left in the set is closed with it")
+        close(rawA)
     }
 
     @Test func aPeerThatClosesEarlyIsAnErrorNotAHang() throws {

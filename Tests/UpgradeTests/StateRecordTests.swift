@@ -59,7 +59,7 @@ struct StateRecordTests {
         let decoded = try StateRecord(decoding: record.encoded(), descriptorCount: 1, part: .service)
         #expect(decoded.descriptors == [.tap])
         record.descriptors = [.container, .group, .device, .dmaMemory, .tap]
-        #expect { try StateRecord(decoding: record.encoded(), descriptorCount: 5, part: .device) } throws: {
+        #expect { try StateRecord(decoding: record.encoded(), descriptorCount: 5, part: .vfioDevice) } throws: {
             "\($0)".contains("a tap socket in the device part")
         }
     }

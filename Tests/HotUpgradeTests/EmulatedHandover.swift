@@ -1,0 +1,89 @@
+import Glibc
+import HotUpgrade
+import Logging
+import Syscalls
+import Upgrade
+import Virtio
+import VirtioEmulator
+
+/// The emulator as a device that can be handed over: its memory travels as the DMA memfd (the
+/// only descriptor a successor needs: the emulated device itself is found in this process), as
+/// a VFIO device's memfd does with its container, group and device descriptors.
+extension EmulatedTransport: HandoverTransport {
+    public var handoverAddress: String { EmulatedHandover.address }
+    public var lentDescriptors: [LentDescriptor] { [LentDescriptor(.dmaMemory, device.memoryDescriptor)] }
+    public static var requiredDeviceRoles: [StateRecord.DescriptorRole] { [.dmaMemory] }
+}
+
+enum EmulatedHandover {
+    static let address = "emulated:0"
+
+    /// The `attach` step for `device`: the received memfd must be the device's memory (same
+    /// inode), and the DMA range the record names its range.
+    static func attach(_ device: EmulatedDevice) -> (inout Successor) throws(UpgradeError) -> EmulatedTransport {
+        { successor throws(UpgradeError) in
+            guard let memory = successor.descriptors.take(.dmaMemory) else {
+                throw UpgradeError(.protocolError, "no DMA memory descriptor")
+            }
+            var received = stat(), own = stat()
+            guard fstat(memory.raw, &received) == 0, fstat(device.memoryDescriptor, &own) == 0,
+                  received.st_ino == own.st_ino, received.st_dev == own.st_dev else {
+                throw UpgradeError(.protocolError, "the DMA memfd is not the device's memory")
+            }
+            guard successor.record.dmaIOVA == device.memory.deviceAddress, successor.record.dmaSize == UInt64(device.memory.size) else {
+                throw UpgradeError(.protocolError, "DMA range 0x\(String(successor.record.dmaIOVA, radix: 16))+\(successor.record.dmaSize) is not the device's")
+            }
+            return EmulatedTransport(device: device)
+        }
+    }
+}
+
+/// Log lines kept for assertions (and nothing printed).
+final class CapturedLog: @unchecked Sendable {
+    private let lock = NSLockLike()
+    private var stored: [String] = []
+    var lines: [String] { lock.run { stored } }
+    func append(_ line: String) { lock.run { stored.append(line) } }
+    func contains(_ fragment: String) -> Bool { lines.contains { $0.contains(fragment) } }
+
+    var logger: Logger {
+        var logger = Logger(label: "test") { _ in CapturingHandler(log: self) }
+        logger.logLevel = .debug
+        return logger
+    }
+}
+
+struct CapturingHandler: LogHandler {
+    let log: CapturedLog
+    var logLevel: Logger.Level = .debug
+    var metadata: Logger.Metadata = [:]
+    subscript(metadataKey key: String) -> Logger.Metadata.Value? {
+        get { metadata[key] }
+        set { metadata[key] = newValue }
+    }
+    func log(event: LogEvent) { log.append("\(event.level): \(event.message)") }
+}
+
+/// A pthread mutex (the tests avoid Foundation's locks to keep the descriptor counts exact).
+final class NSLockLike: @unchecked Sendable {
+    private var mutex = pthread_mutex_t()
+    init() { pthread_mutex_init(&mutex, nil) }
+    deinit { pthread_mutex_destroy(&mutex) }
+    func run<R>(_ body: () throws -> R) rethrows -> R {
+        pthread_mutex_lock(&mutex)
+        defer { pthread_mutex_unlock(&mutex) }
+        return try body()
+    }
+}
+
+/// Open descriptors of this process (from /proc/self/fd), to prove nothing leaks.
+func openDescriptorCount() -> Int {
+    guard let dir = opendir("/proc/self/fd") else { return -1 }
+    defer { closedir(dir) }
+    var n = 0
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        if name != "." && name != ".." { n += 1 }
+    }
+    return n - 1  // the directory stream's own descriptor
+}
