@@ -22,15 +22,22 @@ public func takeOver<T: HandoverTransport & ~Copyable, S: UpgradableService & ~C
     do { transport = try attach(&successor) } catch { throw successor.decline(error.message, touched: false) }
     try successor.prepared()
     var service = try adopt(transport, &successor)
-    options.afterDeviceUp?()
-    let report: ProbeReport
-    do { report = try service.probe() } catch { throw successor.decline("first request failed: \(error)", touched: true) }
-    successor.mark("first request")
-    if options.failFirstRequest {
-        throw successor.decline("first request failed (--debug-fault first-request-fails)", touched: true)
+    do throws(UpgradeError) {
+        options.afterDeviceUp?()
+        let report: ProbeReport
+        do { report = try service.probe() } catch { throw successor.decline("first request failed: \(error)", touched: true) }
+        successor.mark("first request")
+        if options.failFirstRequest {
+            throw successor.decline("first request failed (--debug-fault first-request-fails)", touched: true)
+        }
+        let mode = successor.live == true ? "live" : "reset"
+        try successor.confirm("\(mode) mode, driver \(options.driverVersion), \(report.summary)")
+        logger.notice("\(address): took over\(report.object) from driver \(successor.record.driverVersion) in \(mode) mode\(report.detail) in \(successor.elapsed); service gap \(successor.gap) (\(successor.phaseSummary), confirm)")
+    } catch {
+        // The device and the clients stay the old driver's: let go without touching them (no
+        // reply, no socket file removed).
+        service.relinquish()
+        throw error
     }
-    let mode = successor.live == true ? "live" : "reset"
-    try successor.confirm("\(mode) mode, driver \(options.driverVersion), \(report.summary)")
-    logger.notice("\(address): took over\(report.object) from driver \(successor.record.driverVersion) in \(mode) mode\(report.detail) in \(successor.elapsed); service gap \(successor.gap) (\(successor.phaseSummary), confirm)")
     return service
 }

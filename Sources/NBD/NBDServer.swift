@@ -188,8 +188,10 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     var quiescing = false
     var quiesceStarted: UInt64 = 0
     var quiesceDeadline: UInt64 = 0
-    /// The last `run` returned `.quiesced` (nothing ran since): `handoverState()` and `release()` are valid.
-    var quiesced = false
+    /// The last `run` returned `.quiesced`, or `run` was never called (every connection is where
+    /// it was handed over, at a message boundary, or there is none): `handoverState()` and
+    /// `release()` are valid.
+    var quiesced = true
     var now: UInt64 = 0
 
     /// Starts listening for `backend`'s export. Nothing is served until `run(until:)`.

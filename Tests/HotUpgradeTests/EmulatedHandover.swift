@@ -87,3 +87,18 @@ func openDescriptorCount() -> Int {
     }
     return n - 1  // the directory stream's own descriptor
 }
+
+/// What each open descriptor is (readlink of /proc/self/fd/N), for a leak's message.
+func openDescriptors() -> [String] {
+    guard let dir = opendir("/proc/self/fd") else { return [] }
+    defer { closedir(dir) }
+    var result: [String] = []
+    while let entry = readdir(dir) {
+        let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
+        guard name != "." && name != ".." else { continue }
+        var target = [CChar](repeating: 0, count: 256)
+        let n = readlink("/proc/self/fd/\(name)", &target, 255)
+        result.append("\(name) -> \(n > 0 ? String(cString: target) : "?")")
+    }
+    return result
+}
