@@ -47,7 +47,7 @@ let package = Package(
         .target(name: "VirtioEmulator", dependencies: ["Virtio", "Syscalls", "CVirtioShim"]),
         // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
         .target(name: "VirtioPCI", dependencies: [
-            "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls",
+            "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls", "HotUpgrade", "Upgrade",
             .product(name: "Logging", package: "swift-log"),
         ]),
         // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend.
@@ -59,8 +59,7 @@ let package = Package(
         // HotUpgrade: the hot-upgrade protocol for any service: the serving driver's control socket,
         // hand-over and rollback, the successor's take-over, the live-or-reset choice.
         .target(name: "HotUpgrade", dependencies: [
-            "Upgrade", "Virtio", "Syscalls", "VirtioPCI", "VFIO", "PCI",
-            .product(name: "Logging", package: "swift-log"),
+            "Upgrade", "Virtio", "Syscalls", .product(name: "Logging", package: "swift-log"),
         ]),
         // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net,
         // entropy feed of virtio-rng), each an UpgradableService.

@@ -20,6 +20,7 @@ let package = Package(
     name: "virtio-vfio-fuzz",
     dependencies: [
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
     ],
     targets: [
         // The driver's modules under test, built from the main package's sources.
@@ -35,7 +36,9 @@ let package = Package(
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Upgrade"),
         .target(name: "VirtioDevices", dependencies: ["Virtio"], path: "Library/VirtioDevices"),
-        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade"],
+        .target(name: "HotUpgrade", dependencies: ["Upgrade", "Virtio", "Syscalls", .product(name: "Logging", package: "swift-log")],
+                path: "Library/HotUpgrade"),
+        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade", "HotUpgrade"],
                 path: "Library/Services"),
 
         // Shared by the targets: input cursor, invariant check, seed writing; ASan poisoning in C.

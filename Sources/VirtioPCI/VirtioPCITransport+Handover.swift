@@ -1,8 +1,8 @@
+import HotUpgrade
 import PCI
 import Syscalls
 import Upgrade
 import VFIO
-import VirtioPCI
 
 extension VirtioPCITransport: HandoverTransport {
     public var handoverAddress: String { "\(address)" }
