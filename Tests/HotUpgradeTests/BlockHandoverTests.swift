@@ -11,6 +11,7 @@ import VirtioEmulator
 
 /// serve blk's handover with both sides in this process: the NBD listener and a client in the
 /// middle of its handshake or in transmission travel to the successor, which answers them.
+extension HandoverInOneProcess {
 @Suite("hot upgrade of serve blk, both sides against the emulator", .serialized)
 struct BlockHandoverTests {
     typealias Export = BlockExport<EmulatedTransport>
@@ -25,8 +26,7 @@ struct BlockHandoverTests {
 
     @Test(arguments: [HandoverMessage.Mode.live, .reset])
     func aClientKeepsItsConnectionAndItsData(_ mode: HandoverMessage.Mode) throws {
-        let before = openDescriptors()
-        do {
+        try withoutLeaks {
             let dir = TemporaryDirectory()
             let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
             let oldLog = CapturedLog(), newLog = CapturedLog()
@@ -68,13 +68,10 @@ struct BlockHandoverTests {
             _ = new.service.take()
             #expect(device.violations.isEmpty, "\(device.violations)")
         }
-        let after = openDescriptors()
-        #expect(after.count == before.count, "descriptors leaked: \(Set(after).subtracting(before).sorted())")
     }
 
     @Test func aSuccessorThatCannotReadTheConnectionsDeclinesAndClosesWhatItReceived() throws {
-        let before = openDescriptors()
-        do {
+        try withoutLeaks {
             let dir = TemporaryDirectory()
             let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
             let oldLog = CapturedLog(), newLog = CapturedLog()
@@ -103,7 +100,6 @@ struct BlockHandoverTests {
             guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
             _ = old.service.take()
         }
-        let after = openDescriptors()
-        #expect(after.count == before.count, "descriptors leaked: \(Set(after).subtracting(before).sorted())")
     }
+}
 }

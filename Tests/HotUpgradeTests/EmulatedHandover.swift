@@ -1,4 +1,5 @@
 import Glibc
+import Testing
 import HotUpgrade
 import Logging
 import Syscalls
@@ -102,3 +103,18 @@ func openDescriptors() -> [String] {
     }
     return result
 }
+
+/// Runs `body` and, when no other test runs at the same time (tools/test runs `swift test
+/// --no-parallel` with VIRTIO_VFIO_ISOLATED=1; descriptors are counted for the whole process),
+/// checks that this process has the same descriptors open afterwards.
+func withoutLeaks(_ body: () throws -> Void) rethrows {
+    let before = openDescriptors()
+    try body()
+    let after = openDescriptors()
+    if getenv("VIRTIO_VFIO_ISOLATED") != nil {
+        #expect(after.count == before.count, "descriptors leaked: \(Set(after).subtracting(before).sorted())")
+    }
+}
+
+/// The two suites share the process's descriptor table: never at the same time.
+@Suite("hot upgrade, both sides in one process", .serialized) enum HandoverInOneProcess {}

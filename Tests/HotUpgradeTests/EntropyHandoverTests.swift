@@ -11,6 +11,7 @@ import VirtioEmulator
 /// The whole hand-over state machine with both sides in this process: the serving driver's
 /// control service and serve loop in a thread, the successor's `takeOver` in the test, a control
 /// socket in a temporary directory, the emulator as the device (its memory travels as a memfd).
+extension HandoverInOneProcess {
 @Suite("hot upgrade of serve rng, both sides against the emulator", .serialized)
 struct EntropyHandoverTests {
     typealias Feed = EntropyFeed<EmulatedTransport>
@@ -36,14 +37,6 @@ struct EntropyHandoverTests {
                             adopt: { t, s throws(UpgradeError) in
                                 try Feed.adopt(t, &s, wanted: wanted, mode: .poll, rate: 1 << 20, limit: 0, sink: sink)
                             })
-    }
-
-    /// Runs `body` and checks that this process has as many descriptors open afterwards.
-    func withoutLeaks(_ body: () throws -> Void) rethrows {
-        let before = openDescriptors()
-        try body()
-        let after = openDescriptors()
-        #expect(after.count == before.count, "descriptors leaked: \(Set(after).subtracting(before).sorted())")
     }
 
     @Test(arguments: [HandoverMessage.Mode.live, .reset, .auto])
@@ -204,4 +197,57 @@ struct EntropyHandoverTests {
             #expect(device.violations.isEmpty)
         }
     }
+
+    @Test func aSuccessorThatGoesAwayAfterThePauseIsRolledBack() throws {
+        try withoutLeaks {
+            let dir = TemporaryDirectory()
+            let device = EmulatedDevice(model: .rng)
+            let oldLog = CapturedLog(), collected = Collected()
+            let old = try serving(device, at: dir.file("rng.sock"), log: oldLog, collected: collected)
+            #expect(collected.wait(for: 1024))
+            do {
+                // The successor's side by hand: device part, prepared (the old driver pauses and sends
+                // the service part), then it vanishes as a crashed process would.
+                var successor = try Successor(path: dir.file("rng.sock"), address: EmulatedHandover.address, type: .entropy,
+                                              requiredDeviceRoles: [.dmaMemory], options: TakeOverOptions(mode: .live, driverVersion: "new"),
+                                              logger: CapturedLog().logger)
+                #expect(successor.descriptors.count(.dmaMemory) == 1)
+                try successor.prepared()
+                #expect(successor.record.queues.count == 1 && successor.record.serviceState.isEmpty)
+            }
+            let fed = collected.count
+            #expect(collected.wait(for: fed + 4096), "the old driver serves again")
+            #expect(oldLog.contains("went away before reporting healthy"), "\(oldLog.lines)")
+            #expect(oldLog.contains("device reset and rebuilt after the failed upgrade"))
+            guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
+            if let service = old.service.take() { try service.shutdown() }
+        }
+    }
+
+    @Test func theControlSocketDescribesTheDriverAndRefusesStrayMessages() throws {
+        try withoutLeaks {
+            let dir = TemporaryDirectory()
+            let device = EmulatedDevice(model: .rng)
+            let log = CapturedLog(), collected = Collected()
+            let old = try serving(device, at: dir.file("rng.sock"), log: log, collected: collected) { c in
+                c.counters = { [("fed", 7)] }
+            }
+            let ask = { (message: HandoverMessage) throws -> HandoverMessage? in
+                let connection = try ControlConnection(connectingTo: dir.file("rng.sock"))
+                try connection.send(message)
+                return try connection.receiveMessage(timeoutMilliseconds: 2000)
+            }
+            #expect(try ask(.describe) == .described(pid: getpid(), driverVersion: "old", features: 0, arguments: ["test"]))
+            #expect(try ask(.statistics) == .counters([HandoverMessage.Counter(name: "fed", value: 7)]))
+            #expect(try ask(.go) == .refused("expected hello, describe or statistics"))
+            // A second driver on the same path is refused while this one answers.
+            #expect { _ = try ControlService(path: dir.file("rng.sock"), replacing: false, devicePart: old.service!.devicePart(driverVersion: "x"),
+                                             configuration: ControlServiceConfiguration { .go }, logger: log.logger) } throws: {
+                ($0 as? UpgradeError)?.kind == .busy && "\($0)".contains("control socket of a running driver")
+            }
+            guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
+            if let service = old.service.take() { try service.shutdown() }
+        }
+    }
+}
 }
