@@ -38,10 +38,10 @@ public struct SplitQueue: ~Copyable {
     let used: UnsafeMutableRawPointer
 
     // Driver-private shadow state, one entry per descriptor (index = descriptor / head number).
-    let nextFree: UnsafeMutablePointer<UInt16>
-    let chainLength: UnsafeMutablePointer<UInt16>     // heads in flight: descriptors used; else 0
-    let writableBytes: UnsafeMutablePointer<UInt32>   // heads in flight: device-writable bytes
-    let tokens: UnsafeMutablePointer<UInt64>
+    let nextFree: FixedArray<UInt16>
+    let chainLength: FixedArray<UInt16>     // heads in flight: descriptors used; else 0
+    let writableBytes: FixedArray<UInt32>   // heads in flight: device-writable bytes
+    let tokens: FixedArray<UInt64>
     var freeHead: UInt16
     public private(set) var freeCount: Int
     /// The available index as this driver knows it (never read back from the ring).
@@ -148,27 +148,16 @@ public struct SplitQueue: ~Copyable {
         descriptors = memory.descriptors.pointer
         avail = memory.avail.pointer
         used = memory.used.pointer
-        nextFree = .allocate(capacity: n)
-        chainLength = .allocate(capacity: n)
-        writableBytes = .allocate(capacity: n)
-        tokens = .allocate(capacity: n)
-        for i in 0..<n { nextFree[i] = UInt16(truncatingIfNeeded: i + 1) }
-        chainLength.initialize(repeating: 0, count: n)
-        writableBytes.initialize(repeating: 0, count: n)
-        tokens.initialize(repeating: 0, count: n)
+        nextFree = FixedArray(count: n) { UInt16(truncatingIfNeeded: $0 + 1) }
+        chainLength = FixedArray(repeating: 0, count: n)
+        writableBytes = FixedArray(repeating: 0, count: n)
+        tokens = FixedArray(repeating: 0, count: n)
         freeHead = 0
         freeCount = n
         self.availIndex = availIndex
         publishedAvailIndex = availIndex
         lastUsedIndex = usedIndex
         useIndirect = features.contains(.ringIndirectDesc) && memory.indirect != nil
-    }
-
-    deinit {
-        nextFree.deallocate()
-        chainLength.deallocate()
-        writableBytes.deallocate()
-        tokens.deallocate()
     }
 
     public var rings: QueueRings { memory.rings }
