@@ -11,7 +11,7 @@ import Glibc
 /// Memory: the queue's request slots (each `maxTransfer` bytes of DMA memory, laid out back to
 /// back) are handed out as contiguous runs, so an NBD request of up to `maxPayload` bytes lives in
 /// one buffer that the socket reads into or writes from, and the device reads or writes in place.
-/// Each slot of a run carries one virtio-blk request for its part. All bookkeeping is in arrays
+/// Each slot of a run carries one virtio-blk request for its part. All bookkeeping is in fixed arrays
 /// allocated once; a request allocates nothing.
 ///
 /// Recovery: a device that breaks the queue (a used element the queue refuses), or goes quiet with
@@ -26,33 +26,16 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
     public var device: BlockDevice<T>
     let slots: Int
     let chunk: Int
-    /// Per slot: in use (reserved) or free.
-    let used: UnsafeMutablePointer<Bool>
-    /// Per run (indexed by its first slot): chunks still in flight, first failure, caller tag,
-    /// operation, and whether a FUA write is in its flush phase.
-    let remaining: UnsafeMutablePointer<Int32>
-    let failure: UnsafeMutablePointer<Int32>
-    let tags: UnsafeMutablePointer<UInt64>
-    let operations: UnsafeMutablePointer<UInt8>
-    let flushing: UnsafeMutablePointer<Bool>
-    /// Discard and write-zeroes ranges longer than the device's limit go as consecutive requests in
-    /// the run's first slot: the next sector and the sectors still to do.
-    let rangeNext: UnsafeMutablePointer<UInt64>
-    let rangeLeft: UnsafeMutablePointer<Int>
-    /// Which run each slot's request belongs to.
-    let runOfSlot: UnsafeMutablePointer<Int32>
-    /// Completed slots collected during a drain, handled after it.
-    let done: UnsafeMutablePointer<Int32>
-    let doneStatus: UnsafeMutablePointer<UInt8>
+    /// Per slot: its run, reservation, submission order and hold; per run (in its first slot):
+    /// progress, first failure, tag and operation (`BlockBackendSlot`).
+    let state: FixedArray<BlockBackendSlot>
+    /// Completed slots and their status bytes collected during a drain, handled after it.
+    let done: FixedArray<(slot: Int32, status: UInt8)>
     public let completionDescriptor: Int32?
     public let maxPayload: Int
 
-    /// Per slot: when its request was given to the device (or held), to resubmit in that order;
-    /// whether it waits to be resubmitted after a recovery.
-    let sequence: UnsafeMutablePointer<UInt64>
-    let held: UnsafeMutablePointer<Bool>
     /// Room to sort the held slots by sequence.
-    let order: UnsafeMutablePointer<Int>
+    let order: FixedArray<Int>
     var nextSequence: UInt64 = 0
     /// Why the device needs a recovery (nil: healthy), and when the next attempt is due.
     var brokenBy: VirtioError?
@@ -79,32 +62,13 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         self.log = log
         slots = device.queue.slots
         chunk = device.queue.maxTransfer
-        used = .allocate(capacity: slots); used.initialize(repeating: false, count: slots)
-        remaining = .allocate(capacity: slots); remaining.initialize(repeating: 0, count: slots)
-        failure = .allocate(capacity: slots); failure.initialize(repeating: 0, count: slots)
-        tags = .allocate(capacity: slots); tags.initialize(repeating: 0, count: slots)
-        operations = .allocate(capacity: slots); operations.initialize(repeating: 0, count: slots)
-        flushing = .allocate(capacity: slots); flushing.initialize(repeating: false, count: slots)
-        runOfSlot = .allocate(capacity: slots); runOfSlot.initialize(repeating: -1, count: slots)
-        rangeNext = .allocate(capacity: slots); rangeNext.initialize(repeating: 0, count: slots)
-        rangeLeft = .allocate(capacity: slots); rangeLeft.initialize(repeating: 0, count: slots)
-        done = .allocate(capacity: slots)
-        doneStatus = .allocate(capacity: slots)
-        sequence = .allocate(capacity: slots); sequence.initialize(repeating: 0, count: slots)
-        held = .allocate(capacity: slots); held.initialize(repeating: false, count: slots)
-        order = .allocate(capacity: slots)
+        state = FixedArray(repeating: BlockBackendSlot(), count: slots)
+        done = FixedArray(repeating: (slot: 0, status: 0), count: slots)
+        order = FixedArray(repeating: 0, count: slots)
         // Half of all slots at most, so two large requests can be in flight together.
         maxPayload = max(chunk, slots / 2 * chunk)
         completionDescriptor = device.interruptDescriptor
         self.device = device
-    }
-
-    deinit {
-        for p in [remaining, failure] { p.deallocate() }
-        used.deallocate(); tags.deallocate(); operations.deallocate(); flushing.deallocate()
-        runOfSlot.deallocate(); done.deallocate(); doneStatus.deallocate()
-        rangeNext.deallocate(); rangeLeft.deallocate()
-        sequence.deallocate(); held.deallocate(); order.deallocate()
     }
 
     public var size: UInt64 { device.config.capacityBytes }
@@ -132,22 +96,22 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
 
     /// Submits the next range of a discard or write-zeroes run in its first slot.
     mutating func submitNextRange(_ operation: BackendOperation, first: Int) throws(VirtioError) {
-        let n = min(rangeLeft[first], rangeLimit(operation))
+        let n = min(state[first].rangeLeft, rangeLimit(operation))
         // struct virtio_blk_discard_write_zeroes { le64 sector; le32 num_sectors; le32 flags; } (§5.2.6);
         // flags 0: write-zeroes never deallocates (NBD's NO_HOLE is always honoured).
         let range = device.queue.buffer(first).baseAddress!
-        range.storeBytes(of: rangeNext[first].littleEndian, toByteOffset: 0, as: UInt64.self)
+        range.storeBytes(of: state[first].rangeNext.littleEndian, toByteOffset: 0, as: UInt64.self)
         range.storeBytes(of: UInt32(n).littleEndian, toByteOffset: 8, as: UInt32.self)
         range.storeBytes(of: UInt32(0), toByteOffset: 12, as: UInt32.self)
-        rangeNext[first] += UInt64(n)
-        rangeLeft[first] -= n
-        remaining[first] = 1
+        state[first].rangeNext += UInt64(n)
+        state[first].rangeLeft -= n
+        state[first].remaining = 1
         _ = try start(operation == .trim ? .discard : .writeZeroes, sector: 0, bytes: 16, slot: first)
     }
 
     /// Gives one request to the device, or holds it while the device waits for a recovery.
     mutating func start(_ type: BlockRequestType, sector: UInt64, bytes: Int, slot: Int) throws(VirtioError) -> Bool {
-        sequence[slot] = nextSequence
+        state[slot].sequence = nextSequence
         nextSequence &+= 1
         if brokenBy == nil {
             do throws(VirtioError) {
@@ -159,7 +123,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
             }
         }
         device.queue.hold(type, sector: sector, bytes: bytes, slot: slot)
-        held[slot] = true
+        state[slot].held = true
         return true
     }
 
@@ -180,9 +144,9 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
             throw BackendError("virtio-blk: \(reason); \(recoveryLimit) recoveries by reset in a row did not bring the device back")
         }
         recoveriesInARow += 1
-        let heldSlots = held
+        let slotMemory = state.unsafeElements
         do throws(VirtioError) {
-            try device.recover(resetTimeout: resetTimeout) { _, slot in heldSlots[slot] = true }
+            try device.recover(resetTimeout: resetTimeout) { _, slot in slotMemory[slot].held = true }
         } catch {
             brokenBy = nil
             needsRecovery(error)
@@ -193,23 +157,23 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         quietSince = 0
         // Submission order: insertion sort of the held slots by sequence (at most `slots` of them).
         var n = 0
-        for slot in 0..<slots where held[slot] {
+        for slot in 0..<slots where state[slot].held {
             var i = n
-            while i > 0 && sequence[order[i - 1]] > sequence[slot] { order[i] = order[i - 1]; i -= 1 }
+            while i > 0 && state[order[i - 1]].sequence > state[slot].sequence { order[i] = order[i - 1]; i -= 1 }
             order[i] = slot
             n += 1
         }
         log?("virtio-blk: device recovered by reset (\(recoveries) so far); resubmitting \(n) requests")
         for i in 0..<n {
             let slot = order[i]
-            held[slot] = false
+            state[slot].held = false
             do throws(VirtioError) {
                 guard try device.queue.resubmit(slot) else {
                     throw VirtioError.queueSetup(queue: 0, "ring full while resubmitting: slot accounting is wrong")
                 }
             } catch {
                 // Put it (and those after it) back on hold for the next attempt.
-                held[slot] = true
+                state[slot].held = true
                 needsRecovery(error)
                 break
             }
@@ -223,10 +187,10 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         // First fit over the slot map: a contiguous run of `count` free slots.
         var run = 0
         for slot in 0..<slots {
-            run = used[slot] ? 0 : run + 1
+            run = state[slot].inUse ? 0 : run + 1
             if run == count {
                 let first = slot - count + 1
-                for s in first...slot { used[s] = true }
+                for s in first...slot { state[s].inUse = true }
                 return BackendBuffer(first: first, count: count, length: length)
             }
         }
@@ -239,7 +203,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
     }
 
     public mutating func release(_ buffer: BackendBuffer) {
-        for s in buffer.first..<(buffer.first + buffer.count) { used[s] = false; runOfSlot[s] = -1 }
+        for s in buffer.first..<(buffer.first + buffer.count) { state[s].inUse = false; state[s].run = -1 }
     }
 
     public mutating func submit(_ operation: BackendOperation, offset: UInt64, length: Int, buffer: BackendBuffer,
@@ -250,11 +214,11 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         }
         let needed = slotsNeeded(operation, length: length)
         guard needed <= buffer.count else { throw BackendError("buffer of \(buffer.count) slots too small for \(needed)") }
-        tags[first] = tag
-        failure[first] = 0
-        flushing[first] = false
-        operations[first] = VirtioBlockBackend.code(operation)
-        remaining[first] = Int32(needed)
+        state[first].tag = tag
+        state[first].failure = 0
+        state[first].flushing = false
+        state[first].operation = VirtioBlockBackend.code(operation)
+        state[first].remaining = Int32(needed)
         let sector = offset / UInt64(BlockConfig.sectorSize)
         do throws(VirtioError) {
             switch operation {
@@ -263,7 +227,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
                 var done = 0
                 for i in 0..<needed {
                     let bytes = min(chunk, length - done)
-                    runOfSlot[first + i] = Int32(first)
+                    state[first + i].run = Int32(first)
                     guard try start(type, sector: sector + UInt64(done / BlockConfig.sectorSize),
                                                   bytes: bytes, slot: first + i) else {
                         throw VirtioError.queueSetup(queue: 0, "ring full with free slots: slot accounting is wrong")
@@ -271,12 +235,12 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
                     done += bytes
                 }
             case .flush:
-                runOfSlot[first] = Int32(first)
+                state[first].run = Int32(first)
                 _ = try start(.flush, sector: 0, bytes: 0, slot: first)
             case .trim, .writeZeroes:
-                runOfSlot[first] = Int32(first)
-                rangeNext[first] = sector
-                rangeLeft[first] = length / BlockConfig.sectorSize
+                state[first].run = Int32(first)
+                state[first].rangeNext = sector
+                state[first].rangeLeft = length / BlockConfig.sectorSize
                 try submitNextRange(operation, first: first)
             }
         } catch {
@@ -291,11 +255,11 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
             _ = Syscall.read64(fd)
         }
         var count = 0
-        let doneSlots = done, statuses = doneStatus
+        let done = self.done.unsafeElements
         if brokenBy == nil {
             do throws(VirtioError) {
                 count = try device.queue.complete { slot, status, _ in
-                    doneSlots[count] = Int32(slot); statuses[count] = status; count += 1
+                    done[count] = (slot: Int32(slot), status: status); count += 1
                 }
             } catch {
                 // What was completed before the device broke the queue is handled below; the
@@ -305,25 +269,25 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         }
         var reported = 0
         for i in 0..<count {
-            let slot = Int(done[i]), first = Int(runOfSlot[slot])
+            let slot = Int(done[i].slot), status = done[i].status, first = Int(state[slot].run)
             guard first >= 0 else { continue }
-            if doneStatus[i] == BlockStatus.invalid {
+            if status == BlockStatus.invalid {
                 // Completed without a status: the device did not do it (a used id naming the
                 // wrong request, say). Held and resubmitted after the recovery it calls for.
-                held[slot] = true
+                state[slot].held = true
                 needsRecovery(.brokenQueue(queue: device.queue.index, "request in slot \(slot) completed without a valid status byte (§5.2.6)"))
                 continue
             }
             recoveriesInARow = 0  // the device answered a request: recoveries in a row start again
-            if doneStatus[i] != BlockStatus.ok && failure[first] == 0 {
-                failure[first] = doneStatus[i] == BlockStatus.unsupported ? ENOTSUP : EIO
+            if status != BlockStatus.ok && state[first].failure == 0 {
+                state[first].failure = status == BlockStatus.unsupported ? ENOTSUP : EIO
             }
-            remaining[first] -= 1
-            guard remaining[first] == 0 else { continue }
+            state[first].remaining -= 1
+            guard state[first].remaining == 0 else { continue }
             // A long discard or write-zeroes range continues in the same slot.
-            let code = operations[first]
+            let code = state[first].operation
             if (code == VirtioBlockBackend.code(.trim) || code == VirtioBlockBackend.code(.writeZeroes))
-                && rangeLeft[first] > 0 && failure[first] == 0 {
+                && state[first].rangeLeft > 0 && state[first].failure == 0 {
                 do throws(VirtioError) {
                     try submitNextRange(code == VirtioBlockBackend.code(.trim) ? .trim : .writeZeroes, first: first)
                     device.queue.publish()
@@ -331,16 +295,16 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
                 continue
             }
             // A FUA write is durable only after a flush of the device's cache (virtio-blk has no FUA).
-            if operations[first] == VirtioBlockBackend.code(.writeFUA) && !flushing[first] && failure[first] == 0 && canFlush {
-                flushing[first] = true
-                remaining[first] = 1
+            if state[first].operation == VirtioBlockBackend.code(.writeFUA) && !state[first].flushing && state[first].failure == 0 && canFlush {
+                state[first].flushing = true
+                state[first].remaining = 1
                 do throws(VirtioError) {
                     _ = try start(.flush, sector: 0, bytes: 0, slot: first)
                     device.queue.publish()
                 } catch { throw BackendError("\(error)") }
                 continue
             }
-            body(tags[first], failure[first])
+            body(state[first].tag, state[first].failure)
             reported += 1
         }
         try watchForSilence(completed: count)

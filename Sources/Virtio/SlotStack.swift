@@ -1,12 +1,12 @@
 /// A fixed-capacity stack of buffer slot numbers, allocated once: devices keep the slots of
 /// completed requests here until they post them again, without allocating on the data path.
 public struct SlotStack: ~Copyable {
-    let storage: UnsafeMutablePointer<UInt32>
+    let storage: FixedArray<UInt32>
     public let capacity: Int
     public private(set) var count = 0
 
     public init(capacity: Int) {
-        storage = .allocate(capacity: max(capacity, 1))
+        storage = FixedArray(repeating: 0, count: capacity)
         self.capacity = capacity
     }
 
@@ -28,6 +28,4 @@ public struct SlotStack: ~Copyable {
         count -= 1
         return Int(storage[count])
     }
-
-    deinit { storage.deallocate() }
 }

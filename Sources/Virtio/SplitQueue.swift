@@ -38,10 +38,10 @@ public struct SplitQueue: ~Copyable {
     let used: UnsafeMutableRawPointer
 
     // Driver-private shadow state, one entry per descriptor (index = descriptor / head number).
-    let nextFree: UnsafeMutablePointer<UInt16>
-    let chainLength: UnsafeMutablePointer<UInt16>     // heads in flight: descriptors used; else 0
-    let writableBytes: UnsafeMutablePointer<UInt32>   // heads in flight: device-writable bytes
-    let tokens: UnsafeMutablePointer<UInt64>
+    let nextFree: FixedArray<UInt16>
+    let chainLength: FixedArray<UInt16>     // heads in flight: descriptors used; else 0
+    let writableBytes: FixedArray<UInt32>   // heads in flight: device-writable bytes
+    let tokens: FixedArray<UInt64>
     var freeHead: UInt16
     public private(set) var freeCount: Int
     /// The available index as this driver knows it (never read back from the ring).
@@ -102,7 +102,7 @@ public struct SplitQueue: ~Copyable {
             seen[Int(request.head)] = true
         }
         // §2.7.8: used.idx is the device's; one volatile load, validated before anything relies on it.
-        let deviceIndex = UInt16(littleEndian: CVirtioShim_mmio_read16(memory.used.pointer + 2))
+        let deviceIndex = UInt16(littleEndian: CVirtioShim_mmio_read16(memory.used.pointer + SplitQueueLayout.usedIndex))
         guard Int(deviceIndex &- usedIndex) <= published else {
             if outstanding.isEmpty {
                 throw .adoption(queue: index, "used idx is \(deviceIndex) in the ring, expected \(usedIndex) from the handed-over state")
@@ -148,27 +148,16 @@ public struct SplitQueue: ~Copyable {
         descriptors = memory.descriptors.pointer
         avail = memory.avail.pointer
         used = memory.used.pointer
-        nextFree = .allocate(capacity: n)
-        chainLength = .allocate(capacity: n)
-        writableBytes = .allocate(capacity: n)
-        tokens = .allocate(capacity: n)
-        for i in 0..<n { nextFree[i] = UInt16(truncatingIfNeeded: i + 1) }
-        chainLength.initialize(repeating: 0, count: n)
-        writableBytes.initialize(repeating: 0, count: n)
-        tokens.initialize(repeating: 0, count: n)
+        nextFree = FixedArray(count: n) { UInt16(truncatingIfNeeded: $0 + 1) }
+        chainLength = FixedArray(repeating: 0, count: n)
+        writableBytes = FixedArray(repeating: 0, count: n)
+        tokens = FixedArray(repeating: 0, count: n)
         freeHead = 0
         freeCount = n
         self.availIndex = availIndex
         publishedAvailIndex = availIndex
         lastUsedIndex = usedIndex
         useIndirect = features.contains(.ringIndirectDesc) && memory.indirect != nil
-    }
-
-    deinit {
-        nextFree.deallocate()
-        chainLength.deallocate()
-        writableBytes.deallocate()
-        tokens.deallocate()
     }
 
     public var rings: QueueRings { memory.rings }
@@ -206,11 +195,11 @@ public struct SplitQueue: ~Copyable {
 
     @inline(__always) func storeDescriptor(_ table: UnsafeMutableRawPointer, _ i: Int, address: UInt64,
                                            length: UInt32, flags: UInt16, next: UInt16) {
-        let d = table + i * SplitQueueLayout.descriptorSize
-        d.storeBytes(of: address.littleEndian, toByteOffset: 0, as: UInt64.self)
-        d.storeBytes(of: length.littleEndian, toByteOffset: 8, as: UInt32.self)
-        d.storeBytes(of: flags.littleEndian, toByteOffset: 12, as: UInt16.self)
-        d.storeBytes(of: next.littleEndian, toByteOffset: 14, as: UInt16.self)
+        let d = table + SplitQueueLayout.descriptor(i)
+        d.storeBytes(of: address.littleEndian, toByteOffset: SplitQueueLayout.descriptorAddress, as: UInt64.self)
+        d.storeBytes(of: length.littleEndian, toByteOffset: SplitQueueLayout.descriptorLength, as: UInt32.self)
+        d.storeBytes(of: flags.littleEndian, toByteOffset: SplitQueueLayout.descriptorFlags, as: UInt16.self)
+        d.storeBytes(of: next.littleEndian, toByteOffset: SplitQueueLayout.descriptorNext, as: UInt16.self)
     }
 
     /// Device-written 16-bit fields are read with one volatile load each: the device may change them
@@ -222,12 +211,13 @@ public struct SplitQueue: ~Copyable {
         UInt32(littleEndian: CVirtioShim_mmio_read32(p))
     }
 
-    var usedIndexPointer: UnsafeMutableRawPointer { used + 2 }
-    var usedFlagsPointer: UnsafeMutableRawPointer { used }
+    var usedIndexPointer: UnsafeMutableRawPointer { used + SplitQueueLayout.usedIndex }
+    var usedFlagsPointer: UnsafeMutableRawPointer { used + SplitQueueLayout.usedFlags }
     /// avail_event sits after the used ring (§2.7.8).
-    var availEventPointer: UnsafeMutableRawPointer { used + 4 + SplitQueueLayout.usedElementSize * Int(size) }
+    var availEventPointer: UnsafeMutableRawPointer { used + SplitQueueLayout.availEvent(Int(size)) }
     /// used_event sits after the available ring (§2.7.6).
-    var usedEventPointer: UnsafeMutableRawPointer { avail + 4 + 2 * Int(size) }
+    var usedEventPointer: UnsafeMutableRawPointer { avail + SplitQueueLayout.usedEvent(Int(size)) }
+    var availFlagsPointer: UnsafeMutableRawPointer { avail + SplitQueueLayout.availFlags }
 
     // MARK: - Submitting
 
@@ -262,8 +252,8 @@ public struct SplitQueue: ~Copyable {
         if indirect, let table = memory.indirect {
             // One indirect table per head: entries chained 0..count-1 (§2.7.5.3.1: the driver MUST
             // NOT set VIRTQ_DESC_F_INDIRECT in an indirect table's descriptors).
-            let entries = table.slice(Int(head) * memory.indirectEntries * SplitQueueLayout.descriptorSize,
-                                      memory.indirectEntries * SplitQueueLayout.descriptorSize)
+            let entries = table.slice(SplitQueueLayout.descriptor(Int(head) * memory.indirectEntries),
+                                      SplitQueueLayout.descriptorTableSize(memory.indirectEntries))
             for (i, s) in segments.enumerated() {
                 var flags: UInt16 = s.deviceWritable ? SplitQueueLayout.flagWrite : 0
                 if i + 1 < count { flags |= SplitQueueLayout.flagNext }
@@ -271,7 +261,7 @@ public struct SplitQueue: ~Copyable {
                                 next: UInt16(truncatingIfNeeded: i + 1))
             }
             storeDescriptor(descriptors, Int(head), address: entries.deviceAddress,
-                            length: UInt32(count * SplitQueueLayout.descriptorSize),
+                            length: UInt32(SplitQueueLayout.descriptorTableSize(count)),
                             flags: SplitQueueLayout.flagIndirect, next: 0)
             freeHead = nextFree[Int(head)]
         } else {
@@ -290,7 +280,7 @@ public struct SplitQueue: ~Copyable {
         writableBytes[Int(head)] = writable
         tokens[Int(head)] = token
         // §2.7.13.2: place the head in the next available ring slot; the index is published later.
-        (avail + 4 + 2 * Int(availIndex & mask)).storeBytes(of: head.littleEndian, as: UInt16.self)
+        (avail + SplitQueueLayout.availRing(Int(availIndex & mask))).storeBytes(of: head.littleEndian, as: UInt16.self)
         availIndex &+= 1
         inFlight += 1
         return true
@@ -304,7 +294,7 @@ public struct SplitQueue: ~Copyable {
         // §2.7.13.3: "The driver performs a suitable memory barrier to ensure the device sees the
         // updated descriptor table and available ring before the next step."
         CVirtioShim_barrier_write()
-        (avail + 2).storeBytes(of: availIndex.littleEndian, as: UInt16.self)
+        (avail + SplitQueueLayout.availIndex).storeBytes(of: availIndex.littleEndian, as: UInt16.self)
         // §2.7.13.4: "The driver performs a suitable memory barrier to ensure that it updates the idx
         // field before checking for notification suppression." A store-load order: full barrier.
         CVirtioShim_barrier_full()
@@ -348,10 +338,10 @@ public struct SplitQueue: ~Copyable {
         CVirtioShim_barrier_read()
         var consumed = 0
         while consumed < limit && lastUsedIndex != deviceIndex {
-            let element = used + 4 + SplitQueueLayout.usedElementSize * Int(lastUsedIndex & mask)
+            let element = used + SplitQueueLayout.usedElement(Int(lastUsedIndex & mask))
             // Each field is read exactly once into a local and validated before any use.
-            let id = loadDeviceU32(element)
-            let length = loadDeviceU32(element + 4)
+            let id = loadDeviceU32(element + SplitQueueLayout.usedElementID)
+            let length = loadDeviceU32(element + SplitQueueLayout.usedElementLength)
             guard id < UInt32(size) else {
                 return try fail("used id \(id) is not a descriptor index (queue size \(size))")
             }
@@ -398,7 +388,7 @@ public struct SplitQueue: ~Copyable {
             // With EVENT_IDX: an event index half the ring space away is never reached by polling.
             usedEventPointer.storeBytes(of: (lastUsedIndex &+ 0x8000).littleEndian, as: UInt16.self)
         } else {
-            avail.storeBytes(of: SplitQueueLayout.availNoInterrupt.littleEndian, as: UInt16.self)
+            availFlagsPointer.storeBytes(of: SplitQueueLayout.availNoInterrupt.littleEndian, as: UInt16.self)
         }
     }
 
@@ -409,7 +399,7 @@ public struct SplitQueue: ~Copyable {
         if eventIndex {
             usedEventPointer.storeBytes(of: lastUsedIndex.littleEndian, as: UInt16.self)
         } else {
-            avail.storeBytes(of: UInt16(0), as: UInt16.self)
+            availFlagsPointer.storeBytes(of: UInt16(0), as: UInt16.self)
         }
         // §2.7.7.1 (Linux virtqueue_enable_cb): the store above must be visible before we read
         // used.idx, or an interrupt could be lost between the check and the sleep. Full barrier.

@@ -1,17 +1,47 @@
 /// Byte layout of a split virtqueue (virtio 1.2 §2.7): offsets and sizes, in one place.
 public enum SplitQueueLayout {
     /// struct virtq_desc { le64 addr; le32 len; le16 flags; le16 next; } (§2.7.5)
-    public static let descriptorSize = 16
-    public static let descriptorAlignment = 16
+    @inlinable public static var descriptorSize: Int { 16 }
+    @inlinable public static var descriptorAlignment: Int { 16 }
     /// struct virtq_avail { le16 flags; le16 idx; le16 ring[N]; le16 used_event; } (§2.7.6)
-    public static let availAlignment = 2
+    @inlinable public static var availAlignment: Int { 2 }
     /// struct virtq_used { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[N]; le16 avail_event; } (§2.7.8)
-    public static let usedAlignment = 4
-    public static let usedElementSize = 8
+    @inlinable public static var usedAlignment: Int { 4 }
+    @inlinable public static var usedElementSize: Int { 8 }
 
-    public static func descriptorTableSize(_ n: Int) -> Int { descriptorSize * n }
-    public static func availSize(_ n: Int) -> Int { 4 + 2 * n + 2 }
-    public static func usedSize(_ n: Int) -> Int { 4 + usedElementSize * n + 2 }
+    @inlinable public static func descriptorTableSize(_ n: Int) -> Int { descriptorSize * n }
+    @inlinable public static func availSize(_ n: Int) -> Int { usedEvent(n) + 2 }
+    @inlinable public static func usedSize(_ n: Int) -> Int { availEvent(n) + 2 }
+
+    // Byte offsets of every field, from the start of its part (`n` is the queue size, `i` a
+    // descriptor index or ring slot). Each ring field is little-endian (§2.7).
+
+    /// Descriptor `i` in a descriptor table (or an indirect table, §2.7.5.3).
+    @inlinable public static func descriptor(_ i: Int) -> Int { descriptorSize * i }
+    /// struct virtq_desc (§2.7.5), from the descriptor's start.
+    @inlinable public static var descriptorAddress: Int { 0 }
+    @inlinable public static var descriptorLength: Int { 8 }
+    @inlinable public static var descriptorFlags: Int { 12 }
+    @inlinable public static var descriptorNext: Int { 14 }
+
+    /// struct virtq_avail (§2.7.6), from the available ring's start.
+    @inlinable public static var availFlags: Int { 0 }
+    @inlinable public static var availIndex: Int { 2 }
+    /// `ring[i]`: the head of a descriptor chain.
+    @inlinable public static func availRing(_ i: Int) -> Int { 4 + 2 * i }
+    /// `used_event`, after the `n` ring entries (VIRTIO_F_EVENT_IDX, §2.7.7.2).
+    @inlinable public static func usedEvent(_ n: Int) -> Int { availRing(n) }
+
+    /// struct virtq_used (§2.7.8), from the used ring's start.
+    @inlinable public static var usedFlags: Int { 0 }
+    @inlinable public static var usedIndex: Int { 2 }
+    /// `ring[i]`: struct virtq_used_elem { le32 id; le32 len; }.
+    @inlinable public static func usedElement(_ i: Int) -> Int { 4 + usedElementSize * i }
+    /// Within a used element.
+    @inlinable public static var usedElementID: Int { 0 }
+    @inlinable public static var usedElementLength: Int { 4 }
+    /// `avail_event`, after the `n` used elements (VIRTIO_F_EVENT_IDX, §2.7.10.2).
+    @inlinable public static func availEvent(_ n: Int) -> Int { usedElement(n) }
 
     // Descriptor flags (§2.7.5).
     public static let flagNext: UInt16 = 1

@@ -16,14 +16,11 @@ public struct BlockQueue: ~Copyable {
     public let slots: Int
     public let maxTransfer: Int
     let segmentBytes: Int
-    let segments: UnsafeMutablePointer<BufferSegment>
-    let segmentCapacity: Int
-    /// What each slot's request was (type raw value, data bytes, sector): to check its completion,
-    /// and to give it to the device again after a reset (`resubmit`) from this private record,
-    /// never from the header in DMA memory.
-    let pendingType: UnsafeMutablePointer<UInt32>
-    let pendingBytes: UnsafeMutablePointer<Int>
-    let pendingSector: UnsafeMutablePointer<UInt64>
+    /// Room for one request's segments, filled by `resubmit`.
+    let segments: FixedArray<BufferSegment>
+    /// What each slot's request was: to check its completion, and to give it to the device again
+    /// after a reset (`resubmit`) from this private record, never from the header in DMA memory.
+    let pending: FixedArray<PendingRequest>
     var idle: SlotStack
     let waiter: CompletionWaiter
     public private(set) var wakes = WakeCounts()
@@ -109,23 +106,11 @@ public struct BlockQueue: ~Copyable {
         self.slots = layout.slots
         self.maxTransfer = layout.maxTransfer
         self.segmentBytes = layout.segmentBytes
-        self.segmentCapacity = layout.perRequest
-        self.segments = .allocate(capacity: layout.perRequest)
-        self.pendingType = .allocate(capacity: layout.slots)
-        self.pendingBytes = .allocate(capacity: layout.slots)
-        self.pendingSector = .allocate(capacity: layout.slots)
-        self.pendingType.initialize(repeating: 0, count: layout.slots)
-        self.pendingBytes.initialize(repeating: 0, count: layout.slots)
-        self.pendingSector.initialize(repeating: 0, count: layout.slots)
+        self.segments = FixedArray(repeating: BufferSegment(address: 0, length: 0, deviceWritable: false),
+                                   count: layout.perRequest)
+        self.pending = FixedArray(repeating: PendingRequest(type: 0, bytes: 0, sector: 0), count: layout.slots)
         self.idle = SlotStack(filledTo: layout.slots)
         self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
-    }
-
-    deinit {
-        segments.deallocate()
-        pendingType.deallocate()
-        pendingBytes.deallocate()
-        pendingSector.deallocate()
     }
 
     /// A slot's data buffer (CPU view).
@@ -159,9 +144,7 @@ public struct BlockQueue: ~Copyable {
     /// (a backend holds requests this way while the device is being recovered).
     public mutating func hold(_ type: BlockRequestType, sector: UInt64, bytes: Int, slot: Int) {
         precondition(bytes >= 0 && bytes <= maxTransfer, "request of \(bytes) bytes exceeds the slot's \(maxTransfer)")
-        pendingType[slot] = type.rawValue
-        pendingBytes[slot] = bytes
-        pendingSector[slot] = sector
+        pending[slot] = PendingRequest(type: type.rawValue, bytes: bytes, sector: sector)
     }
 
     /// Gives the device the request recorded for `slot` (by `submit` or `hold`), the same again
@@ -169,7 +152,7 @@ public struct BlockQueue: ~Copyable {
     /// data in place (a write's data is still in the slot; a read reads again). Returns false if
     /// the ring is full.
     public mutating func resubmit(_ slot: Int) throws(VirtioError) -> Bool {
-        let type = pendingType[slot], bytes = pendingBytes[slot], sector = pendingSector[slot]
+        let type = pending[slot].type, bytes = pending[slot].bytes, sector = pending[slot].sector
         let header = headers.pointer + slot * BlockQueue.headerSize
         // struct virtio_blk_req header: le32 type, le32 reserved, le64 sector (§5.2.6).
         header.storeBytes(of: type.littleEndian, toByteOffset: 0, as: UInt32.self)
@@ -192,7 +175,7 @@ public struct BlockQueue: ~Copyable {
         }
         segments[n] = BufferSegment(address: statuses.deviceAddress + UInt64(slot), length: 1, deviceWritable: true)
         n += 1
-        return try queue.add(UnsafeBufferPointer(start: segments, count: n), token: UInt64(slot))
+        return try queue.add(UnsafeBufferPointer(rebasing: segments.unsafeElements[..<n]), token: UInt64(slot))
     }
 
     @discardableResult
@@ -213,18 +196,18 @@ public struct BlockQueue: ~Copyable {
     /// the device does not write (§5.2.6: OK, IOERR or UNSUPP) is reported as `BlockStatus.invalid`.
     public mutating func complete(_ body: (Int, UInt8, Int) -> Void) throws(VirtioError) -> Int {
         let statusBase = statuses.pointer
-        let types = pendingType, sizes = pendingBytes
+        let pending = self.pending.unsafeElements
         return try queue.drainUsed { token, length in
             let slot = Int(token)
             var status = CVirtioShim_mmio_read8(statusBase + slot)
             var written = 0
-            let type = types[slot]
+            let type = pending[slot].type
             if type == BlockRequestType.read.rawValue {
                 // The device writes all the data and then the status byte.
-                if Int(length) != sizes[slot] + 1 && status == BlockStatus.ok { status = BlockStatus.ioError }
-                written = sizes[slot]
+                if Int(length) != pending[slot].bytes + 1 && status == BlockStatus.ok { status = BlockStatus.ioError }
+                written = pending[slot].bytes
             } else if type == BlockRequestType.getID.rawValue {
-                written = max(0, min(Int(length) - 1, sizes[slot]))
+                written = max(0, min(Int(length) - 1, pending[slot].bytes))
             }
             // Any other value (0xFF: the byte `submit` put there) means the device completed a
             // request without answering it; `invalid` lets the caller fail it or recover.
@@ -237,4 +220,13 @@ public struct BlockQueue: ~Copyable {
     public mutating func cancelAll(_ body: (Int) -> Void) {
         queue.reclaimAll { body(Int($0)) }
     }
+}
+
+/// A slot's request as this driver recorded it (`BlockQueue.pending`).
+struct PendingRequest {
+    /// BlockRequestType raw value.
+    var type: UInt32
+    /// Data bytes.
+    var bytes: Int
+    var sector: UInt64
 }

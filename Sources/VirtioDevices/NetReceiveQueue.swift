@@ -21,8 +21,8 @@ public struct NetReceiveQueue: ~Copyable {
     let maxFrame: Int
     var idle: SlotStack
     /// Continuation buffers of one frame (slot, used length), filled by one `drainUsed`.
-    let spreadSlots: UnsafeMutablePointer<Int>
-    let spreadLengths: UnsafeMutablePointer<UInt32>
+    let spreadSlots: FixedArray<Int>
+    let spreadLengths: FixedArray<UInt32>
     let assembly: UnsafeMutableRawPointer
 
     /// The buffer size this driver posts: with MRG_RXBUF `requested` (at least the header plus a
@@ -90,8 +90,8 @@ public struct NetReceiveQueue: ~Copyable {
         self.guestChecksum = features.contains(.netGuestChecksum)
         self.maxFrame = config.maxFrameBytes
         self.idle = idle
-        self.spreadSlots = .allocate(capacity: size)
-        self.spreadLengths = .allocate(capacity: size)
+        self.spreadSlots = FixedArray(repeating: 0, count: size)
+        self.spreadLengths = FixedArray(repeating: 0, count: size)
         self.assembly = .allocate(byteCount: max(config.maxFrameBytes, 1), alignment: 64)
     }
 
@@ -99,8 +99,6 @@ public struct NetReceiveQueue: ~Copyable {
     func handoverSnapshot() throws(VirtioError) -> QueueSnapshot { try queue.handoverSnapshot() }
 
     deinit {
-        spreadSlots.deallocate()
-        spreadLengths.deallocate()
         assembly.deallocate()
     }
 
@@ -134,7 +132,7 @@ public struct NetReceiveQueue: ~Copyable {
                           _ body: (UnsafeRawBufferPointer, NetHeader) -> Void) throws(VirtioError) -> Int {
         var delivered = 0
         let base = buffers.pointer, stride = self.stride
-        let spreadSlots = self.spreadSlots, spreadLengths = self.spreadLengths
+        let spreadSlots = self.spreadSlots.unsafeElements, spreadLengths = self.spreadLengths.unsafeElements
         // Bounded: nothing is posted inside the loop, and each turn consumes at least one of the
         // at most `size` buffers the device held.
         while delivered < limit {

@@ -217,9 +217,9 @@ final class DeviceCore: @unchecked Sendable {
             // as for any DMA, inside memory the device can reach.
             let n = Int(size)
             let parts: [(String, UInt64, Int, UInt64)] = [
-                ("descriptor table", rings.descriptors, 16 * n, 16),
-                ("available ring", rings.driver, 6 + 2 * n, 2),
-                ("used ring", rings.device, 6 + 8 * n, 4),
+                ("descriptor table", rings.descriptors, SplitQueueLayout.descriptorTableSize(n), UInt64(SplitQueueLayout.descriptorAlignment)),
+                ("available ring", rings.driver, SplitQueueLayout.availSize(n), UInt64(SplitQueueLayout.availAlignment)),
+                ("used ring", rings.device, SplitQueueLayout.usedSize(n), UInt64(SplitQueueLayout.usedAlignment)),
             ]
             var pointers: [UnsafeMutableRawPointer] = []
             for (name, address, length, alignment) in parts {
@@ -240,7 +240,7 @@ final class DeviceCore: @unchecked Sendable {
                 }
             }
             // §2.7.10.1: the driver MUST initialize flags in the used ring to 0.
-            guard Ring.load16(pointers[2]) == 0 else { throw refuse("used ring flags not initialised to 0 (§2.7.10.1)") }
+            guard Ring.load16(pointers[2] + SplitQueueLayout.usedFlags) == 0 else { throw refuse("used ring flags not initialised to 0 (§2.7.10.1)") }
 
             var routed: Int?
             if let vector, vector != noMSIXVector {

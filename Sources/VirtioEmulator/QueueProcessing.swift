@@ -107,8 +107,8 @@ extension DeviceCore {
         // §2.7.7.2: after the used idx is visible, read what the driver asked for.
         Ring.full()
         let notify = eventIdx
-            ? vringNeedEvent(event: q.usedEvent(), new: q.usedIdx, old: oldUsed)
-            : q.availFlags() & 1 == 0  // VIRTQ_AVAIL_F_NO_INTERRUPT
+            ? SplitQueueLayout.needsEvent(event: q.usedEvent(), new: q.usedIdx, old: oldUsed)
+            : q.availFlags() & SplitQueueLayout.availNoInterrupt == 0
         if notify {
             queueInterrupt(q, &s)
         } else {
@@ -169,11 +169,11 @@ extension DeviceCore {
             guard walked <= tableSize else {
                 throw ChainFault(rule: "descriptor chain from head \(head) loops: more than \(tableSize) descriptors in a table of \(tableSize) (§2.7.5.2)")
             }
-            let d = table + 16 * index
-            let address = Ring.load64(d)
-            let length = Ring.load32(d + 8)
-            let flags = Ring.load16(d + 12)
-            let next = Ring.load16(d + 14)
+            let d = table + SplitQueueLayout.descriptor(index)
+            let address = Ring.load64(d + SplitQueueLayout.descriptorAddress)
+            let length = Ring.load32(d + SplitQueueLayout.descriptorLength)
+            let flags = Ring.load16(d + SplitQueueLayout.descriptorFlags)
+            let next = Ring.load16(d + SplitQueueLayout.descriptorNext)
             if flags & SplitQueueLayout.flagIndirect != 0 {
                 guard indirect else {
                     throw ChainFault(rule: "\(where_()) is INDIRECT but VIRTIO_F_INDIRECT_DESC was not negotiated (§2.7.5.3.1)")
@@ -184,7 +184,7 @@ extension DeviceCore {
                 guard flags & SplitQueueLayout.flagNext == 0 else {
                     throw ChainFault(rule: "\(where_()) has both INDIRECT and NEXT (§2.7.5.3.1)")
                 }
-                guard length > 0, length % 16 == 0 else {
+                guard length > 0, Int(length) % SplitQueueLayout.descriptorSize == 0 else {
                     throw ChainFault(rule: "\(where_()): indirect table length \(length) is not a non-zero multiple of 16 (§2.7.5.3)")
                 }
                 guard let t = memory.translate(address, Int(length)) else {
@@ -192,7 +192,7 @@ extension DeviceCore {
                 }
                 // §2.7.5.3.2: the WRITE flag of the descriptor pointing to the table is ignored.
                 table = UnsafeRawPointer(t)
-                tableSize = Int(length) / 16
+                tableSize = Int(length) / SplitQueueLayout.descriptorSize
                 index = 0
                 walked = 0
                 inIndirect = true

@@ -54,7 +54,7 @@ struct AdoptionTests {
         for i in 0..<size { block.storeBytes(of: UInt8(truncatingIfNeeded: i &* 7 &+ 1), toByteOffset: i, as: UInt8.self) }
         let arena = DMAArena(memory: DMASlice(pointer: block, deviceAddress: 0x10_0000, size: size))
         let memory = try SplitQueueMemory(arena: arena, size: 16, indirectEntries: 4, zeroed: false)
-        memory.used.pointer.storeBytes(of: UInt16(0x1234).littleEndian, toByteOffset: 2, as: UInt16.self)
+        memory.used.pointer.storeBytes(of: UInt16(0x1234).littleEndian, toByteOffset: SplitQueueLayout.usedIndex, as: UInt16.self)
         let before = Array(UnsafeRawBufferPointer(start: block, count: size))
         let doorbell = Doorbell(address: UnsafeMutableRawPointer(bell), value: 3)
         let queue = try SplitQueue(adopting: memory, features: [.ringEventIdx, .ringIndirectDesc], doorbell: doorbell,

@@ -45,11 +45,11 @@ struct NetAdoptionTests {
         #expect(snapshot.outstanding.allSatisfy { $0.writableBytes == 100 })
         // The device used heads 3 and 1 (in that order) after the old driver stopped looking.
         let used = memory.used.pointer
-        used.storeBytes(of: UInt32(3).littleEndian, toByteOffset: 4, as: UInt32.self)
-        used.storeBytes(of: UInt32(60).littleEndian, toByteOffset: 8, as: UInt32.self)
-        used.storeBytes(of: UInt32(1).littleEndian, toByteOffset: 12, as: UInt32.self)
-        used.storeBytes(of: UInt32(99).littleEndian, toByteOffset: 16, as: UInt32.self)
-        used.storeBytes(of: UInt16(2).littleEndian, toByteOffset: 2, as: UInt16.self)
+        used.storeBytes(of: UInt32(3).littleEndian, toByteOffset: SplitQueueLayout.usedElement(0) + SplitQueueLayout.usedElementID, as: UInt32.self)
+        used.storeBytes(of: UInt32(60).littleEndian, toByteOffset: SplitQueueLayout.usedElement(0) + SplitQueueLayout.usedElementLength, as: UInt32.self)
+        used.storeBytes(of: UInt32(1).littleEndian, toByteOffset: SplitQueueLayout.usedElement(1) + SplitQueueLayout.usedElementID, as: UInt32.self)
+        used.storeBytes(of: UInt32(99).littleEndian, toByteOffset: SplitQueueLayout.usedElement(1) + SplitQueueLayout.usedElementLength, as: UInt32.self)
+        used.storeBytes(of: UInt16(2).littleEndian, toByteOffset: SplitQueueLayout.usedIndex, as: UInt16.self)
 
         var queue = try SplitQueue(adopting: memory, features: [], doorbell: doorbell, index: 0,
                                    availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
@@ -64,9 +64,9 @@ struct NetAdoptionTests {
         }
         #expect(try withUnsafePointer(to: &segment) { try queue.add(UnsafeBufferPointer(start: $0, count: 1), token: 9) } == false)
         // A used element for a head that was not outstanding is refused as usual.
-        used.storeBytes(of: UInt32(3).littleEndian, toByteOffset: 4 + 8 * 2, as: UInt32.self)
-        used.storeBytes(of: UInt32(0).littleEndian, toByteOffset: 8 + 8 * 2, as: UInt32.self)
-        used.storeBytes(of: UInt16(3).littleEndian, toByteOffset: 2, as: UInt16.self)
+        used.storeBytes(of: UInt32(3).littleEndian, toByteOffset: SplitQueueLayout.usedElement(2) + SplitQueueLayout.usedElementID, as: UInt32.self)
+        used.storeBytes(of: UInt32(0).littleEndian, toByteOffset: SplitQueueLayout.usedElement(2) + SplitQueueLayout.usedElementLength, as: UInt32.self)
+        used.storeBytes(of: UInt16(3).littleEndian, toByteOffset: SplitQueueLayout.usedIndex, as: UInt16.self)
         _ = try queue.drainUsed { _, _ in }  // head 3 was re-added above: a legal completion
         _ = queue.cancelAll { _ in }
         _ = old.cancelAll { _ in }
@@ -77,7 +77,7 @@ struct NetAdoptionTests {
         defer { withExtendedLifetime(ring) {} }
         let memory = ring.memory
         // The device used one of the two outstanding since the old driver looked.
-        memory.used.pointer.storeBytes(of: UInt16(11).littleEndian, toByteOffset: 2, as: UInt16.self)
+        memory.used.pointer.storeBytes(of: UInt16(11).littleEndian, toByteOffset: SplitQueueLayout.usedIndex, as: UInt16.self)
         let doorbell = ring.doorbell
         func adopt(avail: UInt16, used: UInt16, _ heads: [UInt16]) -> String? {
             do {
@@ -91,7 +91,7 @@ struct NetAdoptionTests {
         #expect(adopt(avail: 12, used: 10, [1, 1])?.contains("head 1 is handed over twice") == true)
         #expect(adopt(avail: 12, used: 10, [1, 8])?.contains("head 8 is not a descriptor") == true)
         // used.idx reads 13: three past 10 with only two outstanding.
-        memory.used.pointer.storeBytes(of: UInt16(13).littleEndian, toByteOffset: 2, as: UInt16.self)
+        memory.used.pointer.storeBytes(of: UInt16(13).littleEndian, toByteOffset: SplitQueueLayout.usedIndex, as: UInt16.self)
         #expect(adopt(avail: 12, used: 10, [1, 2])?.contains("used idx is 13 in the ring, more than the 2 outstanding") == true)
     }
 

@@ -50,9 +50,9 @@ struct QueueSetupTests {
             #expect(!d.isQueueEnabled(index))
         }
         // Used flags must start at 0 (§2.7.10.1).
-        ring.used.pointer.storeBytes(of: UInt16(1), as: UInt16.self)
+        ring.used.pointer.storeBytes(of: UInt16(1), toByteOffset: SplitQueueLayout.usedFlags, as: UInt16.self)
         #expect(refused { _ = try t.enableQueue(0, size: 8, rings: good, vector: nil) } != nil)
-        ring.used.pointer.storeBytes(of: UInt16(0), as: UInt16.self)
+        ring.used.pointer.storeBytes(of: UInt16(0), toByteOffset: SplitQueueLayout.usedFlags, as: UInt16.self)
 
         // A vector that is not enabled is refused like NO_VECTOR, but it is no driver violation.
         let before = d.violations.count

@@ -7,7 +7,8 @@ import Glibc
 #endif
 
 /// A deliberately tiny driver side of one split virtqueue (spec 2.7), written independently of
-/// the driver's `SplitQueue` so the emulator is tested against its own reading of the spec.
+/// the driver's `SplitQueue` so the emulator is tested against its own reading of the spec. Byte
+/// offsets come from `SplitQueueLayout`, which `SplitQueueLayoutTests` pins to the spec's numbers.
 /// Descriptors are handed out round-robin; tests never have more than `size` in flight.
 final class TestRing {
     let size: UInt16
@@ -21,9 +22,9 @@ final class TestRing {
     init(_ arena: DMAArena, size: UInt16) throws {
         let n = Int(size)
         self.size = size
-        descriptors = try arena.allocate(16 * n, alignment: 16)
-        avail = try arena.allocate(6 + 2 * n, alignment: 2)
-        used = try arena.allocate(6 + 8 * n, alignment: 4)
+        descriptors = try arena.allocate(SplitQueueLayout.descriptorTableSize(n), alignment: SplitQueueLayout.descriptorAlignment)
+        avail = try arena.allocate(SplitQueueLayout.availSize(n), alignment: SplitQueueLayout.availAlignment)
+        used = try arena.allocate(SplitQueueLayout.usedSize(n), alignment: SplitQueueLayout.usedAlignment)
     }
 
     var rings: QueueRings {
@@ -36,16 +37,17 @@ final class TestRing {
         var length: UInt32
         var flags: UInt16 = 0
         static func readable(_ s: DMASlice) -> Part { Part(address: s.deviceAddress, length: UInt32(s.size)) }
-        static func writable(_ s: DMASlice) -> Part { Part(address: s.deviceAddress, length: UInt32(s.size), flags: 2) }
-        static func indirect(_ s: DMASlice) -> Part { Part(address: s.deviceAddress, length: UInt32(s.size), flags: 4) }
+        static func writable(_ s: DMASlice) -> Part { Part(address: s.deviceAddress, length: UInt32(s.size), flags: SplitQueueLayout.flagWrite) }
+        static func indirect(_ s: DMASlice) -> Part { Part(address: s.deviceAddress, length: UInt32(s.size), flags: SplitQueueLayout.flagIndirect) }
     }
 
     static func writeDescriptor(_ table: UnsafeMutableRawPointer, _ i: Int, _ p: Part, next: UInt16?) {
-        let d = table + 16 * i
-        d.storeBytes(of: p.address.littleEndian, toByteOffset: 0, as: UInt64.self)
-        d.storeBytes(of: p.length.littleEndian, toByteOffset: 8, as: UInt32.self)
-        d.storeBytes(of: (p.flags | (next == nil ? 0 : 1)).littleEndian, toByteOffset: 12, as: UInt16.self)
-        d.storeBytes(of: (next ?? 0).littleEndian, toByteOffset: 14, as: UInt16.self)
+        let d = table + SplitQueueLayout.descriptor(i)
+        d.storeBytes(of: p.address.littleEndian, toByteOffset: SplitQueueLayout.descriptorAddress, as: UInt64.self)
+        d.storeBytes(of: p.length.littleEndian, toByteOffset: SplitQueueLayout.descriptorLength, as: UInt32.self)
+        d.storeBytes(of: (p.flags | (next == nil ? 0 : SplitQueueLayout.flagNext)).littleEndian,
+                     toByteOffset: SplitQueueLayout.descriptorFlags, as: UInt16.self)
+        d.storeBytes(of: (next ?? 0).littleEndian, toByteOffset: SplitQueueLayout.descriptorNext, as: UInt16.self)
     }
 
     /// Writes `parts` into free descriptors, chained with NEXT; returns the head.
@@ -66,14 +68,14 @@ final class TestRing {
 
     /// Puts `head` in the next available ring entry (not yet visible to the device).
     func makeAvailable(_ head: UInt16) {
-        (avail.pointer + 4 + 2 * Int(availIdx % size)).storeBytes(of: head.littleEndian, as: UInt16.self)
+        (avail.pointer + SplitQueueLayout.availRing(Int(availIdx % size))).storeBytes(of: head.littleEndian, as: UInt16.self)
         availIdx &+= 1
     }
 
     /// Publishes the available idx after the entries and descriptors (spec 2.7.13.3.1).
     func publish() {
         CVirtioShim_barrier_write()
-        CVirtioShim_mmio_write16(avail.pointer + 2, availIdx.littleEndian)
+        CVirtioShim_mmio_write16(avail.pointer + SplitQueueLayout.availIndex, availIdx.littleEndian)
     }
 
     /// Notifies the device after a full barrier (spec 2.7.13.4.1).
@@ -93,25 +95,26 @@ final class TestRing {
     }
 
     var usedIdx: UInt16 {
-        let v = UInt16(littleEndian: CVirtioShim_mmio_read16(used.pointer + 2))
+        let v = UInt16(littleEndian: CVirtioShim_mmio_read16(used.pointer + SplitQueueLayout.usedIndex))
         CVirtioShim_barrier_read()
         return v
     }
 
     func usedElement(_ i: UInt16) -> (id: UInt32, length: UInt32) {
-        let e = used.pointer + 4 + 8 * Int(i % size)
-        return (UInt32(littleEndian: CVirtioShim_mmio_read32(e)), UInt32(littleEndian: CVirtioShim_mmio_read32(e + 4)))
+        let e = used.pointer + SplitQueueLayout.usedElement(Int(i % size))
+        return (UInt32(littleEndian: CVirtioShim_mmio_read32(e + SplitQueueLayout.usedElementID)),
+                UInt32(littleEndian: CVirtioShim_mmio_read32(e + SplitQueueLayout.usedElementLength)))
     }
 
-    var availEvent: UInt16 { UInt16(littleEndian: CVirtioShim_mmio_read16(used.pointer + 4 + 8 * Int(size))) }
+    var availEvent: UInt16 { UInt16(littleEndian: CVirtioShim_mmio_read16(used.pointer + SplitQueueLayout.availEvent(Int(size)))) }
 
     func setUsedEvent(_ v: UInt16) {
-        CVirtioShim_mmio_write16(avail.pointer + 4 + 2 * Int(size), v.littleEndian)
+        CVirtioShim_mmio_write16(avail.pointer + SplitQueueLayout.usedEvent(Int(size)), v.littleEndian)
         CVirtioShim_barrier_full()
     }
 
     func setAvailFlags(_ v: UInt16) {
-        CVirtioShim_mmio_write16(avail.pointer, v.littleEndian)
+        CVirtioShim_mmio_write16(avail.pointer + SplitQueueLayout.availFlags, v.littleEndian)
         CVirtioShim_barrier_full()
     }
 

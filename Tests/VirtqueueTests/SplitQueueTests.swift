@@ -30,30 +30,37 @@ final class RingFixture {
     struct Descriptor: Equatable { var address: UInt64; var length: UInt32; var flags: UInt16; var next: UInt16 }
 
     func descriptor(_ q: borrowing SplitQueue, _ i: Int, table: UInt64? = nil) -> Descriptor {
-        let p = pointer(table ?? q.rings.descriptors) + 16 * i
-        return Descriptor(address: p.load(as: UInt64.self), length: p.load(fromByteOffset: 8, as: UInt32.self),
-                          flags: p.load(fromByteOffset: 12, as: UInt16.self), next: p.load(fromByteOffset: 14, as: UInt16.self))
+        let p = pointer(table ?? q.rings.descriptors) + SplitQueueLayout.descriptor(i)
+        return Descriptor(address: p.load(fromByteOffset: SplitQueueLayout.descriptorAddress, as: UInt64.self),
+                          length: p.load(fromByteOffset: SplitQueueLayout.descriptorLength, as: UInt32.self),
+                          flags: p.load(fromByteOffset: SplitQueueLayout.descriptorFlags, as: UInt16.self),
+                          next: p.load(fromByteOffset: SplitQueueLayout.descriptorNext, as: UInt16.self))
     }
 
-    func availIndex(_ q: borrowing SplitQueue) -> UInt16 { pointer(q.rings.driver).load(fromByteOffset: 2, as: UInt16.self) }
+    func availIndex(_ q: borrowing SplitQueue) -> UInt16 { pointer(q.rings.driver).load(fromByteOffset: SplitQueueLayout.availIndex, as: UInt16.self) }
     func availEntry(_ q: borrowing SplitQueue, _ i: Int) -> UInt16 {
-        pointer(q.rings.driver).load(fromByteOffset: 4 + 2 * i, as: UInt16.self)
+        pointer(q.rings.driver).load(fromByteOffset: SplitQueueLayout.availRing(i), as: UInt16.self)
     }
-    func availFlags(_ q: borrowing SplitQueue) -> UInt16 { pointer(q.rings.driver).load(as: UInt16.self) }
+    func availFlags(_ q: borrowing SplitQueue) -> UInt16 {
+        pointer(q.rings.driver).load(fromByteOffset: SplitQueueLayout.availFlags, as: UInt16.self)
+    }
     func usedEvent(_ q: borrowing SplitQueue) -> UInt16 {
-        pointer(q.rings.driver).load(fromByteOffset: 4 + 2 * Int(q.size), as: UInt16.self)
+        pointer(q.rings.driver).load(fromByteOffset: SplitQueueLayout.usedEvent(Int(q.size)), as: UInt16.self)
     }
 
     /// The device writes a used element at position `slot` and publishes used idx = `index`.
     func complete(_ q: borrowing SplitQueue, slot: Int, id: UInt32, length: UInt32, index: UInt16) {
         let used = pointer(q.rings.device)
-        used.storeBytes(of: id, toByteOffset: 4 + 8 * slot, as: UInt32.self)
-        used.storeBytes(of: length, toByteOffset: 8 + 8 * slot, as: UInt32.self)
-        used.storeBytes(of: index, toByteOffset: 2, as: UInt16.self)
+        let element = SplitQueueLayout.usedElement(slot)
+        used.storeBytes(of: id, toByteOffset: element + SplitQueueLayout.usedElementID, as: UInt32.self)
+        used.storeBytes(of: length, toByteOffset: element + SplitQueueLayout.usedElementLength, as: UInt32.self)
+        used.storeBytes(of: index, toByteOffset: SplitQueueLayout.usedIndex, as: UInt16.self)
     }
-    func setUsedFlags(_ q: borrowing SplitQueue, _ flags: UInt16) { pointer(q.rings.device).storeBytes(of: flags, as: UInt16.self) }
+    func setUsedFlags(_ q: borrowing SplitQueue, _ flags: UInt16) {
+        pointer(q.rings.device).storeBytes(of: flags, toByteOffset: SplitQueueLayout.usedFlags, as: UInt16.self)
+    }
     func setAvailEvent(_ q: borrowing SplitQueue, _ v: UInt16) {
-        pointer(q.rings.device).storeBytes(of: v, toByteOffset: 4 + 8 * Int(q.size), as: UInt16.self)
+        pointer(q.rings.device).storeBytes(of: v, toByteOffset: SplitQueueLayout.availEvent(Int(q.size)), as: UInt16.self)
     }
 }
 

@@ -56,7 +56,9 @@ struct Rings {
     let bell: UnsafeMutablePointer<UInt16>
 
     init(size n: Int, indirectEntries: Int) {
-        blockSize = 16 * n + 64 + (6 + 2 * n) + 4096 + (6 + 8 * n) + 4096 + n * indirectEntries * 16 + 4096
+        // Each part plus room for its alignment padding (SplitQueueMemory.init's order).
+        blockSize = SplitQueueLayout.descriptorTableSize(n) + 64 + SplitQueueLayout.availSize(n) + 4096
+            + SplitQueueLayout.usedSize(n) + 4096 + SplitQueueLayout.descriptorTableSize(n * indirectEntries) + 4096
         block = .allocate(byteCount: blockSize, alignment: 4096)
         let arena = DMAArena(memory: DMASlice(pointer: block, deviceAddress: deviceBase, size: blockSize))
         do {
@@ -95,25 +97,29 @@ struct Rings {
     func store32(_ p: UnsafeMutableRawPointer, _ offset: Int, _ v: UInt32) { p.storeBytes(of: v.littleEndian, toByteOffset: offset, as: UInt32.self) }
 
     // Device-side views of the rings (§2.7.5, §2.7.6, §2.7.8).
-    var availIdx: UInt16 { load16(avail, 2) }
-    func availEntry(_ position: Int) -> UInt16 { load16(avail, 4 + 2 * (position & (n - 1))) }
-    var availFlags: UInt16 { load16(avail, 0) }
-    var usedEvent: UInt16 { load16(avail, 4 + 2 * n) }
-    var usedIdx: UInt16 { load16(used, 2) }
-    func setUsedIdx(_ v: UInt16) { store16(used, 2, v) }
-    var usedFlags: UInt16 { load16(used, 0) }
-    func setUsedFlags(_ v: UInt16) { store16(used, 0, v) }
-    var availEvent: UInt16 { load16(used, 4 + 8 * n) }
-    func setAvailEvent(_ v: UInt16) { store16(used, 4 + 8 * n, v) }
+    var availIdx: UInt16 { load16(avail, SplitQueueLayout.availIndex) }
+    func availEntry(_ position: Int) -> UInt16 { load16(avail, SplitQueueLayout.availRing(position & (n - 1))) }
+    var availFlags: UInt16 { load16(avail, SplitQueueLayout.availFlags) }
+    var usedEvent: UInt16 { load16(avail, SplitQueueLayout.usedEvent(n)) }
+    var usedIdx: UInt16 { load16(used, SplitQueueLayout.usedIndex) }
+    func setUsedIdx(_ v: UInt16) { store16(used, SplitQueueLayout.usedIndex, v) }
+    var usedFlags: UInt16 { load16(used, SplitQueueLayout.usedFlags) }
+    func setUsedFlags(_ v: UInt16) { store16(used, SplitQueueLayout.usedFlags, v) }
+    var availEvent: UInt16 { load16(used, SplitQueueLayout.availEvent(n)) }
+    func setAvailEvent(_ v: UInt16) { store16(used, SplitQueueLayout.availEvent(n), v) }
     func writeUsed(slot: Int, id: UInt32, length: UInt32) {
-        store32(used, 4 + 8 * (slot & (n - 1)), id)
-        store32(used, 8 + 8 * (slot & (n - 1)), length)
+        let element = SplitQueueLayout.usedElement(slot & (n - 1))
+        store32(used, element + SplitQueueLayout.usedElementID, id)
+        store32(used, element + SplitQueueLayout.usedElementLength, length)
     }
 
     struct Descriptor { var address: UInt64; var length: UInt32; var flags: UInt16; var next: UInt16 }
     func descriptor(_ table: UnsafeMutableRawPointer, _ i: Int) -> Descriptor {
-        Descriptor(address: load64(table, 16 * i), length: load32(table, 16 * i + 8),
-                   flags: load16(table, 16 * i + 12), next: load16(table, 16 * i + 14))
+        let d = SplitQueueLayout.descriptor(i)
+        return Descriptor(address: load64(table, d + SplitQueueLayout.descriptorAddress),
+                          length: load32(table, d + SplitQueueLayout.descriptorLength),
+                          flags: load16(table, d + SplitQueueLayout.descriptorFlags),
+                          next: load16(table, d + SplitQueueLayout.descriptorNext))
     }
 }
 
@@ -275,7 +281,7 @@ final class Model {
                 // §2.7.10.1 vring_need_event: notify if new passed avail_event since old.
                 expectNotify = new &- rings.availEvent &- 1 < new &- old
             } else {
-                expectNotify = rings.usedFlags & 1 == 0  // VIRTQ_USED_F_NO_NOTIFY
+                expectNotify = rings.usedFlags & SplitQueueLayout.usedNoNotify == 0
             }
         }
         rings.bell.pointee = 0xFFFF
@@ -383,7 +389,7 @@ final class Model {
             added += 1
             addOrder.append(token)
             let new = UInt16(truncatingIfNeeded: added)
-            let expectNotify = eventIndex ? new &- rings.availEvent &- 1 < new &- (new &- 1) : rings.usedFlags & 1 == 0
+            let expectNotify = eventIndex ? new &- rings.availEvent &- 1 < new &- (new &- 1) : rings.usedFlags & SplitQueueLayout.usedNoNotify == 0
             rings.bell.pointee = 0xFFFF
             require(q.publish() == expectNotify && (rings.bell.pointee == queueIndex) == expectNotify, "publish in round \(round)")
             published = added
@@ -433,7 +439,7 @@ final class Model {
         var found: [Int] = []
         if request.indirect {
             let d = rings.descriptor(table, Int(head))
-            require(d.flags == 4 && Int(d.length) == 16 * request.segments.count,
+            require(d.flags == SplitQueueLayout.flagIndirect && Int(d.length) == SplitQueueLayout.descriptorTableSize(request.segments.count),
                     "indirect head \(head): flags \(d.flags), length \(d.length) for \(request.segments.count) segments")
             guard let tables = rings.memory.indirect else { require(false, "indirect request without tables"); return }
             require(d.address >= tables.deviceAddress && d.address - tables.deviceAddress + UInt64(d.length) <= UInt64(tables.size),
@@ -463,7 +469,7 @@ final class Model {
     }
 
     func checkDescriptor(_ d: Rings.Descriptor, _ s: BufferSegment, last: Bool, where place: String) {
-        let flags: UInt16 = (s.deviceWritable ? 2 : 0) | (last ? 0 : 1)
+        let flags: UInt16 = (s.deviceWritable ? SplitQueueLayout.flagWrite : 0) | (last ? 0 : SplitQueueLayout.flagNext)
         require(d.address == s.address && d.length == s.length && d.flags == flags,
                 "\(place): (0x\(String(d.address, radix: 16)), \(d.length), flags \(d.flags)) but the driver added (0x\(String(s.address, radix: 16)), \(s.length), flags \(flags))")
     }
