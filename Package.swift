@@ -1,6 +1,7 @@
 // swift-tools-version:6.1
 // A Linux VFIO userspace driver for virtio-pci devices. Layers (dependencies point down):
-//   virtio-vfio (CLI) -> VirtioPCI -> Virtio, VFIO, PCI -> CVirtioShim (C) -> CLibPCI (system libpci)
+//   virtio-vfio (CLI) -> VirtioPCI -> Virtio, VFIO, PCI -> CVirtioShim (C); PCINames (libpci names,
+//   for `list`) -> CPCINames (C) -> CLibPCI (system libpci)
 // See README.md ("Architecture") for what each target owns.
 import PackageDescription
 
@@ -18,14 +19,16 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
     ],
     targets: [
-        // libpci (pciutils) through pkg-config; only used for human-readable names.
+        // libpci (pciutils) through pkg-config; only CPCINames uses it.
         .systemLibrary(
             name: "CLibPCI",
             pkgConfig: "libpci",
             providers: [.apt(["libpci-dev"])]
         ),
-        // The only C in the project: ioctl request codes, volatile MMIO, barriers, CMSG, libpci wrappers.
-        .target(name: "CVirtioShim", dependencies: ["CLibPCI"]),
+        // Wrappers around libpci's name lookup (variadic, and it exits on errors by default).
+        .target(name: "CPCINames", dependencies: ["CLibPCI"]),
+        // The project's other C: ioctl request codes, volatile MMIO, barriers, CMSG.
+        .target(name: "CVirtioShim"),
         // Syscalls: one wrapper per system call, ~Copyable descriptors and eventfds.
         .target(name: "Syscalls", dependencies: [
             "CVirtioShim",
@@ -33,9 +36,10 @@ let package = Package(
         ]),
         // PCI: sysfs enumeration, BDF parsing, config-space parsing and the virtio capability walk.
         .target(name: "PCI", dependencies: [
-            "CVirtioShim",
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
+        // PCINames: vendor, device and class names from libpci, for `list`.
+        .target(name: "PCINames", dependencies: ["PCI", "CPCINames"]),
         // VFIO: container/group/device as ~Copyable owners, regions, BAR mmap, DMA map, IRQ info.
         .target(name: "VFIO", dependencies: [
             "CVirtioShim", "PCI", "Syscalls",
@@ -59,7 +63,7 @@ let package = Package(
         // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net).
         .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade"]),
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD", "Upgrade",
+            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "PCINames", "Syscalls", "Services", "NBD", "Upgrade",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),

@@ -23,11 +23,10 @@ let package = Package(
     ],
     targets: [
         // The driver's modules under test, built from the main package's sources.
-        .systemLibrary(name: "CLibPCI", path: "Library/CLibPCI", pkgConfig: "libpci", providers: [.apt(["libpci-dev"])]),
-        .target(name: "CVirtioShim", dependencies: ["CLibPCI"], path: "Library/CVirtioShim"),
+        .target(name: "CVirtioShim", path: "Library/CVirtioShim"),
         .target(name: "Syscalls", dependencies: ["CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Syscalls"),
-        .target(name: "PCI", dependencies: ["CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
+        .target(name: "PCI", dependencies: [.product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/PCI"),
         .target(name: "Virtio", dependencies: ["CVirtioShim", "Syscalls"], path: "Library/Virtio"),
         .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")],
