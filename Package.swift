@@ -41,27 +41,24 @@ let package = Package(
         // PCINames: vendor, device and class names from libpci, for `list`.
         .target(name: "PCINames", dependencies: ["PCI", "CPCINames"]),
         // VFIO: container/group/device as ~Copyable owners, regions, BAR mmap, DMA map, IRQ info.
-        .target(name: "VFIO", dependencies: [
-            "CVirtioShim", "PCI", "Syscalls",
-            .product(name: "SystemPackage", package: "swift-system"),
-        ]),
+        .target(name: "VFIO", dependencies: ["CVirtioShim", "PCI", "Syscalls"]),
         // Virtio: transport-independent status, features, device types and the reset/negotiate lifecycle.
         .target(name: "Virtio", dependencies: ["CVirtioShim", "Syscalls"]),
         // VirtioEmulator: a spec-strict software device behind the same Transport, for tests.
         .target(name: "VirtioEmulator", dependencies: ["Virtio", "Syscalls", "CVirtioShim"]),
         // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
-        .target(name: "VirtioPCI", dependencies: [
-            "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls",
-            .product(name: "Logging", package: "swift-log"),
-        ]),
+        .target(name: "VirtioPCI", dependencies: ["Virtio", "VFIO", "PCI", "Syscalls"]),
         // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend.
         .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")]),
         // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
-        .target(name: "VirtioDevices", dependencies: ["Virtio"]),
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "CVirtioShim"]),
         // Upgrade: the versioned state record and descriptor passing of a hot upgrade.
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")]),
         // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net).
-        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade"]),
+        .target(name: "Services", dependencies: [
+            "NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade",
+            .product(name: "SystemPackage", package: "swift-system"),
+        ]),
         .executableTarget(name: "virtio-vfio", dependencies: [
             "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "PCINames", "Syscalls", "Services", "NBD", "Upgrade",
             .product(name: "SystemPackage", package: "swift-system"),
@@ -69,7 +66,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "PCITests", dependencies: ["PCI", "VirtioPCI"]),
+        .testTarget(name: "PCITests", dependencies: ["PCI"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim", "Syscalls"]),
         // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),

@@ -33,8 +33,9 @@ let package = Package(
                 path: "Library/NBD"),
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Upgrade"),
-        .target(name: "VirtioDevices", dependencies: ["Virtio"], path: "Library/VirtioDevices"),
-        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade"],
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "CVirtioShim"], path: "Library/VirtioDevices"),
+        .target(name: "Services", dependencies: ["NBD", "Upgrade", "VirtioDevices", "Virtio", "Syscalls",
+                                                 .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Services"),
 
         // Shared by the targets: input cursor, invariant check, seed writing; ASan poisoning in C.
