@@ -1,7 +1,8 @@
 // swift-tools-version:6.1
 // A Linux VFIO userspace driver for virtio-pci devices. Layers (dependencies point down):
 //   virtio-vfio (CLI) -> VirtioPCI -> Virtio, VFIO, PCI -> CVirtioShim (C); PCINames (libpci names,
-//   for `list`) -> CPCINames (C) -> CLibPCI (system libpci)
+//   for `list`) -> CPCINames (C) -> CLibPCI (system libpci); virtio-vfio-ring-bench -> RingBenchmark
+//   -> Virtio, VirtioEmulator
 // See README.md ("Architecture") for what each target owns.
 import PackageDescription
 
@@ -11,6 +12,8 @@ let package = Package(
         .executable(name: "virtio-vfio", targets: ["virtio-vfio"]),
         .library(name: "VirtioPCI", targets: ["VirtioPCI"]),
         .library(name: "VirtioEmulator", targets: ["VirtioEmulator"]),
+        .executable(name: "virtio-vfio-ring-bench", targets: ["virtio-vfio-ring-bench"]),
+        .library(name: "RingBenchmark", targets: ["RingBenchmark"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -60,11 +63,19 @@ let package = Package(
             .product(name: "SystemPackage", package: "swift-system"),
         ]),
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "PCINames", "Syscalls", "Services", "NBD", "Upgrade",
+            "VirtioPCI", "VirtioDevices", "Virtio", "VFIO", "PCI", "PCINames", "Syscalls", "Services", "NBD", "Upgrade",
             .product(name: "SystemPackage", package: "swift-system"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Logging", package: "swift-log"),
+        ]),
+        // RingBenchmark: requests through a split queue against the emulator, every completion
+        // checked, the driver's work counted (docs/PERFORMANCE.md).
+        .target(name: "RingBenchmark", dependencies: ["Virtio", "VirtioEmulator"]),
+        // The ring benchmark as a command: what tools/bench-ci runs under callgrind.
+        .executableTarget(name: "virtio-vfio-ring-bench", dependencies: [
+            "RingBenchmark", "Virtio",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         .testTarget(name: "PCITests", dependencies: ["PCI"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim", "Syscalls"]),
@@ -78,5 +89,7 @@ let package = Package(
         .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),
         // The NBD server against an in-memory backend, a hand-written client, and nbdinfo/qemu-img/nbdcopy.
         .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscalls"]),
+        // The ring benchmark's loop and checks, briefly, on both emulated devices.
+        .testTarget(name: "RingBenchmarkTests", dependencies: ["RingBenchmark"]),
     ]
 )
