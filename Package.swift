@@ -1,15 +1,33 @@
 // swift-tools-version:6.1
-// A Linux VFIO userspace driver for virtio-pci devices. Layers (dependencies point down):
-//   virtio-vfio (CLI) -> VirtioPCI -> Virtio, VFIO, PCI -> CVirtioShim (C) -> CLibPCI (system libpci)
-// See README.md ("Architecture") for what each target owns.
+// A Linux VFIO userspace driver for virtio-pci devices. Its targets in layers, top to bottom;
+// a target depends only on targets in layers below its own (the list of targets says on which),
+// so the CLI imports the libraries and nothing imports the CLI:
+//
+//   virtio-vfio (the CLI, shipped)                       virtio-vfio-ring-bench (callgrind's command)
+//   Services (NBD export of blk, TAP bridge of net,      RingBenchmark (the ring loop on the emulator)
+//             entropy feed of rng: UpgradableServices)
+//   VirtioDevices   VirtioPCI   VirtioEmulator   NBD
+//   HotUpgrade (control socket, hand-over, take-over, rollback for any service)
+//   Virtio   VFIO   Upgrade (state record, messages, descriptor passing)   PCINames (libpci names)
+//   PCI   Syscalls   CPCINames (C: libpci wrappers)
+//   CVirtioShim (C: ioctl codes, MMIO, barriers, CMSG)   CLibPCI (system libpci)
+//
+// The shipped virtio-vfio links no emulator; only PCINames needs libpci. The tests, Benchmarks/
+// (a package of its own, over RingBenchmark) and Fuzz/ (which builds some of these targets from
+// their sources: keep its dependencies the same) stand beside the layers. README.md
+// ("Architecture") says what each target owns.
 import PackageDescription
+
+let systemPackage: Target.Dependency = .product(name: "SystemPackage", package: "swift-system")
 
 let package = Package(
     name: "virtio-vfio",
     products: [
         .executable(name: "virtio-vfio", targets: ["virtio-vfio"]),
+        .executable(name: "virtio-vfio-ring-bench", targets: ["virtio-vfio-ring-bench"]),
         .library(name: "VirtioPCI", targets: ["VirtioPCI"]),
         .library(name: "VirtioEmulator", targets: ["VirtioEmulator"]),
+        .library(name: "RingBenchmark", targets: ["RingBenchmark"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -18,60 +36,78 @@ let package = Package(
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
     ],
     targets: [
-        // libpci (pciutils) through pkg-config; only used for human-readable names.
+        // MARK: C
+        // The project's C, besides CPCINames: ioctl request codes, non-variadic ioctl/fcntl, volatile
+        // MMIO, barriers, CMSG helpers, memfd_create, ppoll.
+        .target(name: "CVirtioShim"),
+        // libpci (pciutils) through pkg-config; only CPCINames uses it.
         .systemLibrary(
             name: "CLibPCI",
             pkgConfig: "libpci",
             providers: [.apt(["libpci-dev"])]
         ),
-        // The only C in the project: ioctl request codes, volatile MMIO, barriers, CMSG, libpci wrappers.
-        .target(name: "CVirtioShim", dependencies: ["CLibPCI"]),
+        // Wrappers around libpci's name lookup (variadic, and it exits on errors by default).
+        .target(name: "CPCINames", dependencies: ["CLibPCI"]),
+
+        // MARK: Platform
         // Syscalls: one wrapper per system call, ~Copyable descriptors and eventfds.
-        .target(name: "Syscalls", dependencies: [
-            "CVirtioShim",
-            .product(name: "SystemPackage", package: "swift-system"),
-        ]),
+        .target(name: "Syscalls", dependencies: ["CVirtioShim", systemPackage]),
         // PCI: sysfs enumeration, BDF parsing, config-space parsing and the virtio capability walk.
-        .target(name: "PCI", dependencies: [
-            "CVirtioShim",
-            .product(name: "SystemPackage", package: "swift-system"),
-        ]),
+        .target(name: "PCI", dependencies: [systemPackage]),
+        // PCINames: vendor, device and class names from libpci, for `list`.
+        .target(name: "PCINames", dependencies: ["PCI", "CPCINames"]),
         // VFIO: container/group/device as ~Copyable owners, regions, BAR mmap, DMA map, IRQ info.
-        .target(name: "VFIO", dependencies: [
-            "CVirtioShim", "PCI", "Syscalls",
-            .product(name: "SystemPackage", package: "swift-system"),
-        ]),
-        // Virtio: transport-independent status, features, device types and the reset/negotiate lifecycle.
-        .target(name: "Virtio", dependencies: ["CVirtioShim", "Syscalls"]),
-        // VirtioEmulator: a spec-strict software device behind the same Transport, for tests.
-        .target(name: "VirtioEmulator", dependencies: ["Virtio", "Syscalls", "CVirtioShim"]),
+        .target(name: "VFIO", dependencies: ["PCI", "Syscalls", "CVirtioShim"]),
+
+        // MARK: Virtio
+        // Virtio: transport-independent status, features, device types, the reset/negotiate
+        // lifecycle, the split virtqueue and the Transport protocol.
+        .target(name: "Virtio", dependencies: ["Syscalls", "CVirtioShim"]),
+
+        // MARK: Transports, devices, protocols
         // VirtioPCI: the modern virtio-pci transport (spec 4.1) over VFIO-mapped BARs.
-        .target(name: "VirtioPCI", dependencies: [
-            "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls", "HotUpgrade", "Upgrade",
-            .product(name: "Logging", package: "swift-log"),
-        ]),
+        .target(name: "VirtioPCI", dependencies: ["Virtio", "VFIO", "PCI", "Syscalls", "HotUpgrade", "Upgrade"]),
+        // VirtioEmulator: a spec-strict software device behind the same Transport, for tests and
+        // the ring benchmark.
+        .target(name: "VirtioEmulator", dependencies: ["Virtio", "Syscalls", "CVirtioShim"]),
+        // VirtioDevices: the rng, blk and net drivers over any Transport.
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "CVirtioShim"]),
         // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend.
-        .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")]),
-        // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
-        .target(name: "VirtioDevices", dependencies: ["Virtio"]),
+        .target(name: "NBD", dependencies: ["Syscalls", systemPackage]),
         // Upgrade: the versioned state record and descriptor passing of a hot upgrade.
-        .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")]),
+        .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", systemPackage]),
         // HotUpgrade: the hot-upgrade protocol for any service: the serving driver's control socket,
-        // hand-over and rollback, the successor's take-over, the live-or-reset choice.
+        // hand-over and rollback, the successor's take-over, the live-or-reset choice. Nothing
+        // device-specific: a transport conforms to HandoverTransport (VirtioPCI does).
         .target(name: "HotUpgrade", dependencies: [
             "Upgrade", "Virtio", "Syscalls", .product(name: "Logging", package: "swift-log"),
         ]),
+
+        // MARK: Services
         // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net,
         // entropy feed of virtio-rng), each an UpgradableService.
-        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade", "HotUpgrade"]),
+        .target(name: "Services", dependencies: ["NBD", "Upgrade", "HotUpgrade", "VirtioDevices", "Virtio", "Syscalls", systemPackage]),
+        // RingBenchmark: requests through a split queue against the emulator, every completion
+        // checked, the driver's work counted (docs/PERFORMANCE.md).
+        .target(name: "RingBenchmark", dependencies: ["Virtio", "VirtioEmulator"]),
+
+        // MARK: Executables
+        // The driver's command line, the one shipped binary.
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "VirtioPCI", "VirtioDevices", "Virtio", "VirtioEmulator", "VFIO", "PCI", "Syscalls", "Services", "NBD", "Upgrade", "HotUpgrade",
-            .product(name: "SystemPackage", package: "swift-system"),
-            .product(name: "Histogram", package: "hdrhistogram-swift"),
+            "Services", "HotUpgrade", "VirtioDevices", "VirtioPCI", "NBD", "Upgrade", "Virtio", "VFIO", "PCI", "PCINames",
+            "Syscalls", "CVirtioShim", systemPackage,
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
+            .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
         ]),
-        .testTarget(name: "PCITests", dependencies: ["PCI", "VirtioPCI"]),
+        // The ring benchmark as a command: what tools/bench-ci runs under callgrind.
+        .executableTarget(name: "virtio-vfio-ring-bench", dependencies: [
+            "RingBenchmark", "Virtio",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+
+        // MARK: Tests
+        .testTarget(name: "PCITests", dependencies: ["PCI"]),
         .testTarget(name: "VFIOTests", dependencies: ["VFIO", "CVirtioShim", "Syscalls"]),
         // Runs inside the HIL guest only (Tests/HIL sets VIRTIO_VFIO_HIL_*); skipped elsewhere.
         .testTarget(name: "HILTests", dependencies: ["VirtioPCI", "VFIO", "Virtio", "PCI"]),
@@ -88,5 +124,7 @@ let package = Package(
         .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),
         // The NBD server against an in-memory backend, a hand-written client, and nbdinfo/qemu-img/nbdcopy.
         .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscalls"]),
+        // The ring benchmark's loop and checks, briefly, on both emulated devices.
+        .testTarget(name: "RingBenchmarkTests", dependencies: ["RingBenchmark"]),
     ]
 )

@@ -12,7 +12,8 @@ import PackageDescription
 let package = Package(
     name: "virtio-vfio-benchmarks",
     dependencies: [
-        // The driver, by path: its library products VirtioEmulator (and, through it, Virtio).
+        // The driver, by path: its library product RingBenchmark (the loop; through it Virtio and
+        // VirtioEmulator), the same code virtio-vfio-ring-bench runs under callgrind.
         .package(name: "virtio-vfio", path: ".."),
         // Only the MallocInterposer trait: the default RuntimeInterposer trait needs
         // ordo-one/swift-runtime-interposer on Linux with Swift 6.3, which is not available
@@ -27,13 +28,10 @@ let package = Package(
             name: "RingBenchmarks",
             dependencies: [
                 .product(name: "Benchmark", package: "benchmark"),
-                .product(name: "VirtioEmulator", package: "virtio-vfio"),
+                .product(name: "RingBenchmark", package: "virtio-vfio"),
                 "ThreadCounters",
             ],
             path: "Benchmarks/RingBenchmarks",
-            // RingBench.swift links to Sources/virtio-vfio/BenchCommand.swift: the same driver
-            // loop as `virtio-vfio bench ring`, without the command-line part.
-            swiftSettings: [.define("RING_BENCH_CORE_ONLY")],
             plugins: [.plugin(name: "BenchmarkPlugin", package: "benchmark")]
         ),
     ]

@@ -24,21 +24,21 @@ let package = Package(
     ],
     targets: [
         // The driver's modules under test, built from the main package's sources.
-        .systemLibrary(name: "CLibPCI", path: "Library/CLibPCI", pkgConfig: "libpci", providers: [.apt(["libpci-dev"])]),
-        .target(name: "CVirtioShim", dependencies: ["CLibPCI"], path: "Library/CVirtioShim"),
+        .target(name: "CVirtioShim", path: "Library/CVirtioShim"),
         .target(name: "Syscalls", dependencies: ["CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Syscalls"),
-        .target(name: "PCI", dependencies: ["CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
+        .target(name: "PCI", dependencies: [.product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/PCI"),
         .target(name: "Virtio", dependencies: ["CVirtioShim", "Syscalls"], path: "Library/Virtio"),
         .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/NBD"),
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Upgrade"),
-        .target(name: "VirtioDevices", dependencies: ["Virtio"], path: "Library/VirtioDevices"),
+        .target(name: "VirtioDevices", dependencies: ["Virtio", "CVirtioShim"], path: "Library/VirtioDevices"),
         .target(name: "HotUpgrade", dependencies: ["Upgrade", "Virtio", "Syscalls", .product(name: "Logging", package: "swift-log")],
                 path: "Library/HotUpgrade"),
-        .target(name: "Services", dependencies: ["NBD", "VirtioDevices", "Virtio", "Syscalls", "Upgrade", "HotUpgrade"],
+        .target(name: "Services", dependencies: ["NBD", "Upgrade", "HotUpgrade", "VirtioDevices", "Virtio", "Syscalls",
+                                                 .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Services"),
 
         // Shared by the targets: input cursor, invariant check, seed writing; ASan poisoning in C.

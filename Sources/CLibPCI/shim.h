@@ -1,2 +1,2 @@
-// libpci (pciutils) headers; the project calls libpci only through CVirtioShim's pci wrappers.
+// libpci (pciutils) headers; the project calls libpci only through CPCINames' wrappers.
 #include <pci/pci.h>

@@ -46,13 +46,6 @@ public enum Lifecycle {
         }
     }
 
-    /// Steps 2-6 of §3.1.1 after a reset: ACKNOWLEDGE, DRIVER, read the offered features, write the
-    /// accepted subset, set FEATURES_OK and re-read status to confirm the device kept it.
-    ///
-    /// Accepted = offered ∩ `wanted`, plus VERSION_1 (required) and ACCESS_PLATFORM when offered
-    /// (§6.1: the driver SHOULD accept it; our DMA goes through the IOMMU, so it is always true).
-    /// On failure the FAILED bit is set (§3.1.1: "the driver SHOULD set the FAILED status bit")
-    /// and the device stays recoverable by reset.
     /// The features a driver wanting `wanted` accepts from a device offering `offered`: what both
     /// have, plus VERSION_1 (§6.1) and ACCESS_PLATFORM whenever offered (§6.1: the device then
     /// may need it, and VFIO's IOMMU translates every address this driver hands out).
@@ -62,6 +55,12 @@ public enum Lifecycle {
         return accepted
     }
 
+    /// Steps 2-6 of §3.1.1 after a reset: ACKNOWLEDGE, DRIVER, read the offered features, write the
+    /// accepted subset (`acceptable(offered:wanted:)`), set FEATURES_OK and re-read status to
+    /// confirm the device kept it.
+    ///
+    /// On failure the FAILED bit is set (§3.1.1: "the driver SHOULD set the FAILED status bit")
+    /// and the device stays recoverable by reset.
     public static func negotiate<T: Transport & ~Copyable>(
         _ transport: borrowing T, wanted: Features
     ) throws(VirtioError) -> Negotiation {

@@ -1,5 +1,6 @@
 import ArgumentParser
 import PCI
+import PCINames
 import Virtio
 
 /// `virtio-vfio list`: every PCI function sysfs shows. Read-only; works without VFIO.

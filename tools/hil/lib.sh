@@ -16,11 +16,12 @@
 # ends the run and "apt-get update" really happens at most once.
 
 # Host packages the harness and the guest tests need (the guest runs the host's
-# binaries over 9p). rngtest comes from rng-tools5 (rng-tools conflicts with it).
+# binaries over 9p). rngtest comes from rng-tools5 (rng-tools conflicts with it);
+# jq builds `vfio-bind status --json`.
 HIL_HOST_PACKAGES=(
   qemu-system-x86 busybox-static pciutils libpci-dev cpio xz-utils zstd kmod
   nbd-client qemu-utils libnbd-bin fio e2fsprogs iperf3 rng-tools5 iproute2
-  iputils-ping
+  iputils-ping jq
 )
 
 # Modules packed into the initramfs and insmod'ed by the guest /init, in this

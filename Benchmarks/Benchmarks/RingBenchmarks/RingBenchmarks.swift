@@ -1,7 +1,7 @@
 // Submit + complete through a split virtqueue against the emulated device (docs/PERFORMANCE.md).
 //
-// One sample is `requestsPerSample` requests run by `RingBench` (RingBench.swift, the same code
-// as `virtio-vfio bench ring`): rounds of `batch` requests added and published together, a
+// One sample is `requestsPerSample` requests run by `RingBench` (the main package's RingBenchmark
+// library, the same code as `virtio-vfio-ring-bench`): rounds of `batch` requests added and published together, a
 // spin until the device thread uses them, one drain, and a check of every completion (slot,
 // sequence, used length; blk: status byte). Data bytes are not compared here (the command
 // does that), so the figures are the ring's, not memcmp's.
@@ -17,6 +17,7 @@
 // 0 for the driver thread's mallocs, retains and releases everywhere, and for Malloc (total)
 // where the emulator allocates nothing per request (see docs/PERFORMANCE.md for blk).
 import Benchmark
+import RingBenchmark
 import ThreadCounters
 
 let requestsPerSample = 4096

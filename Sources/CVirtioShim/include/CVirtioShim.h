@@ -6,8 +6,8 @@
 //   * non-variadic ioctl/fcntl wrappers that return -errno on failure (Swift cannot call variadic C);
 //   * volatile MMIO loads and stores of 8/16/32/64 bits: the one access layer for device registers;
 //   * memory barriers, each named for what the virtio spec requires of it;
-//   * CMSG_* helpers for SCM_RIGHTS fd passing;
-//   * wrappers around libpci's name lookup (libpci's API is variadic and exits on errors by default).
+//   * CMSG_* helpers for SCM_RIGHTS fd passing.
+// libpci's name lookup has its own module, CPCINames, so that only `list` needs libpci.
 #ifndef CVIRTIOSHIM_H
 #define CVIRTIOSHIM_H
 
@@ -123,17 +123,5 @@ size_t CVirtioShim_CMSG_LEN(size_t payload);
 struct cmsghdr *CVirtioShim_CMSG_FIRSTHDR(struct msghdr *msg);
 struct cmsghdr *CVirtioShim_CMSG_NXTHDR(struct msghdr *msg, struct cmsghdr *cmsg);
 unsigned char *CVirtioShim_CMSG_DATA(struct cmsghdr *cmsg);
-
-// MARK: - libpci names
-/// An opaque libpci handle used only for name lookups (pci.ids / hwdb). Never scans the bus.
-typedef struct CVirtioShim_pci_names CVirtioShim_pci_names;
-/// Returns NULL if libpci could not be initialised.
-CVirtioShim_pci_names *CVirtioShim_pci_names_open(void);
-void CVirtioShim_pci_names_close(CVirtioShim_pci_names *names);
-/// Each lookup writes a NUL-terminated name into buf and returns 0, or returns -1 if unknown.
-int CVirtioShim_pci_lookup_vendor(CVirtioShim_pci_names *names, uint16_t vendor, char *buf, int size);
-int CVirtioShim_pci_lookup_device(CVirtioShim_pci_names *names, uint16_t vendor, uint16_t device,
-                                  char *buf, int size);
-int CVirtioShim_pci_lookup_class(CVirtioShim_pci_names *names, uint16_t class_code, char *buf, int size);
 
 #endif

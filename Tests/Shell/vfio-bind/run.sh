@@ -20,6 +20,7 @@ WORK=$(mktemp -d "${TMPDIR:-/tmp}/vfio-bind-test.XXXXXX")
 trap 'rm -rf -- "$WORK"' EXIT
 
 PASSED=0 FAILED=0 NTREE=0
+EXPECTED=()
 T='' S='' P='' D='' OUT='' ERR='' RC=0 BEFORE='' CASE=''
 
 # ------------------------------------------------------------------ fake machine
@@ -400,6 +401,103 @@ if command -v jq >/dev/null; then
 elif command -v python3 >/dev/null; then
 	expect "--json is valid" eval 'python3 -m json.tool >/dev/null <<<"$OUT"'
 fi
+
+CASE=json
+# The document jq builds, byte for byte: key order, compact form, escapes (a quote and a
+# backslash in a mount point), null and true/false; then a control character in an
+# interface name, which JSON must escape (\u0001).
+new_tree
+printf '30 20 254:1 / /mnt/a"b\\c rw - ext4 /dev/vda1 rw\n' >>"$P/self/mountinfo"
+vb bind 00:04.0
+vb bind --persist 00:07.0
+vb status --json
+expect "exit 0" rc 0
+expect "one line" eval '[[ $(wc -l <<<"$OUT") == 1 ]]'
+expect "document head" eval '[[ $OUT == "{\"vfio_pci_loaded\":true,\"iommu_groups\":7,\"noiommu\":false,\"devices\":[{\"bdf\":\"0000:00:02.0\","* ]]'
+if command -v lspci >/dev/null; then names='"vendor_name":"Red Hat, Inc.","device_name":"Virtio 1.0 block device"'; else names='"vendor_name":"","device_name":""'; fi
+expect "blk object, mount point escaped" out_has '{"bdf":"0000:00:05.0","vendor_id":"1af4","device_id":"1042","class":"010000",'"$names"',"category":"storage","binding":"kernel","driver":"virtio-pci","driver_override":"","iommu_group":"4","virtio_type":"blk","interfaces":[],"block_devices":["vda"],"active":true,"in_use":["/dev/vda1 is mounted on /mnt/a\"b\\c (umount /mnt/a\"b\\c first)"],"remembered_driver":null,"persistent":false}'
+expect "remembered driver" out_has '"iommu_group":"3","virtio_type":"rng","interfaces":[],"block_devices":[],"active":false,"in_use":[],"remembered_driver":"virtio-pci","persistent":false}'
+expect "persistent, no remembered driver" out_has '"iommu_group":"6","virtio_type":"net","interfaces":[],"block_devices":[],"active":false,"in_use":[],"remembered_driver":null,"persistent":true}'
+expect "no IOMMU group is an empty string" out_has '{"bdf":"0000:00:08.0","vendor_id":"1af4","device_id":"1044","class":"00ff00",'
+expect "parses" eval 'jq -e ".devices | length == 7" >/dev/null <<<"$OUT"'
+add_netif 0000:00:06.0 virtio3/net/e1x e$'\001'x 0x1002 down
+vb status --json
+expect "control character escaped" out_has '"interfaces":["e\u0001x","eth0"]'
+expect "and parses back" eval '[[ $(jq -r ".devices[] | select(.bdf == \"0000:00:06.0\") | .interfaces[0]" <<<"$OUT") == e$'"'"'\001'"'"'x ]]'
+vb status --all --json
+expect "--all: bridges too" eval '[[ $(jq -r "[.devices[].bdf] | join(\" \")" <<<"$OUT") == "0000:00:02.0 0000:00:04.0 0000:00:05.0 0000:00:06.0 0000:00:07.0 0000:00:08.0 0000:00:1c.0 0000:00:1f.0 0000:00:1f.2" ]]'
+rm -rf "$S/bus/pci/devices/"* "$S/kernel/iommu_groups/"*
+vb status --json
+expect "no devices: an empty list" eval '[[ $OUT == "{\"vfio_pci_loaded\":true,\"iommu_groups\":0,\"noiommu\":false,\"devices\":[]}" ]]'
+
+CASE=device-types
+# Every line of the table names its modern device 1af4:(1040 + ID); the transitional IDs
+# 1000-103f take the type from the subsystem device ID, as the binary and Linux do; a type
+# the table lacks prints as type-N.
+new_tree
+TYPES=$REPO/tools/virtio-device-types.tsv
+n=0
+while IFS=$'\t' read -r id tname; do
+	[[ $id == '#'* || -z $id ]] && continue
+	n=$((n + 1))
+	add_pci "$(printf '0000:01:%02x.0' "$n")" 1af4 "$(printf %04x $((0x1040 + id)))" 00ff00 '' ''
+	EXPECTED+=("$(printf '0000:01:%02x.0' "$n") $tname")
+done <"$TYPES"
+add_pci 0000:02:00.0 1af4 1000 020000 '' ''
+echo 0x0001 >"$S/devices/pci0000:00/0000:02:00.0/subsystem_device"
+add_pci 0000:02:01.0 1af4 1005 00ff00 '' ''
+echo 0x0004 >"$S/devices/pci0000:00/0000:02:01.0/subsystem_device"
+add_pci 0000:02:02.0 1af4 1001 010000 '' ''
+echo 0x0003 >"$S/devices/pci0000:00/0000:02:02.0/subsystem_device"
+add_pci 0000:02:03.0 1af4 1004 010000 '' ''
+add_pci 0000:02:04.0 1af4 1072 00ff00 '' ''
+add_pci 0000:02:05.0 1af4 1080 00ff00 '' ''
+add_pci 0000:02:06.0 8086 1041 00ff00 '' ''
+vb status --json
+expect "the table has the types the binary knows" eval '((n >= 16))'
+for e in "${EXPECTED[@]}"; do
+	expect "${e#* }: 1af4:$(printf %04x $((0x1040 + $(awk -v n="${e#* }" -F'\t' '$2 == n { print $1 }' "$TYPES"))))" \
+		eval '[[ $(jq -r ".devices[] | select(.bdf == \"${e%% *}\") | .virtio_type" <<<"$OUT") == "${e#* }" ]]'
+done
+vtype() { jq -r ".devices[] | select(.bdf == \"$1\") | .virtio_type" <<<"$OUT"; }
+expect "transitional 1000, subsystem 1: net" eval '[[ $(vtype 0000:02:00.0) == net ]]'
+expect "transitional 1005, subsystem 4: rng" eval '[[ $(vtype 0000:02:01.0) == rng ]]'
+expect "transitional ID and subsystem disagree: the subsystem wins" eval '[[ $(vtype 0000:02:02.0) == console ]]'
+expect "transitional without a subsystem ID: not identified" eval '[[ -z $(vtype 0000:02:03.0) ]]'
+expect "a type the table lacks: type-N" eval '[[ $(vtype 0000:02:04.0) == type-50 ]]'
+expect "past 107f: not virtio" eval '[[ -z $(vtype 0000:02:05.0) ]]'
+expect "another vendor: not virtio" eval '[[ -z $(vtype 0000:02:06.0) ]]'
+vb status
+expect "text status: virtio=rng" eval 'grep -q "^0000:02:01.0 .* virtio=rng" <<<"$OUT"'
+vb bind 00:04.0
+expect "bind names the type" out_has "0000:00:04.0: virtio rng device"
+
+CASE=device-types-lookup
+# Where the table is found: VFIO_BIND_DEVICE_TYPES, next to the script (through a
+# symbolic link too), ../share/virtio-vfio from it; missing or malformed, exit 4.
+new_tree
+VFIO_BIND_DEVICE_TYPES=$T/none.tsv vb status
+expect "VFIO_BIND_DEVICE_TYPES unreadable: exit 4" eval 'rc 4 && err_has "VFIO_BIND_DEVICE_TYPES: cannot read"'
+printf '4\trng\n2 blk\n' >"$T/bad.tsv"
+VFIO_BIND_DEVICE_TYPES=$T/bad.tsv vb status
+expect "malformed line: exit 4 naming it" eval 'rc 4 && err_has "$T/bad.tsv:2: not a device type line"'
+VFIO_BIND_DEVICE_TYPES=$T/bad.tsv vb unbind 00:07.0
+expect "unbind does not need the table" rc 0
+printf '# mine\n4\tentropy\n' >"$T/mine.tsv"
+VFIO_BIND_DEVICE_TYPES=$T/mine.tsv vb status
+expect "VFIO_BIND_DEVICE_TYPES is read" eval 'rc 0 && out_has "virtio=entropy" && out_has "virtio=type-2 block=vda"'
+mkdir -p "$T/prefix/bin" "$T/prefix/share/virtio-vfio" "$T/alone" "$T/links"
+cp "$VB" "$T/prefix/bin/vfio-bind" && cp "$REPO/tools/virtio-device-types.tsv" "$T/prefix/share/virtio-vfio/"
+cp "$VB" "$T/alone/vfio-bind"
+ln -s "$VB" "$T/links/vfio-bind"
+VBSAVED=$VB
+VB=$T/prefix/bin/vfio-bind vb status
+expect "installed: found in ../share/virtio-vfio" eval 'rc 0 && out_has "virtio=blk block=vda"'
+VB=$T/links/vfio-bind vb status
+expect "through a symbolic link: found next to the script" eval 'rc 0 && out_has "virtio=blk block=vda"'
+VB=$T/alone/vfio-bind vb status
+expect "nowhere: exit 4 saying where it looked" eval 'rc 4 && err_has "virtio-device-types.tsv is neither in $T/alone nor in $T/alone/../share/virtio-vfio"'
+VB=$VBSAVED
 
 CASE=real-host-status
 T=$WORK/real && mkdir -p "$T"

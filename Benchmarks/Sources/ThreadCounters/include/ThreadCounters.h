@@ -9,10 +9,10 @@
 // for Swift 6.4). Instead, ThreadCounters.c defines the public runtime entry points swift_retain,
 // swift_release, their _n variants and swift_bridgeObjectRetain/Release in the benchmark
 // executable itself. The static linker binds every call the executable's Swift code makes (the
-// Virtio and VirtioEmulator modules are linked into it) to these definitions; each bumps a
+// RingBenchmark, Virtio and VirtioEmulator modules are linked into it) to these definitions; each bumps a
 // counter of the calling thread and forwards to libswiftCore's definition (dlsym RTLD_NEXT).
 // Not counted: reference counting done inside libswiftCore by its own code. The callgrind run
-// of `virtio-vfio bench ring` (tools/bench-ci) counts calls to the runtime's functions
+// of `virtio-vfio-ring-bench` (tools/bench-ci) counts calls to the runtime's functions
 // themselves, which covers that case for the driver's hot path.
 //
 // Mallocs. ordo-one/benchmark counts mallocs of the whole process (LD_PRELOADed

@@ -1,4 +1,5 @@
-import CVirtioShim
+import CPCINames
+import PCI
 
 /// Human-readable vendor, device and class names from libpci (pci.ids / udev hwdb).
 /// Names are a convenience: every lookup returns nil when libpci or its database is missing.
@@ -6,24 +7,24 @@ public final class PCINames {
     private let handle: OpaquePointer?
 
     public init() {
-        handle = CVirtioShim_pci_names_open()
+        handle = CPCINames_open()
     }
 
     deinit {
-        CVirtioShim_pci_names_close(handle)
+        CPCINames_close(handle)
     }
 
     public func vendor(_ vendor: UInt16) -> String? {
-        lookup { CVirtioShim_pci_lookup_vendor(handle, vendor, $0, $1) }
+        lookup { CPCINames_lookup_vendor(handle, vendor, $0, $1) }
     }
 
     public func device(vendor: UInt16, device: UInt16) -> String? {
-        lookup { CVirtioShim_pci_lookup_device(handle, vendor, device, $0, $1) }
+        lookup { CPCINames_lookup_device(handle, vendor, device, $0, $1) }
     }
 
     /// Class name from the base class and subclass (the top 16 bits of the 24-bit class code).
     public func className(classCode: UInt32) -> String? {
-        lookup { CVirtioShim_pci_lookup_class(handle, UInt16(truncatingIfNeeded: classCode >> 8), $0, $1) }
+        lookup { CPCINames_lookup_class(handle, UInt16(truncatingIfNeeded: classCode >> 8), $0, $1) }
     }
 
     /// "Vendor Device" as lspci prints it, or nil if either is unknown.

@@ -1,1 +1,0 @@
-../../../Sources/virtio-vfio/BenchCommand.swift
