@@ -156,27 +156,27 @@ public struct Successor: ~Copyable {
     /// the state the record describes (checked by reading only). `live` mode refuses otherwise
     /// (nothing touched, the old driver resumes); `auto` falls back to reset.
     /// `vectors[i]` is the MSI-X vector queue i must still signal (nil: not checked).
+    /// Returns what was read for live adoption (pass it to the adopting initialiser, which then
+    /// reads no register twice), or nil for reset mode.
     public mutating func chooseLive<T: Transport & ~Copyable>(_ transport: borrowing T, wanted: Features,
-                                                             vectors: [UInt16?]) throws(UpgradeError) -> Bool {
-        guard options.mode != .reset else { live = false; return false }
+                                                             vectors: [UInt16?]) throws(UpgradeError) -> Adoption.Verified? {
+        guard options.mode != .reset else { live = false; return nil }
         var problem: String?
         let mine = Lifecycle.acceptable(offered: transport.readDeviceFeatures(), wanted: wanted)
         let theirs = Features(rawValue: record.features)
+        var verified: Adoption.Verified?
         if mine != theirs {
             problem = "this driver accepts features 0x\(String(mine.rawValue, radix: 16)), the device runs with 0x\(String(theirs.rawValue, radix: 16)) (live mode needs the same features)"
         } else {
             do throws(VirtioError) {
-                _ = try Adoption.checkLive(transport, features: theirs)
-                for (i, snapshot) in record.queueSnapshots.enumerated() {
-                    _ = try Adoption.checkQueue(transport, snapshot, vector: i < vectors.count ? vectors[i] : nil)
-                }
+                verified = try Adoption.verify(transport, features: theirs, snapshots: record.queueSnapshots, vectors: vectors)
             } catch { problem = "\(error)" }
         }
-        guard let problem else { live = true; return true }
-        if options.mode == .live { throw decline("live mode refused: \(problem)", touched: false) }
-        logger.notice("live mode not possible (\(problem)); taking over in reset mode")
+        if let verified { live = true; return verified }
+        if options.mode == .live { throw decline("live mode refused: \(problem ?? "?")", touched: false) }
+        logger.notice("live mode not possible (\(problem ?? "?")); taking over in reset mode")
         live = false
-        return false
+        return nil
     }
 
     public var elapsed: Duration { ContinuousClock().now - started }

@@ -80,12 +80,13 @@ extension BlockExport where T: ~Copyable {
             throw successor.decline("NBD connection state: \(error)", touched: false)
         }
         let snapshots = successor.record.queueSnapshots
-        let live = try successor.chooseLive(transport, wanted: wanted, vectors: mode.vectorPerQueue(snapshots.count))
+        let verified = try successor.chooseLive(transport, wanted: wanted, vectors: mode.vectorPerQueue(snapshots.count))
+        let live = verified != nil
         let blk: BlockDevice<T>
         do throws(VirtioError) {
             if live {
                 blk = try BlockDevice(adopting: transport, features: Features(rawValue: successor.record.features),
-                                      queues: snapshots, mode: mode)
+                                      queues: snapshots, mode: mode, verified: verified)
             } else {
                 blk = try BlockDevice(transport: transport, wanted: wanted, mode: mode)
             }

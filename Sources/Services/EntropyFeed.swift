@@ -101,13 +101,14 @@ extension EntropyFeed where T: ~Copyable {
     public static func adopt(_ transport: consuming T, _ successor: inout Successor, wanted: Features, mode: CompletionMode,
                              rate: Int, limit: Int, sink: @escaping (UnsafeRawBufferPointer) throws -> Void) throws(UpgradeError) -> Self {
         let snapshots = successor.record.queueSnapshots
-        let live = try successor.chooseLive(transport, wanted: wanted, vectors: mode.vectorPerQueue(snapshots.count))
+        let verified = try successor.chooseLive(transport, wanted: wanted, vectors: mode.vectorPerQueue(snapshots.count))
+        let live = verified != nil
         var rng: EntropyDevice<T>
         do throws(VirtioError) {
             if live {
                 guard snapshots.count == 1 else { throw VirtioError.adoption(queue: nil, "\(snapshots.count) queues handed over, virtio-rng has 1") }
                 rng = try EntropyDevice(adopting: transport, features: Features(rawValue: successor.record.features),
-                                        queue: snapshots[0], mode: mode)
+                                        queue: snapshots[0], mode: mode, verified: verified)
             } else {
                 rng = try EntropyDevice(transport: transport, wanted: wanted, mode: mode)
             }

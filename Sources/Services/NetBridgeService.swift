@@ -102,14 +102,16 @@ extension NetBridgeService where T: ~Copyable {
             throw successor.decline("\(error)", touched: false)
         }
         let snapshots = successor.record.queueSnapshots
-        let live = try successor.chooseLive(transport, wanted: wanted,
-                                            vectors: NetDevice<T>.queueVectors(mode: mode, count: snapshots.count))
+        let verified = try successor.chooseLive(transport, wanted: wanted,
+                                                vectors: NetDevice<T>.queueVectors(mode: mode, count: snapshots.count))
+        let live = verified != nil
         var net: NetDevice<T>
         do throws(VirtioError) {
             if live {
                 net = try NetDevice(adopting: transport, features: Features(rawValue: successor.record.features), queues: snapshots,
                                     rxBufferSize: state.receiveBufferSize, counters: state.deviceCounters,
-                                    promiscuous: state.promiscuous, allMulticast: state.allMulticast, mode: mode)
+                                    promiscuous: state.promiscuous, allMulticast: state.allMulticast, mode: mode,
+                                    verified: verified)
             } else {
                 net = try NetDevice(transport: transport, wanted: wanted, rxBufferSize: state.receiveBufferSize,
                                     counters: state.deviceCounters, mode: mode)

@@ -66,6 +66,43 @@ public enum Adoption {
         }
     }
 
+    /// What `checkLive` and `checkQueue` found for a whole device: the decision to adopt it live
+    /// is made on these reads, and the adopting initialiser takes them instead of reading every
+    /// register a second time inside the service gap.
+    public struct Verified: Sendable {
+        public let features: Features
+        public let negotiation: Lifecycle.Negotiation
+        /// Each checked queue's doorbell and the MSI-X vector it was checked against, by index.
+        let queues: [Int: (doorbell: Doorbell, vector: UInt16?)]
+    }
+
+    /// `checkLive`, then `checkQueue` for each snapshot (`vectors[i]` for the i-th, nil: unchecked).
+    public static func verify<T: Transport & ~Copyable>(
+        _ transport: borrowing T, features: Features, snapshots: [QueueSnapshot], vectors: [UInt16?]
+    ) throws(VirtioError) -> Verified {
+        let negotiation = try checkLive(transport, features: features)
+        var queues: [Int: (doorbell: Doorbell, vector: UInt16?)] = [:]
+        for (i, snapshot) in snapshots.enumerated() {
+            let vector = i < vectors.count ? vectors[i] : nil
+            queues[snapshot.index] = (try checkQueue(transport, snapshot, vector: vector), vector)
+        }
+        return Verified(features: features, negotiation: negotiation, queues: queues)
+    }
+
+    /// The device-wide check: taken from `verified` when it covers `features`, else read now.
+    public static func live<T: Transport & ~Copyable>(_ transport: borrowing T, features: Features,
+                                               verified: Verified?) throws(VirtioError) -> Lifecycle.Negotiation {
+        if let verified, verified.features == features { return verified.negotiation }
+        return try checkLive(transport, features: features)
+    }
+
+    /// The per-queue check: taken from `verified` when it checked the same vector, else read now.
+    public static func doorbell<T: Transport & ~Copyable>(_ transport: borrowing T, _ snapshot: QueueSnapshot, verified: Verified?,
+                                                   vector: UInt16?) throws(VirtioError) -> Doorbell {
+        if let checked = verified?.queues[snapshot.index], checked.vector == vector { return checked.doorbell }
+        return try checkQueue(transport, snapshot, vector: vector)
+    }
+
     static func describe(_ r: QueueRings) -> String {
         "desc 0x\(String(r.descriptors, radix: 16)) driver 0x\(String(r.driver, radix: 16)) device 0x\(String(r.device, radix: 16))"
     }

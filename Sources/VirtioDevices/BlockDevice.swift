@@ -87,11 +87,11 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     /// puts every ring where the device has it, and each queue's used.idx is the snapshot's.
     public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
                 mode: CompletionMode = .poll, maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil,
-                completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
+                completionTimeout: Duration = .seconds(10), verified: Adoption.Verified? = nil) throws(VirtioError) {
         guard transport.deviceType == .block else {
             throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-blk")
         }
-        let negotiation = try Adoption.checkLive(transport, features: features)
+        let negotiation = try Adoption.live(transport, features: features, verified: verified)
         let config = try BlockConfig(reading: transport, features: features)
         // §5.2.5: this version uses request queues 0..<n, n at most num_queues.
         guard !snapshots.isEmpty, snapshots.count <= Int(config.numQueues) else {
@@ -105,8 +105,8 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         var layouts: [BlockQueue.Layout] = []
         transport.dma.reset()
         for snapshot in snapshots {
-            doorbells.append(try Adoption.checkQueue(transport, snapshot,
-                                                     vector: mode == .poll ? nil : UInt16(snapshot.index)))
+            doorbells.append(try Adoption.doorbell(transport, snapshot, verified: verified,
+                                                   vector: mode == .poll ? nil : UInt16(snapshot.index)))
             // Same sizing and allocation order as `init`, over the live memory, unzeroed. The
             // programmed size stands in for the maximum (on PCI queue_size now reads it).
             let layout: BlockQueue.Layout

@@ -62,15 +62,15 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     /// differs, and the caller then starts with a reset. Then every buffer is posted again.
     public init(adopting transport: consuming T, features: Features, queue snapshot: QueueSnapshot,
                 mode: CompletionMode = .poll, bufferSize: Int = 4096, queueSize: UInt16? = nil,
-                completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
+                completionTimeout: Duration = .seconds(10), verified: Adoption.Verified? = nil) throws(VirtioError) {
         guard transport.deviceType == .entropy else {
             throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-rng")
         }
         guard snapshot.index == 0 else {
             throw .adoption(queue: snapshot.index, "virtio-rng has one request queue, 0 (§5.4.2)")
         }
-        let negotiation = try Adoption.checkLive(transport, features: features)
-        let doorbell = try Adoption.checkQueue(transport, snapshot, vector: mode == .poll ? nil : 0)
+        let negotiation = try Adoption.live(transport, features: features, verified: verified)
+        let doorbell = try Adoption.doorbell(transport, snapshot, verified: verified, vector: mode == .poll ? nil : 0)
         let size = SplitQueueLayout.queueSize(maximum: snapshot.size, limit: queueSize)
         guard size == snapshot.size else {
             throw .adoption(queue: 0, "this version would use \(size) entries (queue size \(queueSize.map(String.init) ?? "-")), the device runs \(snapshot.size)")

@@ -142,7 +142,8 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
     public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
                 rxBufferSize: Int = 2048, counters: NetCounters = NetCounters(), promiscuous: Bool? = nil,
                 allMulticast: Bool? = nil, maxConsecutiveRecoveries: Int = 3,
-                controlTimeout: Duration = .seconds(1), mode: CompletionMode = .poll) throws(VirtioError) {
+                controlTimeout: Duration = .seconds(1), mode: CompletionMode = .poll,
+                verified: Adoption.Verified? = nil) throws(VirtioError) {
         guard transport.deviceType == .net else {
             throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-net")
         }
@@ -150,7 +151,7 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         guard features.isSubset(of: known) else {
             throw .adoption(queue: nil, "features 0x\(String(features.subtracting(known).rawValue, radix: 16)) are not ones this driver uses")
         }
-        let negotiation = try Adoption.checkLive(transport, features: features)
+        let negotiation = try Adoption.live(transport, features: features, verified: verified)
         let config = try NetConfig(reading: transport, features: features)
         let controlIndex = features.contains(.netMultiQueue) ? 2 * Int(config.maxQueuePairs) : 2
         let expected = features.contains(.netControlQueue) ? [0, 1, controlIndex] : [0, 1]
@@ -160,7 +161,7 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
         var doorbells: [Doorbell] = []
         let vectors = NetDevice.queueVectors(mode: mode, count: snapshots.count)
         for (snapshot, vector) in zip(snapshots, vectors) {
-            doorbells.append(try Adoption.checkQueue(transport, snapshot, vector: vector))
+            doorbells.append(try Adoption.doorbell(transport, snapshot, verified: verified, vector: vector))
         }
         transport.dma.reset()
         let bufferSize = NetReceiveQueue.bufferSize(features: features, config: config, requested: rxBufferSize)

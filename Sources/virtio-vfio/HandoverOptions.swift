@@ -78,6 +78,36 @@ struct HandoverOptions: ParsableArguments {
     }
 }
 
+extension HandoverOptions {
+    /// The successor's side for a VFIO device: connect, map the device handed over, `adopt`,
+    /// first request, healthy. A failure is one line on stderr and the exit status.
+    func takeOver<S: UpgradableService & ~Copyable>(
+        _ address: PCIAddress, type: DeviceType, global: GlobalOptions, logger: Logger,
+        adopt: (consuming VirtioPCITransport, inout Successor) throws(UpgradeError) -> S
+    ) throws -> S {
+        let sysfs = SysfsPCI(root: global.sysfsRoot)
+        do {
+            return try HotUpgrade.takeOver(path: controlPath(address), address: "\(address)", type: type, options: takeOverOptions,
+                                           logger: logger, attach: { s throws(UpgradeError) in try s.attachVFIO(address, sysfs: sysfs) },
+                                           adopt: adopt)
+        } catch { throw error.exit }
+    }
+
+    /// The control socket of `service`, which runs `features` (a successor replaces its
+    /// predecessor's socket file).
+    func control<S: UpgradableService & ~Copyable>(
+        _ address: PCIAddress, for service: borrowing S, features: Features, wake: Int32?, logger: Logger,
+        counters: (@Sendable () -> [(String, Int)])? = nil
+    ) throws -> ControlService {
+        do {
+            return try ControlService(path: controlPath(address), replacing: takeOver,
+                                      devicePart: service.devicePart(driverVersion: DriverVersion.string),
+                                      configuration: controlConfiguration(features: features.rawValue, wake: wake, counters: counters),
+                                      logger: logger)
+        } catch { throw error.exit }
+    }
+}
+
 extension UpgradeError {
     /// The exit status the command line gives this failure (one line on stderr first).
     var exit: ExitCode {

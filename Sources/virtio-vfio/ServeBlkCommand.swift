@@ -72,15 +72,9 @@ struct ServeBlkCommand: ParsableCommand {
         let backendLog: @Sendable (String) -> Void = { printError("\(address): \($0)") }
         var export: BlockExport<VirtioPCITransport>
         if handover.takeOver {
-            let sysfs = SysfsPCI(root: global.sysfsRoot)
-            do {
-                export = try takeOver(path: handover.controlPath(address), address: "\(address)", type: .block,
-                                      options: handover.takeOverOptions, logger: logger,
-                                      attach: { s throws(UpgradeError) in try s.attachVFIO(address, sysfs: sysfs) },
-                                      adopt: { t, s throws(UpgradeError) in
-                                          try BlockExport.adopt(t, &s, wanted: wanted, mode: irq, configuration: configuration, log: backendLog)
-                                      })
-            } catch { throw error.exit }
+            export = try handover.takeOver(address, type: .block, global: global, logger: logger) { t, s throws(UpgradeError) in
+                try BlockExport.adopt(t, &s, wanted: wanted, mode: irq, configuration: configuration, log: backendLog)
+            }
         } else {
             let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block, announceLeftover: true)
             let blk: BlockDevice<VirtioPCITransport>
@@ -94,13 +88,7 @@ struct ServeBlkCommand: ParsableCommand {
         }
         let features = export.server.withBackend { $0.device.negotiation.accepted }
         let capacity = export.server.withBackend { $0.size }
-        let control: ControlService
-        do {
-            control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
-                                         devicePart: export.devicePart(driverVersion: DriverVersion.string),
-                                         configuration: handover.controlConfiguration(features: features.rawValue, wake: wake.raw),
-                                         logger: logger)
-        } catch { throw error.exit }
+        let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger)
         printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path))")
         let outcome = serveUpgradable(&export, control: control)
         if case .failed(let error) = outcome {

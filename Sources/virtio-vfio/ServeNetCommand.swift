@@ -68,17 +68,11 @@ struct ServeNetCommand: ParsableCommand {
         let counters: @Sendable () -> Bool = { countersRequested.exchange(false, ordering: .relaxed) }
         var service: NetBridgeService<VirtioPCITransport>
         if handover.takeOver {
-            let sysfs = SysfsPCI(root: global.sysfsRoot)
             let tapName = tap
-            do {
-                service = try takeOver(path: handover.controlPath(address), address: "\(address)", type: .net,
-                                       options: handover.takeOverOptions, logger: logger,
-                                       attach: { s throws(UpgradeError) in try s.attachVFIO(address, sysfs: sysfs) },
-                                       adopt: { t, s throws(UpgradeError) in
-                                           try NetBridgeService.adopt(t, &s, wanted: wanted, mode: irq, tapName: tapName,
-                                                                      configuration: configuration, countersRequested: counters)
-                                       })
-            } catch { throw error.exit }
+            service = try handover.takeOver(address, type: .net, global: global, logger: logger) { t, s throws(UpgradeError) in
+                try NetBridgeService.adopt(t, &s, wanted: wanted, mode: irq, tapName: tapName, configuration: configuration,
+                                           countersRequested: counters)
+            }
         } else {
             let transport = try global.openTransport(address, dmaBytes: 4 << 20, expecting: .net, announceLeftover: true)
             let net: NetDevice<VirtioPCITransport>
@@ -139,15 +133,9 @@ struct ServeNetCommand: ParsableCommand {
     func serve(_ service: consuming NetBridgeService<VirtioPCITransport>, address: PCIAddress, published: PublishedCounters,
                logger: Logger) throws {
         let features = service.bridge.device.negotiation.accepted
-        let control: ControlService
-        do {
-            control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
-                                         devicePart: service.devicePart(driverVersion: DriverVersion.string),
-                                         configuration: handover.controlConfiguration(features: features.rawValue,
-                                                                                      wake: service.bridge.configuration.wakeDescriptor,
-                                                                                      counters: { published.latest.withLock { $0 } }),
-                                         logger: logger)
-        } catch { throw error.exit }
+        let control = try handover.control(address, for: service, features: features,
+                                           wake: service.bridge.configuration.wakeDescriptor, logger: logger,
+                                           counters: { published.latest.withLock { $0 } })
         published.latest.withLock { $0 = service.bridge.namedCounters }
         signal(SIGUSR1) { _ in countersRequested.store(true, ordering: .relaxed) }
         let device = service.bridge.device.config

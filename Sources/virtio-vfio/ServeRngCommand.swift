@@ -62,15 +62,9 @@ struct ServeRngCommand: ParsableCommand {
         let wanted = DriverVersion.ringFeatures
         var feed: EntropyFeed<VirtioPCITransport>
         if handover.takeOver {
-            let sysfs = SysfsPCI(root: global.sysfsRoot)
-            do {
-                feed = try takeOver(path: handover.controlPath(address), address: "\(address)", type: .entropy,
-                                    options: handover.takeOverOptions, logger: logger,
-                                    attach: { s throws(UpgradeError) in try s.attachVFIO(address, sysfs: sysfs) },
-                                    adopt: { t, s throws(UpgradeError) in
-                                        try EntropyFeed.adopt(t, &s, wanted: wanted, mode: irq, rate: rate, limit: bytes, sink: sink)
-                                    })
-            } catch { throw error.exit }
+            feed = try handover.takeOver(address, type: .entropy, global: global, logger: logger) { t, s throws(UpgradeError) in
+                try EntropyFeed.adopt(t, &s, wanted: wanted, mode: irq, rate: rate, limit: bytes, sink: sink)
+            }
         } else {
             let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy, announceLeftover: true)
             do {
@@ -78,13 +72,7 @@ struct ServeRngCommand: ParsableCommand {
             } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         }
         let features = feed.rng.negotiation.accepted
-        let control: ControlService
-        do {
-            control = try ControlService(path: handover.controlPath(address), replacing: handover.takeOver,
-                                         devicePart: feed.devicePart(driverVersion: DriverVersion.string),
-                                         configuration: handover.controlConfiguration(features: features.rawValue, wake: nil),
-                                         logger: logger)
-        } catch { throw error.exit }
+        let control = try handover.control(address, for: feed, features: features, wake: nil, logger: logger)
         printError("\(address): feeding the kernel entropy pool at up to \(rate) bytes/s, \(credit) bits credited per byte (driver \(DriverVersion.string), features [\(features.names(for: .entropy).joined(separator: ", "))], control socket \(control.path))")
         let outcome = serveUpgradable(&feed, control: control)
         let recoveries = feed.rng.recoveries, fed = feed.fed
