@@ -64,7 +64,7 @@ done
 run "$REPO/tools/swift-testing-results" --label sample "$SAMPLES/mixed.jsonl"
 # 7 functions: passes, knownIssue and the free function pass; failsTwice, throwsError and
 # parameterized (one of three cases) fail; skipped is neither.
-[[ $RC == 1 && $(tail -n1 <<<"$OUT") == "sample: 3 passed, 3 failed, 1 skipped" ]] && ok "mixed run: 3 passed, 3 failed, 1 skipped" \
+[[ $RC == 1 && $(tail -n1 <<<"$OUT") == "sample: 3 passed, 3 failed, 1 skipped" ]] && ok "mixed run counted (3 pass, 3 fail, 1 skipped)" \
   || bad "mixed run: exit $RC, last line '$(tail -n1 <<<"$OUT")'"
 fails=$(grep -E '^FAIL: ' <<<"$OUT" | sort | tr '\n' ';')
 [[ $fails == "FAIL: failsTwice();FAIL: parameterized(_:);FAIL: throwsError();" ]] && ok "mixed run names the three failed tests" \
