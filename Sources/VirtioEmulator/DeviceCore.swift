@@ -50,6 +50,8 @@ final class DeviceCore: @unchecked Sendable {
     let memory: DeviceMemory
     let notify: NotifySlots
     let state: Mutex<State>
+    /// This device's worker threads started and not yet joined (0 or 1).
+    let liveWorkerThreads = Atomic<Int>(0)
 
     init(model: Model) {
         precondition(model.queueMaxSizes.count <= Int(UInt16.max), "too many queues")

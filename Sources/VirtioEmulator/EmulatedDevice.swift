@@ -150,8 +150,14 @@ public final class EmulatedDevice: Sendable {
     /// Whether this device's thread is running.
     public var isWorkerRunning: Bool { core.state.withLock { $0.worker != nil } }
 
-    /// Device threads alive in this process, over all emulated devices.
+    /// Device threads alive in this process, over all emulated devices: other devices' threads
+    /// count too (tests running in parallel, or a device another test still holds), so it is
+    /// exact only when nothing else runs (`VIRTIO_VFIO_ISOLATED`).
     public static var liveWorkerThreads: Int { VirtioEmulator.liveWorkerThreads.load(ordering: .relaxed) }
+
+    /// This device's threads started and not yet joined: 0 or 1 unless the worker leaks.
+    /// Counted when the join returns, so it is exact whatever else runs in the process.
+    public var liveWorkerThreads: Int { core.liveWorkerThreads.load(ordering: .relaxed) }
 
     /// Block device: `count` bytes of the disk at byte `offset` (zero where never written).
     public func readDisk(offset: UInt64, count: Int) -> [UInt8] {

@@ -17,6 +17,8 @@ let liveWorkerThreads = Atomic<Int>(0)
 struct Worker: Sendable {
     let thread: pthread_t
     let signal: WorkerSignal
+    /// The device whose thread this is (alive until the join: the thread holds it).
+    unowned let core: DeviceCore
 
     private final class Context {
         let core: DeviceCore
@@ -40,7 +42,8 @@ struct Worker: Sendable {
             fatalError("emulated device: pthread_create failed (\(rc))")
         }
         liveWorkerThreads.add(1, ordering: .relaxed)
-        return Worker(thread: thread, signal: signal)
+        core.liveWorkerThreads.add(1, ordering: .relaxed)
+        return Worker(thread: thread, signal: signal, core: core)
     }
 
     /// Stops the thread and waits for it to end. Must not be called with the device lock held.
@@ -48,6 +51,7 @@ struct Worker: Sendable {
         signal.stop()
         pthread_join(thread, nil)
         liveWorkerThreads.subtract(1, ordering: .relaxed)
+        core.liveWorkerThreads.subtract(1, ordering: .relaxed)
     }
 
     func kick() { signal.kick() }

@@ -98,7 +98,7 @@ struct BlockDeviceTests {
         #expect(blk.workerQueues.count == 2 && blk.queue.index == 0)
         // Each worker writes its own sectors through its own queue, on its own thread.
         let threads = blk.workerQueues.enumerated().map { (i, worker) in
-            Thread {
+            JoinedThread {
                 guard let slot = worker.queue.acquire() else { return }
                 let buffer = worker.queue.buffer(slot)
                 for j in 0..<4096 { buffer[j] = UInt8(i + 1) }
@@ -111,8 +111,7 @@ struct BlockDeviceTests {
                 worker.queue.release(slot)
             }
         }
-        threads.forEach { $0.start() }
-        while threads.contains(where: { !$0.isFinished }) { usleep(1000) }
+        threads.forEach { $0.join() }
         var back = [UInt8](repeating: 0, count: 8192)
         try back.withUnsafeMutableBytes { try blk.read(sector: 1000, into: $0) }
         #expect(back[0..<4096].allSatisfy { $0 == 1 } && back[4096...].allSatisfy { $0 == 2 })

@@ -32,13 +32,14 @@ struct BlockExportRecoveryTests {
         (0..<count).map { UInt8(truncatingIfNeeded: ($0 / 512) &* 7 &+ $0 &* 31 &+ seed) }
     }
 
-    /// Clears the device's faults as soon as the driver resets it (a transient fault).
-    static func clearFaultsAtTheNextReset(_ device: EmulatedDevice) {
+    /// Clears the device's faults as soon as the driver resets it (a transient fault), for up to
+    /// 10 s; the caller joins the thread.
+    static func clearFaultsAtTheNextReset(_ device: EmulatedDevice) -> JoinedThread {
         let baseline = device.resetCount
-        Thread {
-            for _ in 0..<50_000 where device.resetCount == baseline { usleep(100) }
+        return JoinedThread {
+            for _ in 0..<100_000 where device.resetCount == baseline { usleep(100) }
             device.faults = .init()
-        }.start()
+        }
     }
 
     func recovers(from fault: Fault, mode: CompletionMode) throws {
@@ -47,6 +48,9 @@ struct BlockExportRecoveryTests {
         device.writeDisk(offset: 0, old)
         let blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: mode, completionTimeout: .milliseconds(200))
         let backend = VirtioBlockBackend(device: blk)
+        // Nothing resets the device before the fault (batch 1): the watcher can start now.
+        let watcher = Self.clearFaultsAtTheNextReset(device)
+        defer { watcher.join() }
         let a = Self.pattern(64 << 10, seed: 1), b = Self.pattern(64 << 10, seed: 2), c = Self.pattern(200 << 10, seed: 3)
         let (record, statistics, log, recoveries) = try serveExport(backend, batches: [
             // Three requests completed in order leave the descriptor free list reversed, so the
@@ -61,7 +65,6 @@ struct BlockExportRecoveryTests {
             [.read(cookie: 20, offset: 0, length: 64 << 10), .read(cookie: 21, offset: 1 << 20, length: 200 << 10)],
         ], before: { batch in
             guard batch == 1 else { return }
-            Self.clearFaultsAtTheNextReset(device)
             fault.switchOn(device)
         })
         #expect(record.failure == nil, "\(record.failure ?? "")")

@@ -116,7 +116,9 @@ func serveExport(_ backend: consuming VirtioBlockBackend<EmulatedTransport>, bat
     configuration.log = { lines.append($0) }
     var server = try NBDServer(backend: backend, configuration: configuration)
     let record = ClientRecord()
-    let thread = Thread {
+    // Joined before returning: the client's closures (`before`, `afterSending`) may hold the
+    // device, which must go away in the test that made it (JoinedThread.swift).
+    let client = JoinedThread {
         defer { record.done.store(true, ordering: .releasing) }
         do {
             let client = try ExportClient(path: path)
@@ -147,7 +149,7 @@ func serveExport(_ backend: consuming VirtioBlockBackend<EmulatedTransport>, bat
             record.failure = "\(error)"
         }
     }
-    thread.start()
+    defer { client.join() }
     // The server stops once the client is done (it checks the flag at least every 100 ms).
     try server.run(until: record.done)
     let recoveries = server.withBackend { $0.recoveries }

@@ -37,7 +37,7 @@ struct TapBridgeInterruptTests {
         var bridge = try Self.sleepingBridge(device, pair, wake: wake)
         interruptTestStop.store(false, ordering: .relaxed)
         // Frames arrive one by one with pauses, so the bridge is asleep when each comes.
-        let feeder = Thread {
+        let feeder = JoinedThread {
             for i in 0..<20 {
                 usleep(20_000)
                 device.injectFrame(F.frame(100 + i, sequence: UInt32(i)))
@@ -46,7 +46,7 @@ struct TapBridgeInterruptTests {
             interruptTestStop.store(true, ordering: .relaxed)
             _ = Syscall.write64(wake, 1)
         }
-        feeder.start()
+        defer { feeder.join() }
         #expect(try bridge.run(until: interruptTestStop, pauseWhen: { false }) == .stopped)
         let got = pair.drain()
         #expect(got.compactMap { F.sequence(of: Array($0.dropFirst(12))) } == (0..<20).map(UInt32.init))
@@ -66,7 +66,7 @@ struct TapBridgeInterruptTests {
         interruptTestPause.store(false, ordering: .relaxed)
         interruptTestStop.store(false, ordering: .relaxed)
         let peer = pair.peer
-        let sender = Thread {
+        let sender = JoinedThread {
             for i in 0..<10 {
                 usleep(20_000)
                 let packet = TapBridgeTests.header() + F.frame(80, sequence: UInt32(i))
@@ -77,7 +77,7 @@ struct TapBridgeInterruptTests {
             interruptTestPause.store(true, ordering: .relaxed)
             _ = Syscall.write64(wake, 1)
         }
-        sender.start()
+        defer { sender.join() }
         #expect(try bridge.run(until: interruptTestStop, pauseWhen: { interruptTestPause.load(ordering: .relaxed) }) == .paused)
         // Each frame was read from the TAP while the bridge slept: the TAP ended those sleeps.
         let sent = F.transmitted(device, count: 10)
@@ -95,7 +95,7 @@ struct TapBridgeInterruptTests {
         let wake = wakeFD.raw
         var bridge = try Self.sleepingBridge(device, pair, wake: wake, log: { lines.append($0) })
         interruptTestStop.store(false, ordering: .relaxed)
-        let changer = Thread {
+        let changer = JoinedThread {
             usleep(100_000)
             device.setLink(up: false)
             let deadline = ContinuousClock.now + .seconds(10)
@@ -103,7 +103,7 @@ struct TapBridgeInterruptTests {
             interruptTestStop.store(true, ordering: .relaxed)
             _ = Syscall.write64(wake, 1)
         }
-        changer.start()
+        defer { changer.join() }
         #expect(try bridge.run(until: interruptTestStop, pauseWhen: { false }) == .stopped)
         // No status look was due: the configuration interrupt woke the bridge and it read the link.
         #expect(lines.all == ["link down (change 1)"])

@@ -202,8 +202,8 @@ struct TapBridgeTests {
         tapBridgeTestPause.store(false, ordering: .relaxed)
         device.setLink(up: true)
         device.injectFrame(F.frame(64, sequence: 9))
-        let stopper = Thread { usleep(300_000); tapBridgeTestStop.store(true, ordering: .relaxed) }
-        stopper.start()
+        let stopper = JoinedThread { usleep(300_000); tapBridgeTestStop.store(true, ordering: .relaxed) }
+        defer { stopper.join() }
         #expect(try bridge.run(until: tapBridgeTestStop, pauseWhen: tapBridgeTestPause) == .stopped)
         #expect(bridge.device.linkStatus == .linkUp)
         #expect(lines.all.last == "link up (change 2)")

@@ -18,8 +18,22 @@ for mode in poll msix hybrid; do
   [[ -n $ok && $ok -ge 995 && ${bad:-99} -le 4 ]] && pass "rngtest, $mode mode: $ok successes, $bad failures" \
     || fail "rngtest, $mode mode: successes '$ok' failures '$bad': $(tail -n 12 "$work/rngtest")"
   grep -q "2500000 bytes" "$work/summary" && pass "$mode mode delivered 2500000 bytes" || fail "$mode summary: $(cat "$work/summary")"
+  # The driver ran in the mode asked for, and its waits ended as that mode allows: poll never
+  # sleeps on an interrupt, msix never polls, hybrid may do both. (A wait may also find the
+  # buffers ready, so no mode has to show any particular kind of wait.)
+  read -r interrupts polled rechecks < <(sed -nE 's/.*waits: ([0-9]+) interrupts, ([0-9]+) polled, ([0-9]+) rechecks.*/\1 \2 \3/p' "$work/summary")
+  fits=0
+  if [[ -n ${rechecks:-} ]]; then
+    case $mode in
+      poll) fits=$((interrupts == 0 && rechecks == 0)) ;;
+      msix) fits=$((polled == 0)) ;;
+      hybrid) fits=1 ;;
+    esac
+  fi
+  grep -q ", $mode mode, " "$work/summary" && ((fits)) \
+    && pass "$mode mode: waits ended by $interrupts interrupts, $polled polls, $rechecks rechecks" \
+    || fail "$mode mode: the summary does not fit the mode: $(cat "$work/summary")"
 done
-grep -q "msix mode" "$work/summary" || true
 # Small buffers, so the driver outruns the device and has to sleep on the eventfd; a device fast
 # enough to have every buffer filled before each wait needs no interrupt at all (then try again).
 for _ in 1 2 3; do
