@@ -50,11 +50,13 @@ let package = Package(
             "Virtio", "VFIO", "PCI", "CVirtioShim", "Syscalls", "HotUpgrade", "Upgrade",
             .product(name: "Logging", package: "swift-log"),
         ]),
-        // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend.
-        .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")]),
+        // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend; its hand-over
+        // state is written with Upgrade's codec.
+        .target(name: "NBD", dependencies: ["Syscalls", "Upgrade", .product(name: "SystemPackage", package: "swift-system")]),
         // VirtioDevices: device drivers over any Transport (rng now; blk and net to come).
         .target(name: "VirtioDevices", dependencies: ["Virtio"]),
-        // Upgrade: the versioned state record and descriptor passing of a hot upgrade.
+        // Upgrade: the versioned state record, the one codec for every handover blob, and descriptor
+        // passing of a hot upgrade.
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")]),
         // HotUpgrade: the hot-upgrade protocol for any service: the serving driver's control socket,
         // hand-over and rollback, the successor's take-over, the live-or-reset choice.
