@@ -72,9 +72,11 @@ let package = Package(
         .target(name: "VirtioEmulator", dependencies: ["Virtio", "Syscalls", "CVirtioShim"]),
         // VirtioDevices: the rng, blk and net drivers over any Transport.
         .target(name: "VirtioDevices", dependencies: ["Virtio", "CVirtioShim"]),
-        // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend.
-        .target(name: "NBD", dependencies: ["Syscalls", systemPackage]),
-        // Upgrade: the versioned state record and descriptor passing of a hot upgrade.
+        // NBD: the NBD protocol (fixed newstyle) and a server over any BlockBackend; its hand-over
+        // state is written with Upgrade's codec.
+        .target(name: "NBD", dependencies: ["Syscalls", "Upgrade", systemPackage]),
+        // Upgrade: the versioned state record, the one codec for every handover blob, and descriptor
+        // passing of a hot upgrade.
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", systemPackage]),
         // HotUpgrade: the hot-upgrade protocol for any service: the serving driver's control socket,
         // hand-over and rollback, the successor's take-over, the live-or-reset choice. Nothing

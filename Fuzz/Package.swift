@@ -30,7 +30,7 @@ let package = Package(
         .target(name: "PCI", dependencies: [.product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/PCI"),
         .target(name: "Virtio", dependencies: ["CVirtioShim", "Syscalls"], path: "Library/Virtio"),
-        .target(name: "NBD", dependencies: ["Syscalls", .product(name: "SystemPackage", package: "swift-system")],
+        .target(name: "NBD", dependencies: ["Syscalls", "Upgrade", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/NBD"),
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Upgrade"),

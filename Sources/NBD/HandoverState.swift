@@ -1,3 +1,5 @@
+import Upgrade
+
 /// What one NBD server hands to its successor in a new process (driver hot upgrade): the
 /// listening sockets, and each connection at a message boundary with the bytes it had received and
 /// not consumed. A plain value; `encoded()` is one blob for the upgrade record, and the descriptors
@@ -5,9 +7,9 @@
 /// trusts nothing: every field is bounded and checked, and each received descriptor must be used
 /// exactly once.
 ///
-/// Encoding (big-endian), version 1:
+/// Encoding (little-endian, Upgrade's codec: ByteCoding.swift), version 2:
 ///
-///     magic "NBDH" u32, version u32, total length u32,
+///     magic "NBDH", version u16, length u32 (of everything after it),
 ///     export size u64, minimum block u32, preferred block u32, maximum payload u32,
 ///     descriptor count u32,
 ///     UNIX listener present u8 [fd index u32, path length u16, path],
@@ -15,6 +17,9 @@
 ///     client count u32, per client:
 ///       fd index u32, isTCP u8, phase u8, client flags u32, promised transmission flags u16,
 ///       pending input length u32, pending input
+///
+/// Version 1 (older builds) was big-endian with a u32 version and a total length; it is refused
+/// by name, so an upgrade from such a build stops before anything is adopted.
 public struct NBDHandoverState: Sendable, Equatable {
     /// Where a connection's input is: always at a message boundary.
     public enum Phase: UInt8, Sendable {
@@ -60,8 +65,10 @@ public struct NBDHandoverState: Sendable, Equatable {
         public init(fd: Int32, port: UInt16) { self.fd = fd; self.port = port }
     }
 
-    public static let magic: UInt32 = 0x4E42_4448  // "NBDH"
-    public static let version: UInt32 = 1
+    public static let magic = Array("NBDH".utf8)
+    public static let version: UInt16 = 2
+    /// Magic and version as the codec checks them.
+    public static let format = BlobFormat(name: "NBD hand-over state", magic: magic, version: version)
     /// The most unconsumed input one connection can have (the server's input buffer).
     public static var maximumPendingInput: Int { ClientState.inputCapacity }
     /// As many connections as a server can have (`maximumClients` < 2^20).
@@ -136,70 +143,78 @@ public struct NBDHandoverState: Sendable, Equatable {
 
     /// The blob for the upgrade record (see the type's documentation).
     public func encoded() -> [UInt8] {
-        var out: [UInt8] = []
-        func u8(_ v: UInt8) { out.append(v) }
-        func u16(_ v: UInt16) { out.append(UInt8(v >> 8)); out.append(UInt8(truncatingIfNeeded: v)) }
-        func u32(_ v: UInt32) { u16(UInt16(v >> 16)); u16(UInt16(truncatingIfNeeded: v)) }
-        func u64(_ v: UInt64) { u32(UInt32(v >> 32)); u32(UInt32(truncatingIfNeeded: v)) }
-        u32(Self.magic)
-        u32(Self.version)
-        u32(0)  // total length, patched below
-        u64(exportSize)
-        u32(minimumBlockSize)
-        u32(preferredBlockSize)
-        u32(maximumPayload)
-        u32(UInt32(descriptors.count))
-        var index: UInt32 = 0
-        if let u = unixListener {
-            u8(1); u32(index); index += 1
-            u16(UInt16(u.path.utf8.count)); out.append(contentsOf: u.path.utf8)
-        } else {
-            u8(0)
+        var w = Upgrade.ByteWriter(capacity: 64 + clients.reduce(0) { $0 + 16 + $1.pendingInput.count })
+        w.header(Self.format)
+        w.lengthPrefixed { w in
+            w.u64(exportSize)
+            w.u32(minimumBlockSize)
+            w.u32(preferredBlockSize)
+            w.u32(maximumPayload)
+            w.u32(UInt32(descriptors.count))
+            var index: UInt32 = 0
+            if let u = unixListener {
+                w.u8(1); w.u32(index); index += 1
+                w.string(u.path)
+            } else {
+                w.u8(0)
+            }
+            if let t = tcpListener {
+                w.u8(1); w.u32(index); index += 1
+                w.u16(t.port)
+            } else {
+                w.u8(0)
+            }
+            w.u32(UInt32(clients.count))
+            for c in clients {
+                w.u32(index); index += 1
+                w.u8(c.isTCP ? 1 : 0)
+                w.u8(c.phase.rawValue)
+                w.u32(c.clientFlags)
+                w.u16(c.promisedFlags)
+                w.u32(UInt32(c.pendingInput.count))
+                w.raw(c.pendingInput)
+            }
         }
-        if let t = tcpListener {
-            u8(1); u32(index); index += 1
-            u16(t.port)
-        } else {
-            u8(0)
-        }
-        u32(UInt32(clients.count))
-        for c in clients {
-            u32(index); index += 1
-            u8(c.isTCP ? 1 : 0)
-            u8(c.phase.rawValue)
-            u32(c.clientFlags)
-            u16(c.promisedFlags)
-            u32(UInt32(c.pendingInput.count))
-            out.append(contentsOf: c.pendingInput)
-        }
-        let total = UInt32(out.count)
-        for k in 0..<4 { out[8 + k] = UInt8(truncatingIfNeeded: total >> (24 - 8 * k)) }
-        return out
+        return w.bytes
     }
 
     /// Decodes `encoded()`'s output; `descriptors` are the received descriptors in the order they
     /// were sent. Throws on anything out of place, naming the field; nothing is closed either way.
     public init(decoding bytes: [UInt8], descriptors fds: [Int32]) throws(NBDHandoverError) {
-        var r = Reader(bytes: bytes)
-        let magic = try r.u32("magic")
-        guard magic == Self.magic else { throw .badMagic(magic) }
-        let version = try r.u32("version")
-        guard version == Self.version else { throw .unsupportedVersion(version) }
-        let total = try r.u32("total length")
-        guard Int(total) == bytes.count else { throw .lengthMismatch(declared: Int(total), actual: bytes.count) }
+        do {
+            self = try Self.decode(bytes, fds)
+        } catch let error as NBDHandoverError {
+            throw error
+        } catch let error as StateRecordError {
+            throw NBDHandoverError(error)
+        } catch {
+            throw .invalid("\(error)")  // decode throws nothing else
+        }
+        if let problem = problem() { throw .invalid(problem) }
+    }
+
+    /// The decoding proper: the codec's errors (`StateRecordError`, naming the field) and this
+    /// format's own, both mapped to `NBDHandoverError` by the initialiser.
+    private static func decode(_ bytes: [UInt8], _ fds: [Int32]) throws -> NBDHandoverState {
+        // Version 1 was big-endian with a u32 version: its bytes 4-7 are 00 00 00 01, which the
+        // header below would read as version 0. Named, so the log says which version came.
+        if bytes.starts(with: magic + [0, 0, 0, 1]) { throw NBDHandoverError.unsupportedVersion(1) }
+        var r = Upgrade.ByteReader(bytes)
+        try r.header(format)
+        _ = try r.length("body length")
         let size = try r.u64("export size")
         let minimum = try r.u32("minimum block size")
         let preferred = try r.u32("preferred block size")
         let maximum = try r.u32("maximum payload")
         let descriptorCount = Int(try r.u32("descriptor count"))
         guard descriptorCount == fds.count else {
-            throw .descriptors("the state lists \(descriptorCount) descriptors, \(fds.count) were received")
+            throw NBDHandoverError.descriptors("the state lists \(descriptorCount) descriptors, \(fds.count) were received")
         }
         var used = [Bool](repeating: false, count: descriptorCount)
-        func take(_ field: String, _ r: inout Reader) throws(NBDHandoverError) -> Int32 {
+        func take(_ field: String, _ r: inout Upgrade.ByteReader) throws -> Int32 {
             let index = Int(try r.u32(field))
-            guard index < descriptorCount else { throw .badField(field, "index \(index) of \(descriptorCount) descriptors") }
-            guard !used[index] else { throw .badField(field, "descriptor \(index) used twice") }
+            guard index < descriptorCount else { throw NBDHandoverError.badField(field, "index \(index) of \(descriptorCount) descriptors") }
+            guard !used[index] else { throw NBDHandoverError.badField(field, "descriptor \(index) used twice") }
             used[index] = true
             return fds[index]
         }
@@ -209,13 +224,13 @@ public struct NBDHandoverState: Sendable, Equatable {
         case 1:
             let fd = try take("UNIX listener fd index", &r)
             let length = Int(try r.u16("UNIX socket path length"))
-            guard length >= 1 && length < 108 else { throw .badField("UNIX socket path length", "\(length) (1...107)") }
-            let raw = try r.bytes(length, "UNIX socket path")
+            guard length >= 1 && length < 108 else { throw NBDHandoverError.badField("UNIX socket path length", "\(length) (1...107)") }
+            let raw = try r.take(length, "UNIX socket path")
             guard !raw.contains(0), let path = String(validating: raw, as: UTF8.self) else {
-                throw .badField("UNIX socket path", "not UTF-8 without NUL")
+                throw NBDHandoverError.badField("UNIX socket path", "not UTF-8 without NUL")
             }
             unix = UnixListener(fd: fd, path: path)
-        case let v: throw .badField("UNIX listener present", "\(v) (0 or 1)")
+        case let v: throw NBDHandoverError.badField("UNIX listener present", "\(v) (0 or 1)")
         }
         var tcp: TCPListener?
         switch try r.u8("TCP listener present") {
@@ -223,69 +238,42 @@ public struct NBDHandoverState: Sendable, Equatable {
         case 1:
             let fd = try take("TCP listener fd index", &r)
             tcp = TCPListener(fd: fd, port: try r.u16("TCP port"))
-        case let v: throw .badField("TCP listener present", "\(v) (0 or 1)")
+        case let v: throw NBDHandoverError.badField("TCP listener present", "\(v) (0 or 1)")
         }
         let clientCount = Int(try r.u32("client count"))
         // Each client takes at least 16 bytes: bounds the count by the input before allocating.
-        guard clientCount <= Self.maximumClients, clientCount <= r.remaining / 16 else {
-            throw .badField("client count", "\(clientCount) with \(r.remaining) bytes left")
+        guard clientCount <= maximumClients, clientCount <= r.remaining / 16 else {
+            throw NBDHandoverError.badField("client count", "\(clientCount) with \(r.remaining) bytes left")
         }
         var clients: [Client] = []
         clients.reserveCapacity(clientCount)
         for k in 0..<clientCount {
             let fd = try take("client \(k) fd index", &r)
             let tcpByte = try r.u8("client \(k) isTCP")
-            guard tcpByte <= 1 else { throw .badField("client \(k) isTCP", "\(tcpByte) (0 or 1)") }
+            guard tcpByte <= 1 else { throw NBDHandoverError.badField("client \(k) isTCP", "\(tcpByte) (0 or 1)") }
             let phaseByte = try r.u8("client \(k) phase")
-            guard let phase = Phase(rawValue: phaseByte) else { throw .badField("client \(k) phase", "\(phaseByte) (0...2)") }
+            guard let phase = Phase(rawValue: phaseByte) else { throw NBDHandoverError.badField("client \(k) phase", "\(phaseByte) (0...2)") }
             let clientFlags = try r.u32("client \(k) client flags")
             let promised = try r.u16("client \(k) promised flags")
             let pendingLength = Int(try r.u32("client \(k) pending input length"))
-            guard pendingLength <= Self.maximumPendingInput else {
-                throw .badField("client \(k) pending input length", "\(pendingLength), more than \(Self.maximumPendingInput)")
+            guard pendingLength <= maximumPendingInput else {
+                throw NBDHandoverError.badField("client \(k) pending input length", "\(pendingLength), more than \(maximumPendingInput)")
             }
-            let pending = try r.bytes(pendingLength, "client \(k) pending input")
+            let pending = Array(try r.take(pendingLength, "client \(k) pending input"))
             clients.append(Client(fd: fd, isTCP: tcpByte == 1, phase: phase, clientFlags: clientFlags,
                                   promisedFlags: promised, pendingInput: pending))
         }
-        guard r.remaining == 0 else { throw .trailingBytes(r.remaining) }
-        guard used.allSatisfy({ $0 }) else { throw .descriptors("a received descriptor is not used by the state") }
-        self.init(exportSize: size, minimumBlockSize: minimum, preferredBlockSize: preferred, maximumPayload: maximum,
-                  unixListener: unix, tcpListener: tcp, clients: clients)
-        if let problem = problem() { throw .invalid(problem) }
-    }
-
-    struct Reader {
-        let bytes: [UInt8]
-        var offset = 0
-        var remaining: Int { bytes.count - offset }
-
-        mutating func bytes(_ n: Int, _ field: String) throws(NBDHandoverError) -> [UInt8] {
-            guard n <= remaining else { throw .truncated(field) }
-            defer { offset += n }
-            return Array(bytes[offset..<(offset + n)])
-        }
-        mutating func u8(_ field: String) throws(NBDHandoverError) -> UInt8 {
-            guard remaining >= 1 else { throw .truncated(field) }
-            defer { offset += 1 }
-            return bytes[offset]
-        }
-        mutating func u16(_ field: String) throws(NBDHandoverError) -> UInt16 {
-            UInt16(try u8(field)) << 8 | UInt16(try u8(field))
-        }
-        mutating func u32(_ field: String) throws(NBDHandoverError) -> UInt32 {
-            UInt32(try u16(field)) << 16 | UInt32(try u16(field))
-        }
-        mutating func u64(_ field: String) throws(NBDHandoverError) -> UInt64 {
-            UInt64(try u32(field)) << 32 | UInt64(try u32(field))
-        }
+        guard r.remaining == 0 else { throw NBDHandoverError.trailingBytes(r.remaining) }
+        guard used.allSatisfy({ $0 }) else { throw NBDHandoverError.descriptors("a received descriptor is not used by the state") }
+        return NBDHandoverState(exportSize: size, minimumBlockSize: minimum, preferredBlockSize: preferred, maximumPayload: maximum,
+                                unixListener: unix, tcpListener: tcp, clients: clients)
     }
 }
 
 /// Why an encoded `NBDHandoverState` was refused.
 public enum NBDHandoverError: Error, Equatable, CustomStringConvertible {
-    case badMagic(UInt32)
-    case unsupportedVersion(UInt32)
+    case badMagic([UInt8])
+    case unsupportedVersion(UInt16)
     case lengthMismatch(declared: Int, actual: Int)
     /// The input ended inside this field.
     case truncated(String)
@@ -299,7 +287,9 @@ public enum NBDHandoverError: Error, Equatable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .badMagic(let m): return "NBD hand-over state: bad magic \(String(m, radix: 16))"
+        case .badMagic(let m): return "NBD hand-over state: bad magic \(m.map { String($0, radix: 16) }.joined(separator: " "))"
+        case .unsupportedVersion(1):
+            return "NBD hand-over state: version 1 (big-endian, from an older build), this server reads version \(NBDHandoverState.version)"
         case .unsupportedVersion(let v): return "NBD hand-over state: version \(v), this server reads version \(NBDHandoverState.version)"
         case .lengthMismatch(let d, let a): return "NBD hand-over state: declares \(d) bytes, \(a) were given"
         case .truncated(let f): return "NBD hand-over state: truncated in \(f)"
@@ -307,6 +297,20 @@ public enum NBDHandoverError: Error, Equatable, CustomStringConvertible {
         case .badField(let f, let v): return "NBD hand-over state: \(f) is \(v)"
         case .descriptors(let why): return "NBD hand-over state: \(why)"
         case .invalid(let why): return "NBD hand-over state: \(why)"
+        }
+    }
+}
+
+extension NBDHandoverError {
+    /// The codec's error as this format's, naming the same field.
+    init(_ error: StateRecordError) {
+        switch error {
+        case .badMagic(_, let found): self = .badMagic(found)
+        case .unsupportedVersion(let found, _): self = .unsupportedVersion(found)
+        case .truncated(let field, _): self = .truncated(field)
+        case .lengthMismatch(_, let declared, let actual): self = .lengthMismatch(declared: declared, actual: actual)
+        case .invalid(let field, let why): self = .badField(field, why)
+        case .checksumMismatch: self = .invalid("\(error)")  // this format has no checksum
         }
     }
 }

@@ -11,7 +11,7 @@
 ///   (Listener.swift), with the socket system calls in `SocketSyscall` (Syscalls module).
 /// - Hand-over to a new process (driver hot upgrade): quiescing, `handoverState()`, `release()`
 ///   and `init(adopting:)` (Handover.swift), and the validated, versioned `NBDHandoverState`
-///   with its encoding (HandoverState.swift).
+///   with its encoding (HandoverState.swift, written with Upgrade's codec like every handover blob).
 ///
 /// Protocol reference: doc/proto.md of github.com/NetworkBlockDevice/nbd.
 enum NBDModule {}

@@ -11,7 +11,7 @@ import VirtioDevices
 /// the receive buffers stay posted and transmit frames in flight travel with the rings. The TAP
 /// descriptor and the counters go along.
 public struct NetBridgeService<T: HandoverTransport & ~Copyable>: ~Copyable, UpgradableService {
-    public var bridge: TapBridge<T>
+    public internal(set) var bridge: TapBridge<T>
     /// The TAP whose descriptor the bridge uses (kept open as long as the bridge is).
     public let tap: TapInterface
     /// Set (by SIGUSR1) to log the counters; cleared here.

@@ -7,7 +7,8 @@ import VirtioDevices
 /// A plain value; `encoded()` is the service-state blob of the upgrade record and
 /// `init(decoding:)` trusts nothing in it.
 ///
-/// Encoding (little-endian), version 1:
+/// Encoding (little-endian, Upgrade's codec; no length of its own: the state record's service
+/// state length frames it), version 1:
 ///
 ///     magic "TAPH", version u16,
 ///     TAP name (u16 length, UTF-8, 1-15 bytes), vnet header size u8 (0 or 12),
@@ -20,6 +21,8 @@ import VirtioDevices
 public struct TapBridgeHandoverState: Sendable, Equatable {
     public static let magic = Array("TAPH".utf8)
     public static let version: UInt16 = 1
+    /// Magic and version as the codec checks them (Upgrade's ByteCoding.swift).
+    public static let format = BlobFormat(name: "serve net state", magic: magic, version: version)
     public static let maxCounters = 256
 
     public var tapName: String
@@ -43,8 +46,7 @@ public struct TapBridgeHandoverState: Sendable, Equatable {
 
     public func encoded() -> [UInt8] {
         var w = ByteWriter()
-        w.raw(Self.magic)
-        w.u16(Self.version)
+        w.header(Self.format)
         w.string(tapName)
         w.u8(UInt8(vnetHeaderSize))
         w.u32(UInt32(receiveBufferSize))
@@ -61,11 +63,7 @@ public struct TapBridgeHandoverState: Sendable, Equatable {
 
     public init(decoding bytes: [UInt8]) throws(StateRecordError) {
         var r = ByteReader(bytes)
-        guard Array(try r.take(4, "TAP state magic")) == Self.magic else {
-            throw .invalid(field: "TAP state magic", "not a serve net state")
-        }
-        let version = try r.u16("TAP state version")
-        guard version == Self.version else { throw .unsupportedVersion(found: version, supported: Self.version) }
+        try r.header(Self.format)
         let name = try r.string("TAP name", max: 15)
         guard Self.isInterfaceName(name) else { throw .invalid(field: "TAP name", "\"\(name)\" is not an interface name") }
         let header = Int(try r.u8("vnet header size"))

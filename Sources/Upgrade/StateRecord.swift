@@ -8,6 +8,8 @@ public struct StateRecord: Sendable, Equatable {
     public static let magic = Array("VVFIOUPG".utf8)
     /// The format this build writes and the only one it reads.
     public static let formatVersion: UInt16 = 1
+    /// Magic and version as the codec checks them (ByteCoding.swift).
+    public static let format = BlobFormat(name: "virtio-vfio upgrade state record", magic: magic, version: formatVersion)
     public static let maxQueues = 64, maxInFlight = 65536, maxDescriptors = 253, maxString = 256
     /// The service's own state (for `serve blk`: the NBD connections), opaque here.
     public static let maxServiceState = 4 << 20
@@ -109,10 +111,8 @@ public struct StateRecord: Sendable, Equatable {
         body.u32(UInt32(serviceState.count))
         body.raw(serviceState)
         var out = ByteWriter(capacity: body.bytes.count + 24)
-        out.raw(StateRecord.magic)
-        out.u16(format)
-        out.u32(UInt32(body.bytes.count))
-        out.raw(body.bytes)
+        out.header(StateRecord.format, version: format)
+        out.lengthPrefixed { $0.raw(body.bytes) }
         out.u64(fnv1a(body.bytes[...]))
         return out.bytes
     }
@@ -138,15 +138,8 @@ public struct StateRecord: Sendable, Equatable {
     /// Decodes and validates. `descriptorCount` is how many fds actually arrived with the record.
     public init(decoding bytes: [UInt8], descriptorCount: Int, part: Part = .whole) throws(StateRecordError) {
         var r = ByteReader(bytes)
-        guard Array(try r.take(8, "magic")) == StateRecord.magic else { throw .notARecord }
-        let version = try r.u16("format version")
-        guard version == StateRecord.formatVersion else {
-            throw .unsupportedVersion(found: version, supported: StateRecord.formatVersion)
-        }
-        let length = Int(try r.u32("body length"))
-        guard length == r.remaining - 8 else {
-            throw .invalid(field: "body length", "\(length) bytes announced, \(max(0, r.remaining - 8)) present")
-        }
+        try r.header(StateRecord.format)
+        let length = try r.length("body length", leaving: 8)
         let bodyStart = r.offset
         _ = try r.take(length, "body")
         let checksum = try r.u64("checksum")
@@ -260,17 +253,25 @@ public struct StateRecord: Sendable, Equatable {
     }
 }
 
-/// Why a state record was refused. Each names the field, so the log says what to fix.
+/// Why a state record, or any blob read with `ByteReader`, was refused. Each names the field, so
+/// the log says what to fix.
 public enum StateRecordError: Error, Equatable, CustomStringConvertible {
-    case notARecord
+    /// Not the blob it should be: which, and the magic it had.
+    case badMagic(blob: String, found: [UInt8])
     case unsupportedVersion(found: UInt16, supported: UInt16)
     case truncated(field: String, at: Int)
+    /// A length field that does not match the bytes present.
+    case lengthMismatch(field: String, declared: Int, actual: Int)
     case checksumMismatch
     case invalid(field: String, String)
 
     public var description: String {
         switch self {
-        case .notARecord: return "not a virtio-vfio upgrade state record (bad magic)"
+        case .badMagic(let blob, let found):
+            let hex = found.map { $0 < 16 ? "0" + String($0, radix: 16) : String($0, radix: 16) }
+            return "not a \(blob) (bad magic \(hex.joined(separator: " ")))"
+        case .lengthMismatch(let field, let declared, let actual):
+            return "state record field '\(field)' is invalid: \(declared) bytes announced, \(actual) present"
         case .unsupportedVersion(let found, let supported):
             return "state record format \(found) is not supported by this build (it reads format \(supported)); upgrade refused before touching the device"
         case .truncated(let field, let at): return "state record truncated at byte \(at) (\(field))"

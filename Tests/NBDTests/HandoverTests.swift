@@ -394,8 +394,11 @@ struct HandoverTests {
             .init(fd: 7, isTCP: false, phase: .awaitingClientFlags, clientFlags: 0, promisedFlags: 0, pendingInput: [9]),
         ])
 
-    /// Offset of the first client's record in `sample.encoded()`.
-    static var firstClient: Int { 36 + 1 + 4 + 2 + "/run/nbd.sock".utf8.count + 1 + 4 + 2 + 4 }
+    /// Offsets in `sample.encoded()` (little-endian): the header (magic 4, version 2, length 4),
+    /// the export and the descriptor count (24), the UNIX listener, the first client's record.
+    static let header = 10
+    static let unixListener = header + 24
+    static var firstClient: Int { unixListener + 1 + 4 + 2 + "/run/nbd.sock".utf8.count + 1 + 4 + 2 + 4 }
 
     static func decode(_ bytes: [UInt8], _ fds: [Int32] = [3, 4, 5, 6, 7]) throws(NBDHandoverError) -> NBDHandoverState {
         try NBDHandoverState(decoding: bytes, descriptors: fds)
@@ -425,32 +428,47 @@ struct HandoverTests {
         }
         // Trailing bytes (with the length patched to match, and without).
         var longer = bytes + [0]
-        #expect(throws: NBDHandoverError.lengthMismatch(declared: bytes.count, actual: bytes.count + 1)) { try Self.decode(longer) }
-        longer[11] &+= 1
+        #expect(throws: NBDHandoverError.lengthMismatch(declared: bytes.count - Self.header, actual: bytes.count + 1 - Self.header)) {
+            try Self.decode(longer)
+        }
+        longer[6] &+= 1  // the length's low byte
         #expect(throws: NBDHandoverError.trailingBytes(1)) { try Self.decode(longer) }
-        #expect(throws: NBDHandoverError.badMagic(0x4E42_4449)) { try Self.decode(Self.patched(3, [0x49])) }
-        #expect(throws: NBDHandoverError.unsupportedVersion(2)) { try Self.decode(Self.patched(7, [2])) }
+        #expect(throws: NBDHandoverError.badMagic(Array("NBDI".utf8))) { try Self.decode(Self.patched(3, [0x49])) }
+        #expect(throws: NBDHandoverError.unsupportedVersion(3)) { try Self.decode(Self.patched(4, [3])) }
+        // Version 1's header (big-endian, u32 version) is named as such.
+        #expect(throws: NBDHandoverError.unsupportedVersion(1)) { try Self.decode(Self.patched(4, [0, 0, 0, 1])) }
+        #expect("\(NBDHandoverError.unsupportedVersion(1))".contains("version 1 (big-endian"))
         // Descriptors: too few or too many received; an index out of range or used twice.
         #expect(throws: NBDHandoverError.self) { try Self.decode(bytes, [3, 4, 5, 6]) }
         #expect(throws: NBDHandoverError.self) { try Self.decode(bytes, [3, 4, 5, 6, 7, 8]) }
         let c = Self.firstClient
         #expect(throws: NBDHandoverError.badField("client 0 fd index", "index 9 of 5 descriptors")) {
-            try Self.decode(Self.patched(c + 3, [9]))
+            try Self.decode(Self.patched(c, [9]))
         }
         #expect(throws: NBDHandoverError.badField("client 0 fd index", "descriptor 0 used twice")) {
-            try Self.decode(Self.patched(c + 3, [0]))
+            try Self.decode(Self.patched(c, [0]))
         }
         // Fields out of range.
         #expect(throws: NBDHandoverError.badField("client 0 isTCP", "2 (0 or 1)")) { try Self.decode(Self.patched(c + 4, [2])) }
         #expect(throws: NBDHandoverError.badField("client 0 phase", "3 (0...2)")) { try Self.decode(Self.patched(c + 5, [3])) }
-        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(c + 9, [0x13])) }       // unknown client flag
-        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(c + 10, [0x01, 0x6c])) } // no HAS_FLAGS
-        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(c + 10, [0x80, 0x01])) } // unknown flag
+        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(c + 6, [0x13])) }       // unknown client flag
+        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(c + 10, [0x6c, 0x01])) } // no HAS_FLAGS
+        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(c + 10, [0x01, 0x80])) } // unknown flag
         #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(c - 4, [0xff, 0xff, 0xff, 0xff])) } // client count
-        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(36, [2])) }   // UNIX listener "present" 2
-        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(41, [0, 0])) } // empty path
-        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(43, [0])) }    // NUL in the path
-        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(28, [0, 0, 3, 0])) } // maximum payload < preferred
+        let u = Self.unixListener
+        #expect(throws: NBDHandoverError.badField("UNIX listener present", "2 (0 or 1)")) { try Self.decode(Self.patched(u, [2])) }
+        #expect(throws: NBDHandoverError.badField("UNIX socket path length", "0 (1...107)")) {
+            try Self.decode(Self.patched(u + 5, [0, 0]))
+        }
+        #expect(throws: NBDHandoverError.badField("UNIX socket path", "not UTF-8 without NUL")) {
+            try Self.decode(Self.patched(u + 7, [0]))
+        }
+        #expect(throws: NBDHandoverError.self) { try Self.decode(Self.patched(Self.header + 16, [0, 3, 0, 0])) } // maximum payload < preferred
+        // The codec's errors still name the field: the last client's pending input cut short, with
+        // the length patched to match so that the decoder gets there.
+        var cut = Array(bytes.dropLast())
+        cut.replaceSubrange(6..<10, with: [UInt8(cut.count - Self.header), 0, 0, 0])
+        #expect(throws: NBDHandoverError.truncated("client 2 pending input")) { try Self.decode(cut) }
         // Pending input above the input buffer.
         var big = Self.sample
         big.clients[0].pendingInput = [UInt8](repeating: 0, count: NBDHandoverState.maximumPendingInput + 1)

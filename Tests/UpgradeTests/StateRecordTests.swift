@@ -28,7 +28,9 @@ struct StateRecordTests {
     @Test func refusesWrongMagicTruncationAndDamage() throws {
         var bytes = sample.encoded()
         bytes[0] = 0x58
-        #expect(throws: StateRecordError.notARecord) { try StateRecord(decoding: bytes, descriptorCount: 8) }
+        #expect(throws: StateRecordError.badMagic(blob: "virtio-vfio upgrade state record", found: Array("XVFIOUPG".utf8))) {
+            try StateRecord(decoding: bytes, descriptorCount: 8)
+        }
         let full = sample.encoded()
         for cut in [0, 5, 9, 13, 40, full.count - 1] {
             #expect(throws: StateRecordError.self) { try StateRecord(decoding: Array(full.prefix(cut)), descriptorCount: 8) }

@@ -11,8 +11,8 @@ import NBD
 ///   (byte 0 / 9) % 4:  0, 1 honest descriptors; 2 the last one repeats the first (when there are
 ///                      two or more); 3 one of them is -1. Those two must always be refused.
 ///   mode 0 (raw):      the state bytes as they came;
-///   mode 1 (header):   magic, version and the total length written here, the rest from the input,
-///                      so mutations that change the length still reach the field checks;
+///   mode 1 (header):   magic, version and the length written here, the rest from the input, so
+///                      mutations that change the length still reach the field checks;
 ///   mode 2 (generated): a description of a state within every documented limit (export, one or
 ///                      two listeners, up to 16 clients in any phase, pending input up to
 ///                      `maximumPendingInput`, paths up to 107 bytes), built with the public
@@ -90,12 +90,12 @@ func decode(_ bytes: [UInt8], fds: [Int32], dishonest: Bool) {
     }
 }
 
-/// Magic, version and total length (big-endian, HandoverState.swift's layout), then `rest`.
+/// Magic, version and the length of `rest` (little-endian, HandoverState.swift's layout), then `rest`.
 func withHeader(_ rest: [UInt8]) -> [UInt8] {
     var s = SeedBytes()
-    s.be32(NBDHandoverState.magic)
-    s.be32(NBDHandoverState.version)
-    s.be32(UInt32(truncatingIfNeeded: 12 + rest.count))
+    s.raw(NBDHandoverState.magic)
+    s.le16(NBDHandoverState.version)
+    s.le32(UInt32(truncatingIfNeeded: rest.count))
     s.raw(rest)
     return s.bytes
 }
@@ -205,16 +205,17 @@ func seeds() -> [(name: String, bytes: [UInt8])] {
     add("multibyte-path", state(unix: "/tmp/nbd-\u{e9}t\u{e9}-\u{1F4BE}.sock"))
     // The TCP listener numbered 0 and the UNIX listener 1: legal, the decoder takes descriptors by index.
     var swapped = state(tcp: 10809).encoded()
-    let unixIndex = 37, tcpIndex = 37 + 4 + 2 + "/run/nbd.sock".utf8.count + 1
-    precondition(swapped[unixIndex + 3] == 0 && swapped[tcpIndex + 3] == 1)
-    swapped[unixIndex + 3] = 1
-    swapped[tcpIndex + 3] = 0
+    // Header 10 bytes, export and descriptor count 24, "present" 1; indices are little-endian.
+    let unixIndex = 35, tcpIndex = 35 + 4 + 2 + "/run/nbd.sock".utf8.count + 1
+    precondition(swapped[unixIndex] == 0 && swapped[tcpIndex] == 1)
+    swapped[unixIndex] = 1
+    swapped[tcpIndex] = 0
     result.append(("listener-indices-swapped", prefix(2, 0) + swapped))
     // Truncations of the busy state, with the header fixed (mode 1) so that they reach the field
     // that is cut: in the export, the listeners, a client header and a client's pending input.
     let full = busy.encoded()
     for cut in [20, 40, 60, 75, 90, full.count - 5] {
-        result.append(("truncated-at-\(cut)", prefix(busy.descriptors.count, 1) + Array(full[12..<cut])))
+        result.append(("truncated-at-\(cut)", prefix(busy.descriptors.count, 1) + Array(full[10..<cut])))
     }
     result.append(("truncated-raw", prefix(busy.descriptors.count, 0) + Array(full.prefix(full.count - 1))))
     // Generated: every length byte at a middling value.
