@@ -38,13 +38,14 @@ extension ControlService {
                 if let request = take() { refuse(request, why) } else { finished() }
             case .quiesced:
                 guard let request = take() else { finished(); continue }
+                let quiesced = monotonicNanoseconds()
                 let part: ServicePart
                 do { part = try service.handoverState(for: request.mode) } catch {
                     logger.warning("handover refused: \(error)")
                     refuse(request, "\(error)")
                     continue
                 }
-                switch handOver(request, service: part) {
+                switch handOver(request, service: part, quiesced: quiesced) {
                 case .handedOver:
                     return .handedOver
                 case .rolledBack(let touched, let reason):
@@ -66,13 +67,14 @@ extension ControlService {
     /// Sends the service part to the successor that asked in `request`, then waits for its
     /// verdict. On `ready` it answers `go`. A successor that misses the deadline is killed first
     /// (unless it is this very process, as in tests), so it can never race the resumed service.
-    func handOver(_ request: consuming HandoverRequest, service part: ServicePart) -> HandoverOutcome {
+    func handOver(_ request: consuming HandoverRequest, service part: ServicePart, quiesced: UInt64) -> HandoverOutcome {
         let peer = request.peer
         let timeout = configuration.handoverTimeout
         var record = devicePart.record
         record.setQueues(part.queues)
         record.descriptors = part.descriptors.map(\.role)
         record.quiesceStarted = request.quiesceRequested
+        record.quiesceFinished = max(quiesced, request.quiesceRequested)
         record.serviceState = part.serviceState
         func end(_ why: String) -> HandoverOutcome {
             if peer != getpid() { kill(peer, SIGKILL) }

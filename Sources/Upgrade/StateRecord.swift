@@ -7,7 +7,8 @@
 public struct StateRecord: Sendable, Equatable {
     public static let magic = Array("VVFIOUPG".utf8)
     /// The format this build writes and the only one it reads.
-    public static let formatVersion: UInt16 = 1
+    /// 2: `quiesceFinished` added after `quiesceStarted`.
+    public static let formatVersion: UInt16 = 2
     /// Magic and version as the codec checks them (ByteCoding.swift).
     public static let format = BlobFormat(name: "virtio-vfio upgrade state record", magic: magic, version: formatVersion)
     public static let maxQueues = 64, maxInFlight = 65536, maxDescriptors = 253, maxString = 256
@@ -72,6 +73,9 @@ public struct StateRecord: Sendable, Equatable {
     /// CLOCK_MONOTONIC (ns) when the old instance stopped taking new work: the successor reports
     /// the service gap from it (same machine, same clock).
     public var quiesceStarted: UInt64
+    /// CLOCK_MONOTONIC (ns) when the old instance had quiesced (nothing in flight, every reply
+    /// sent) and began to describe its state; 0 in the device part. Splits the gap's first phase.
+    public var quiesceFinished: UInt64 = 0
     /// The service's state (opaque here, validated by the service): for `serve blk`, the NBD
     /// connections; empty for `serve rng`.
     public var serviceState: [UInt8]
@@ -108,6 +112,7 @@ public struct StateRecord: Sendable, Equatable {
         body.u16(UInt16(descriptors.count))
         for d in descriptors { body.u8(d.rawValue) }
         body.u64(quiesceStarted)
+        body.u64(quiesceFinished)
         body.u32(UInt32(serviceState.count))
         body.raw(serviceState)
         var out = ByteWriter(capacity: body.bytes.count + 24)
@@ -241,6 +246,10 @@ public struct StateRecord: Sendable, Equatable {
             }
         }
         quiesceStarted = try b.u64("quiesce start")
+        quiesceFinished = try b.u64("quiesce end")
+        guard quiesceFinished == 0 || quiesceFinished >= quiesceStarted else {
+            throw .invalid(field: "quiesce end", "\(quiesceFinished) is before the quiesce start \(quiesceStarted)")
+        }
         let serviceBytes = Int(try b.u32("service state length"))
         guard serviceBytes <= StateRecord.maxServiceState else {
             throw .invalid(field: "service state length", "\(serviceBytes) bytes is above \(StateRecord.maxServiceState)")

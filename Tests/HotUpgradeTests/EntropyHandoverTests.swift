@@ -54,7 +54,9 @@ struct EntropyHandoverTests {
             if let service = old.service.take() { service.relinquish() }
             #expect(device.resetCount == resets + (mode == .reset ? 1 : 0), "live adoption never resets; reset mode resets once")
             #expect(newLog.contains("in \(mode == .reset ? "reset" : "live") mode in"), "\(newLog.lines)")
-            #expect(newLog.contains("service gap"))
+            // The gap split by phase: the old driver's quiesce, the state transfer, then the successor's steps.
+            #expect(newLog.lines.contains { $0.contains("service gap") && $0.contains("(quiesce ") && $0.contains(", state ")
+                && $0.contains(mode == .reset ? "reset+rebuild " : "adopt ") && $0.contains("first request ") }, "\(newLog.lines)")
             #expect(oldLog.contains("handed over to pid \(getpid()) (driver new)"), "\(oldLog.lines)")
             #expect(oldLog.contains("fed ") && oldLog.contains("bytes before the handover"))
             // The successor's own request goes through the adopted (or rebuilt) queue.

@@ -13,14 +13,17 @@ let sample = StateRecord(
 @Suite("upgrade state record")
 struct StateRecordTests {
     @Test func roundTrips() throws {
-        let decoded = try StateRecord(decoding: sample.encoded(), descriptorCount: 8)
-        #expect(decoded == sample)
+        var record = sample
+        record.quiesceStarted = 1_000
+        record.quiesceFinished = 2_500
+        let decoded = try StateRecord(decoding: record.encoded(), descriptorCount: 8)
+        #expect(decoded == record)
     }
 
     @Test func refusesAnotherFormatVersionBeforeTheBody() throws {
         var bytes = sample.encoded()
-        bytes[8] = 2  // format version 2
-        #expect(throws: StateRecordError.unsupportedVersion(found: 2, supported: 1)) {
+        bytes[8] = 1  // format version 1: before quiesceFinished
+        #expect(throws: StateRecordError.unsupportedVersion(found: 1, supported: 2)) {
             try StateRecord(decoding: bytes, descriptorCount: 8)
         }
     }
@@ -68,6 +71,7 @@ struct StateRecordTests {
 
     @Test func validatesEachField() {
         refuses({ $0.features = 0x200 }, "VERSION_1")
+        refuses({ $0.quiesceStarted = 100; $0.quiesceFinished = 50 }, "'quiesce end' is invalid: 50 is before the quiesce start 100")
         refuses({ $0.queues[0].size = 100 }, "not a power of two")
         refuses({ $0.queues[0].device = 0x500_0000 }, "outside the DMA region")
         refuses({ $0.queues[0].descriptors = 0x1000 }, "outside the DMA region")
