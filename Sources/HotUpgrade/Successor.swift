@@ -181,6 +181,27 @@ public struct Successor: ~Copyable {
         return nil
     }
 
+    /// Brings the device up the chosen way: `chooseLive`, then `adopt` (live: features, queues
+    /// and what was verified handed over) or `start` (reset, renegotiate, rebuild). A refusal
+    /// declines, saying whether the device was touched; the phase is marked.
+    public mutating func bringUp<T: Transport & ~Copyable, D: ~Copyable>(
+        _ transport: consuming T, wanted: Features, vectors: [UInt16?],
+        adopt: (consuming T, _ features: Features, _ queues: [QueueSnapshot], Adoption.Verified) throws(VirtioError) -> D,
+        start: (consuming T) throws(VirtioError) -> D
+    ) throws(UpgradeError) -> D {
+        let verified = try chooseLive(transport, wanted: wanted, vectors: vectors)
+        let device: D
+        do throws(VirtioError) {
+            if let verified {
+                device = try adopt(transport, Features(rawValue: record.features), record.queueSnapshots, verified)
+            } else {
+                device = try start(transport)
+            }
+        } catch { throw decline("\(error)", touched: verified == nil) }
+        mark(verified != nil ? "adopt" : "reset+rebuild")
+        return device
+    }
+
     public var elapsed: Duration { ContinuousClock().now - started }
 
     /// Marks the end of a phase of the takeover.

@@ -79,19 +79,11 @@ extension BlockExport where T: ~Copyable {
         do { connections = try NBDHandoverState(decoding: successor.record.serviceState, descriptors: raw) } catch {
             throw successor.decline("NBD connection state: \(error)", touched: false)
         }
-        let snapshots = successor.record.queueSnapshots
-        let verified = try successor.chooseLive(transport, wanted: wanted, vectors: mode.vectorPerQueue(snapshots.count))
-        let live = verified != nil
-        let blk: BlockDevice<T>
-        do throws(VirtioError) {
-            if live {
-                blk = try BlockDevice(adopting: transport, features: Features(rawValue: successor.record.features),
-                                      queues: snapshots, mode: mode, verified: verified)
-            } else {
-                blk = try BlockDevice(transport: transport, wanted: wanted, mode: mode)
-            }
-        } catch { throw successor.decline("\(error)", touched: !live) }
-        successor.mark(live ? "adopt" : "reset+rebuild")
+        let blk = try successor.bringUp(transport, wanted: wanted, vectors: mode.vectorPerQueue(successor.record.queues.count),
+            adopt: { t, features, queues, verified throws(VirtioError) in
+                try BlockDevice(adopting: t, features: features, queues: queues, mode: mode, verified: verified)
+            },
+            start: { t throws(VirtioError) in try BlockDevice(transport: t, wanted: wanted, mode: mode) })
         let server: NBDServer<VirtioBlockBackend<T>>
         do { server = try NBDServer(backend: VirtioBlockBackend(device: blk, log: log), configuration: configuration, adopting: connections) } catch {
             throw successor.decline("adopting the NBD connections: \(error)", touched: true)

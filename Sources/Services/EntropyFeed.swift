@@ -100,20 +100,12 @@ extension EntropyFeed where T: ~Copyable {
     /// The successor's `adopt` step: the rng adopted as it runs (live) or reset and rebuilt.
     public static func adopt(_ transport: consuming T, _ successor: inout Successor, wanted: Features, mode: CompletionMode,
                              rate: Int, limit: Int, sink: @escaping (UnsafeRawBufferPointer) throws -> Void) throws(UpgradeError) -> Self {
-        let snapshots = successor.record.queueSnapshots
-        let verified = try successor.chooseLive(transport, wanted: wanted, vectors: mode.vectorPerQueue(snapshots.count))
-        let live = verified != nil
-        var rng: EntropyDevice<T>
-        do throws(VirtioError) {
-            if live {
-                guard snapshots.count == 1 else { throw VirtioError.adoption(queue: nil, "\(snapshots.count) queues handed over, virtio-rng has 1") }
-                rng = try EntropyDevice(adopting: transport, features: Features(rawValue: successor.record.features),
-                                        queue: snapshots[0], mode: mode, verified: verified)
-            } else {
-                rng = try EntropyDevice(transport: transport, wanted: wanted, mode: mode)
-            }
-        } catch { throw successor.decline("\(error)", touched: !live) }
-        successor.mark(live ? "adopt" : "reset+rebuild")
+        let rng = try successor.bringUp(transport, wanted: wanted, vectors: mode.vectorPerQueue(successor.record.queues.count),
+            adopt: { t, features, queues, verified throws(VirtioError) in
+                guard queues.count == 1 else { throw VirtioError.adoption(queue: nil, "\(queues.count) queues handed over, virtio-rng has 1") }
+                return try EntropyDevice(adopting: t, features: features, queue: queues[0], mode: mode, verified: verified)
+            },
+            start: { t throws(VirtioError) in try EntropyDevice(transport: t, wanted: wanted, mode: mode) })
         return EntropyFeed(rng: rng, rate: rate, limit: limit, sink: sink)
     }
 }

@@ -101,23 +101,17 @@ extension NetBridgeService where T: ~Copyable {
         do { tap = try TapInterface(adopting: tapFD, vnetHeaderSize: state.vnetHeaderSize) } catch {
             throw successor.decline("\(error)", touched: false)
         }
-        let snapshots = successor.record.queueSnapshots
-        let verified = try successor.chooseLive(transport, wanted: wanted,
-                                                vectors: NetDevice<T>.queueVectors(mode: mode, count: snapshots.count))
-        let live = verified != nil
-        var net: NetDevice<T>
-        do throws(VirtioError) {
-            if live {
-                net = try NetDevice(adopting: transport, features: Features(rawValue: successor.record.features), queues: snapshots,
-                                    rxBufferSize: state.receiveBufferSize, counters: state.deviceCounters,
-                                    promiscuous: state.promiscuous, allMulticast: state.allMulticast, mode: mode,
-                                    verified: verified)
-            } else {
-                net = try NetDevice(transport: transport, wanted: wanted, rxBufferSize: state.receiveBufferSize,
-                                    counters: state.deviceCounters, mode: mode)
-            }
-        } catch { throw successor.decline("\(error)", touched: !live) }
-        successor.mark(live ? "adopt" : "reset+rebuild")
+        var net = try successor.bringUp(transport, wanted: wanted,
+                                        vectors: NetDevice<T>.queueVectors(mode: mode, count: successor.record.queues.count),
+            adopt: { t, features, queues, verified throws(VirtioError) in
+                try NetDevice(adopting: t, features: features, queues: queues, rxBufferSize: state.receiveBufferSize,
+                              counters: state.deviceCounters, promiscuous: state.promiscuous, allMulticast: state.allMulticast,
+                              mode: mode, verified: verified)
+            },
+            start: { t throws(VirtioError) in
+                try NetDevice(transport: t, wanted: wanted, rxBufferSize: state.receiveBufferSize, counters: state.deviceCounters, mode: mode)
+            })
+        let live = successor.live == true
         let headerSize = TapBridge<T>.vnetHeaderSize(for: net.negotiation.accepted)
         guard headerSize == state.vnetHeaderSize else {
             throw successor.decline("the features negotiated now need a \(headerSize)-byte header on the TAP, it carries \(state.vnetHeaderSize) (restart serve net instead)", touched: true)

@@ -104,6 +104,7 @@ final class DeviceCore: @unchecked Sendable {
         s.status = []
         s.driverFeatures = []
         s.resets += 1
+        if s.faults.endAtReset { s.faults = EmulatedDevice.Faults() }
         for i in s.queues.indices {
             s.queues[i] = nil
             notify.clear(i)

@@ -34,6 +34,9 @@ extension EmulatedDevice {
         /// of the driver's buffer keeps what it held), then status OK, and reports N + 1: a used
         /// length that is honest about the data it wrote, and short of data + status.
         public var shortReadDataBytes: Int?
+        /// The faults above are transient: the device's next reset (the driver's recovery) ends
+        /// them all, at the moment it completes, before the driver can submit again.
+        public var endAtReset = false
 
         public init() {}
     }

@@ -14,8 +14,11 @@ struct BlockExportRecoveryTests {
     enum Fault: String, CaseIterable, Sendable {
         case usedIDNotInFlight, duplicateCompletion, usedLengthPastBuffer, usedIndexJump, needsReset, stopCompleting
 
+        /// Switches the fault on until the driver's next reset (a transient fault: the reset that
+        /// recovers from it ends it, inside the device, so no watcher thread races the resubmission).
         func switchOn(_ device: EmulatedDevice) {
             var faults = EmulatedDevice.Faults()
+            faults.endAtReset = true
             switch self {
             case .usedIDNotInFlight: faults.usedIDNotInFlight = true
             case .duplicateCompletion: faults.duplicateCompletion = true
@@ -32,25 +35,12 @@ struct BlockExportRecoveryTests {
         (0..<count).map { UInt8(truncatingIfNeeded: ($0 / 512) &* 7 &+ $0 &* 31 &+ seed) }
     }
 
-    /// Clears the device's faults as soon as the driver resets it (a transient fault), for up to
-    /// 10 s; the caller joins the thread.
-    static func clearFaultsAtTheNextReset(_ device: EmulatedDevice) -> JoinedThread {
-        let baseline = device.resetCount
-        return JoinedThread {
-            for _ in 0..<100_000 where device.resetCount == baseline { usleep(100) }
-            device.faults = .init()
-        }
-    }
-
     func recovers(from fault: Fault, mode: CompletionMode) throws {
         let device = EmulatedDevice(model: .blk(capacitySectors: 1 << 14))
         let old = Self.pattern(1 << 20, seed: 0)
         device.writeDisk(offset: 0, old)
         let blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: mode, completionTimeout: .milliseconds(200))
         let backend = VirtioBlockBackend(device: blk)
-        // Nothing resets the device before the fault (batch 1): the watcher can start now.
-        let watcher = Self.clearFaultsAtTheNextReset(device)
-        defer { watcher.join() }
         let a = Self.pattern(64 << 10, seed: 1), b = Self.pattern(64 << 10, seed: 2), c = Self.pattern(200 << 10, seed: 3)
         let (record, statistics, log, recoveries) = try serveExport(backend, batches: [
             // Three requests completed in order leave the descriptor free list reversed, so the
