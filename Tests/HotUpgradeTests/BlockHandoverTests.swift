@@ -11,6 +11,8 @@ import VirtioEmulator
 
 /// serve blk's handover with both sides in this process: the NBD listener and a client in the
 /// middle of its handshake or in transmission travel to the successor, which answers them.
+/// (The client's answers are taken into a local before `#expect`, and are plain values: see
+/// `MiniNBDClient.enterTransmission`.)
 extension HandoverInOneProcess {
 @Suite("hot upgrade of serve blk, both sides against the emulator", .serialized)
 struct BlockHandoverTests {
@@ -36,9 +38,11 @@ struct BlockHandoverTests {
             old.start()
             // One client in transmission with data written, one still waiting for its flags.
             guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
-            #expect(client.enterTransmission() == 8192 * 512)
+            let got1 = client.enterTransmission()
+            #expect(got1 == 8192 * 512)
             let data = pattern(8192, seed: 7)
-            #expect(client.request(1, handle: 1, offset: 4096, length: 8192, payload: data)?.error == 0)
+            let got2 = client.request(1, handle: 1, offset: 4096, length: 8192, payload: data).error
+            #expect(got2 == 0)
             guard let late = MiniNBDClient(path: dir.file("nbd.sock")), late.greeting() else { Issue.record("no greeting"); return }
 
             var options = TakeOverOptions(mode: mode, driverVersion: "new")
@@ -58,12 +62,16 @@ struct BlockHandoverTests {
             let new = try ServingDriver(export, path: dir.file("control.sock"), version: "new", log: newLog, replacing: true)
             new.start()
             // The same connections, answered by the successor: the data written before is there.
-            #expect(client.request(0, handle: 2, offset: 4096, length: 8192)?.data == data)
-            #expect(late.enterTransmission() == 8192 * 512, "a handshake half done before the handover finishes after it")
-            #expect(late.request(0, handle: 3, offset: 4096, length: 512)?.data == Array(data.prefix(512)))
+            let got3 = client.request(0, handle: 2, offset: 4096, length: 8192).data
+            #expect(got3 == data)
+            let got4 = late.enterTransmission()
+            #expect(got4 == 8192 * 512, "a handshake half done before the handover finishes after it")
+            let got5 = late.request(0, handle: 3, offset: 4096, length: 512).data
+            #expect(got5 == Array(data.prefix(512)))
             // A new client reaches the successor through the handed-over listener.
             guard let third = MiniNBDClient(path: dir.file("nbd.sock")), third.greeting() else { Issue.record("listener lost"); return }
-            #expect(third.enterTransmission() == 8192 * 512)
+            let got6 = third.enterTransmission()
+            #expect(got6 == 8192 * 512)
             guard case .stopped? = new.end() else { Issue.record("the successor did not stop cleanly"); return }
             _ = new.service.take()
             #expect(device.violations.isEmpty, "\(device.violations)")
@@ -80,7 +88,8 @@ struct BlockHandoverTests {
             let old = try ServingDriver(Export(server: server), path: dir.file("control.sock"), version: "old", log: oldLog)
             old.start()
             guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
-            #expect(client.enterTransmission() == 8192 * 512)
+            let got7 = client.enterTransmission()
+            #expect(got7 == 8192 * 512)
             var options = TakeOverOptions(mode: .live, driverVersion: "new")
             options.handoverTimeout = 2000
             // A successor whose export is smaller than what the clients were told.
@@ -95,7 +104,8 @@ struct BlockHandoverTests {
                                  })
             } throws: { "\($0)".contains("adopting the NBD connections") }
             // The old driver resumes (after a reset: the successor had adopted the device) and answers.
-            #expect(client.request(0, handle: 9, offset: 0, length: 512)?.error == 0)
+            let got8 = client.request(0, handle: 9, offset: 0, length: 512).error
+            #expect(got8 == 0)
             #expect(oldLog.contains("device reset and rebuilt after the failed upgrade"), "\(oldLog.lines)")
             guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
             _ = old.service.take()

@@ -47,23 +47,29 @@ struct MiniNBDClient: ~Copyable {
         return Array(g[0..<8]) == Array("NBDMAGIC".utf8) && Array(g[8..<16]) == Array("IHAVEOPT".utf8)
     }
 
-    /// Client flags (fixed newstyle, no zeroes), then NBD_OPT_EXPORT_NAME "": the export size.
-    func enterTransmission() -> UInt64? {
-        guard send(Self.be(UInt32(3))) else { return nil }
-        guard send(Array("IHAVEOPT".utf8) + Self.be(UInt32(1)) + Self.be(UInt32(0))) else { return nil }
-        guard let reply = receive(10) else { return nil }
+    /// Client flags (fixed newstyle, no zeroes), then NBD_OPT_EXPORT_NAME "": the export size
+    /// (0 if the server did not answer). Plain values, not optionals of integers: Swift Testing's
+    /// `#expect` on an `UInt64?` overflows a stack slot under ASan with Swift 6.3.1.
+    func enterTransmission() -> UInt64 {
+        guard send(Self.be(UInt32(3))) else { return 0 }
+        guard send(Array("IHAVEOPT".utf8) + Self.be(UInt32(1)) + Self.be(UInt32(0))) else { return 0 }
+        guard let reply = receive(10) else { return 0 }
         return Self.value(reply[0..<8], as: UInt64.self)
     }
 
-    /// One request (type 0 READ, 1 WRITE) and its simple reply: the error and, for a read, the data.
-    func request(_ type: UInt16, handle: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []) -> (error: UInt32, data: [UInt8])? {
+    /// No reply (the connection failed or the reply did not match the request).
+    static let noReply: (error: UInt32, data: [UInt8]) = (UInt32.max, [])
+
+    /// One request (type 0 READ, 1 WRITE) and its simple reply: the error and, for a read, the
+    /// data; `noReply` if none came.
+    func request(_ type: UInt16, handle: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []) -> (error: UInt32, data: [UInt8]) {
         let header = Self.be(UInt32(0x2560_9513)) + Self.be(UInt16(0)) + Self.be(type) + Self.be(handle) + Self.be(offset) + Self.be(length)
-        guard send(header + payload) else { return nil }
+        guard send(header + payload) else { return Self.noReply }
         guard let reply = receive(16), Self.value(reply[0..<4], as: UInt32.self) == 0x6744_6698,
-              Self.value(reply[8..<16], as: UInt64.self) == handle else { return nil }
+              Self.value(reply[8..<16], as: UInt64.self) == handle else { return Self.noReply }
         let error = Self.value(reply[4..<8], as: UInt32.self)
         guard type == 0, error == 0 else { return (error, []) }
-        guard let data = receive(Int(length)) else { return nil }
+        guard let data = receive(Int(length)) else { return Self.noReply }
         return (error, data)
     }
 }
