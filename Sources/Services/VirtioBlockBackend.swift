@@ -69,6 +69,13 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         maxPayload = max(chunk, slots / 2 * chunk)
         completionDescriptor = device.interruptDescriptor
         self.device = device
+        // A queue starts with interrupts suppressed (set up, reset or adopted live), and `poll`
+        // arms them only after it ran: arm now, so the server's first sleep ends with the first
+        // completion and not with its 100 ms timeout (which a live takeover's first request used
+        // to wait out: docs/PERFORMANCE.md). Completions already pending wake the server at once.
+        if let fd = completionDescriptor, !self.device.queue.armForNextCompletion() {
+            _ = Syscall.write64(fd, 1)
+        }
     }
 
     public var size: UInt64 { device.config.capacityBytes }
