@@ -1,4 +1,5 @@
 import Testing
+import Glibc
 import NBD
 import Services
 import Virtio
@@ -27,6 +28,28 @@ struct VirtioBlockBackendTests {
         }
         guard let result else { throw NoRoom() }
         return result
+    }
+
+    /// A server sleeps on the completion descriptor as soon as it submitted: the first completion
+    /// of a new (or adopted) backend must signal it before `poll` ever ran.
+    @Test(arguments: [false, true])
+    func theFirstCompletionSignalsTheDescriptor(adopted: Bool) throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 1 << 16))
+        var blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: .msix)
+        if adopted {
+            let snapshots = try blk.queueSnapshots()
+            let features = blk.negotiation.accepted
+            blk = try BlockDevice(adopting: EmulatedTransport(sharing: blk.detach()), features: features, queues: snapshots, mode: .msix)
+        }
+        var b = VirtioBlockBackend(device: blk)
+        guard let fd = b.completionDescriptor else { Issue.record("no completion descriptor in msix mode"); return }
+        let r = try reserve(&b, 4096)
+        try b.submit(.read, offset: 0, length: 4096, buffer: r, tag: 1)
+        var ready = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        #expect(Glibc.poll(&ready, 1, 5000) == 1, "the completion did not signal the descriptor (interrupts left suppressed)")
+        let result = try wait(&b, for: 1)
+        #expect(result == 0)
+        b.release(r)
     }
 
     @Test(arguments: [CompletionMode.poll, .msix])
