@@ -46,6 +46,16 @@ final class CapturedLog: @unchecked Sendable {
     var lines: [String] { lock.run { stored } }
     func append(_ line: String) { lock.run { stored.append(line) } }
     func contains(_ fragment: String) -> Bool { lines.contains { $0.contains(fragment) } }
+    /// How many lines hold `fragment` once `count` of them are there, or after 10 s (another
+    /// thread logs them: the serving driver's control thread).
+    func count(_ fragment: String, reaching count: Int) -> Int {
+        for _ in 0..<10_000 {
+            let n = lines.filter { $0.contains(fragment) }.count
+            if n >= count { return n }
+            usleep(1000)
+        }
+        return lines.filter { $0.contains(fragment) }.count
+    }
 
     var logger: Logger {
         var logger = Logger(label: "test") { _ in CapturingHandler(log: self) }
@@ -97,9 +107,9 @@ func openDescriptors() -> [String] {
     while let entry = readdir(dir) {
         let name = withUnsafeBytes(of: entry.pointee.d_name) { String(decoding: $0.prefix { $0 != 0 }, as: UTF8.self) }
         guard name != "." && name != ".." else { continue }
-        var target = [CChar](repeating: 0, count: 256)
-        let n = readlink("/proc/self/fd/\(name)", &target, 255)
-        result.append("\(name) -> \(n > 0 ? String(cString: target) : "?")")
+        var target = [UInt8](repeating: 0, count: 256)
+        let n = target.withUnsafeMutableBytes { readlink("/proc/self/fd/\(name)", $0.baseAddress!.assumingMemoryBound(to: CChar.self), 255) }
+        result.append("\(name) -> \(n > 0 ? String(decoding: target.prefix(n), as: UTF8.self) : "?")")
     }
     return result
 }

@@ -25,6 +25,24 @@ struct EntropyHandoverTests {
         return driver
     }
 
+    /// Stops a driver that kept serving (every refusal and rollback ends here) and resets its device.
+    func stopServing(_ driver: ServingDriver<Feed>, sourceLocation: SourceLocation = #_sourceLocation) throws {
+        guard case .stopped? = driver.end() else {
+            Issue.record("the old driver did not stop cleanly", sourceLocation: sourceLocation)
+            return
+        }
+        if let service = driver.service.take() { try service.shutdown() }
+    }
+
+    /// A serving rng driver with its own log and sink, fed at least 1 KiB before it returns.
+    func running(_ device: EmulatedDevice, at path: String, adjust: (inout ControlServiceConfiguration) -> Void = { _ in })
+        throws -> (driver: ServingDriver<Feed>, log: CapturedLog, collected: Collected) {
+        let log = CapturedLog(), collected = Collected()
+        let driver = try serving(device, at: path, log: log, collected: collected, adjust: adjust)
+        #expect(collected.wait(for: 1024), "the old driver feeds")
+        return (driver, log, collected)
+    }
+
     func successor(_ device: EmulatedDevice, at path: String, mode: HandoverMessage.Mode, log: CapturedLog,
                    wanted: Features = [.ringEventIdx], type: DeviceType = .entropy, address: String = EmulatedHandover.address,
                    adjust: (inout TakeOverOptions) -> Void = { _ in }) throws(UpgradeError) -> Feed {
@@ -82,9 +100,8 @@ struct EntropyHandoverTests {
             let fed = collected.count
             #expect(collected.wait(for: fed + 4096), "the old driver goes on serving")
             #expect(device.resetCount == resets)
-            #expect(oldLog.contains("abandoned before the service paused (nothing was touched)"), "\(oldLog.lines)")
-            guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
-            if let service = old.service.take() { try service.shutdown() }
+            #expect(oldLog.count("abandoned before the service paused (nothing was touched)", reaching: 1) == 1, "\(oldLog.lines)")
+            try stopServing(old)
         }
     }
 
@@ -92,9 +109,8 @@ struct EntropyHandoverTests {
         try withoutLeaks {
             let dir = TemporaryDirectory()
             let device = EmulatedDevice(model: .rng)
-            let oldLog = CapturedLog(), newLog = CapturedLog(), collected = Collected()
-            let old = try serving(device, at: dir.file("rng.sock"), log: oldLog, collected: collected)
-            #expect(collected.wait(for: 1024))
+            let newLog = CapturedLog()
+            let (old, oldLog, collected) = try running(device, at: dir.file("rng.sock"))
             let resets = device.resetCount
             #expect { _ = try successor(device, at: dir.file("rng.sock"), mode: .live, log: newLog, wanted: []) } throws: {
                 "\($0)".contains("live mode needs the same features") && "\($0)".contains("the old driver resumes")
@@ -120,22 +136,22 @@ struct EntropyHandoverTests {
         try withoutLeaks {
             let dir = TemporaryDirectory()
             let device = EmulatedDevice(model: .rng)
-            let oldLog = CapturedLog(), newLog = CapturedLog(), collected = Collected()
-            let old = try serving(device, at: dir.file("rng.sock"), log: oldLog, collected: collected)
-            #expect(collected.wait(for: 1024))
+            let newLog = CapturedLog()
+            let (old, oldLog, collected) = try running(device, at: dir.file("rng.sock"))
             #expect { _ = try successor(device, at: dir.file("rng.sock"), mode: .auto, log: newLog, type: .block) } throws: {
                 "\($0)".contains("'device type' is invalid")
             }
             #expect { _ = try successor(device, at: dir.file("rng.sock"), mode: .auto, log: newLog, address: "0000:00:04.0") } throws: {
                 "\($0)".contains("'device address' is invalid: emulated:0, not 0000:00:04.0")
             }
+            #expect(oldLog.count("abandoned before the service paused (nothing was touched)", reaching: 2) == 2,
+                    "both declined before the old driver paused: \(oldLog.lines)")
             #expect { _ = try successor(device, at: dir.file("nobody.sock"), mode: .auto, log: newLog) } throws: {
                 ($0 as? UpgradeError)?.kind == .unavailable && "\($0)".contains("no driver is serving")
             }
             let fed = collected.count
             #expect(collected.wait(for: fed + 4096), "the old driver goes on serving")
-            guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
-            if let service = old.service.take() { try service.shutdown() }
+            try stopServing(old)
         }
     }
 
@@ -161,8 +177,7 @@ struct EntropyHandoverTests {
             #expect(device.resetCount >= resets + 2, "the successor's reset, then the old driver's")
             #expect(oldLog.contains("device reset and rebuilt after the failed upgrade"), "\(oldLog.lines)")
             #expect(oldLog.contains(hangs ? "was not healthy within 500 ms" : "declined: first request failed"))
-            guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
-            if let service = old.service.take() { try service.shutdown() }
+            try stopServing(old)
             #expect(device.violations.isEmpty, "\(device.violations)")
         }
     }
@@ -221,8 +236,7 @@ struct EntropyHandoverTests {
             #expect(collected.wait(for: fed + 4096), "the old driver serves again")
             #expect(oldLog.contains("went away before reporting healthy"), "\(oldLog.lines)")
             #expect(oldLog.contains("device reset and rebuilt after the failed upgrade"))
-            guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
-            if let service = old.service.take() { try service.shutdown() }
+            try stopServing(old)
         }
     }
 
@@ -247,8 +261,7 @@ struct EntropyHandoverTests {
                                              configuration: ControlServiceConfiguration { .go }, logger: log.logger) } throws: {
                 ($0 as? UpgradeError)?.kind == .busy && "\($0)".contains("control socket of a running driver")
             }
-            guard case .stopped? = old.end() else { Issue.record("the old driver did not stop cleanly"); return }
-            if let service = old.service.take() { try service.shutdown() }
+            try stopServing(old)
         }
     }
 }
