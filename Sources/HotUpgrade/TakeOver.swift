@@ -9,8 +9,9 @@ import Virtio
 /// was touched, so the old driver resumes (resetting first if it was).
 ///
 /// `attach` maps the device from the received device descriptors (`successor.descriptors`).
-/// `adopt` builds the service on the transport: it calls `successor.chooseLive`, takes the
-/// service's descriptors, marks its phases, and declines by throwing `successor.decline(...)`.
+/// `adopt` builds the service on the transport: it brings the device up with
+/// `successor.bringUp` (live or reset), takes the service's descriptors, marks its phases, and
+/// declines by throwing `successor.decline(...)`.
 public func takeOver<T: HandoverTransport & ~Copyable, S: UpgradableService & ~Copyable>(
     path: String, address: String, type: DeviceType, options: TakeOverOptions, logger: Logger,
     attach: (inout Successor) throws(UpgradeError) -> T,
