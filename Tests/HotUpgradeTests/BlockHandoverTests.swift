@@ -24,6 +24,15 @@ struct BlockHandoverTests {
         return c
     }
 
+    /// The old driver: `device` exported over NBD in `dir`, serving behind its control socket.
+    func serving(_ device: EmulatedDevice, in dir: borrowing TemporaryDirectory, log: CapturedLog) throws -> ServingDriver<Export> {
+        let blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: .poll)
+        let server = try NBDServer(backend: VirtioBlockBackend(device: blk), configuration: configuration(dir))
+        let driver = try ServingDriver(Export(server: server), path: dir.file("control.sock"), version: "old", log: log)
+        driver.start()
+        return driver
+    }
+
     func pattern(_ n: Int, seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
 
     @Test(arguments: [HandoverMessage.Mode.live, .reset])
@@ -32,10 +41,7 @@ struct BlockHandoverTests {
             let dir = TemporaryDirectory()
             let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
             let oldLog = CapturedLog(), newLog = CapturedLog()
-            let blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: .poll)
-            let server = try NBDServer(backend: VirtioBlockBackend(device: blk), configuration: configuration(dir))
-            let old = try ServingDriver(Export(server: server), path: dir.file("control.sock"), version: "old", log: oldLog)
-            old.start()
+            let old = try serving(device, in: dir, log: oldLog)
             // One client in transmission with data written, one still waiting for its flags.
             guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
             let got1 = client.enterTransmission()
@@ -83,10 +89,7 @@ struct BlockHandoverTests {
             let dir = TemporaryDirectory()
             let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
             let oldLog = CapturedLog(), newLog = CapturedLog()
-            let blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: .poll)
-            let server = try NBDServer(backend: VirtioBlockBackend(device: blk), configuration: configuration(dir))
-            let old = try ServingDriver(Export(server: server), path: dir.file("control.sock"), version: "old", log: oldLog)
-            old.start()
+            let old = try serving(device, in: dir, log: oldLog)
             guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
             let got7 = client.enterTransmission()
             #expect(got7 == 8192 * 512)
