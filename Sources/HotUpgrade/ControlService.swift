@@ -101,8 +101,8 @@ public final class ControlService: @unchecked Sendable {
 
     /// Refuses `request` (the service could not quiesce or snapshot) and serves on.
     func refuse(_ request: consuming HandoverRequest, _ why: String) {
-        try? request.connection.send(.refused(why))
         finished()
+        try? request.connection.send(.refused(why))
     }
 
     func answer() {

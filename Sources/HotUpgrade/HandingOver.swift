@@ -50,15 +50,21 @@ extension ControlService {
                     return .handedOver
                 case .rolledBack(let touched, let reason):
                     logger.warning("upgrade rolled back, this driver (\(devicePart.record.driverVersion)) keeps serving: \(reason)")
+                    var summary = "driver \(devicePart.record.driverVersion) serves again"
                     if touched {
                         do throws(UpgradeError) {
                             try service.recoverAfterRollback()
                             logger.notice("\(devicePart.record.deviceAddress): device reset and rebuilt after the failed upgrade")
+                            summary += " (device reset and rebuilt)"
                         } catch {
                             logger.error("bringing the device back after the failed upgrade: \(error)")
+                            summary += ", but bringing the device back failed: \(error)"
                         }
                     }
+                    // The next hello is accepted before the successor hears of it: a retry right
+                    // after a failed upgrade is not refused as "in progress".
                     finished()
+                    try? request.connection.send(.resumed(summary))
                 }
             }
         }
@@ -67,7 +73,7 @@ extension ControlService {
     /// Sends the service part to the successor that asked in `request`, then waits for its
     /// verdict. On `ready` it answers `go`. A successor that misses the deadline is killed first
     /// (unless it is this very process, as in tests), so it can never race the resumed service.
-    func handOver(_ request: consuming HandoverRequest, service part: ServicePart, quiesced: UInt64) -> HandoverOutcome {
+    func handOver(_ request: borrowing HandoverRequest, service part: ServicePart, quiesced: UInt64) -> HandoverOutcome {
         let peer = request.peer
         let timeout = configuration.handoverTimeout
         var record = devicePart.record

@@ -125,10 +125,22 @@ public struct Successor: ~Copyable {
         }
     }
 
-    /// Tells the old driver why this successor gives up, and returns the error to throw.
+    /// Tells the old driver why this successor gives up, waits until it serves again (its
+    /// `resumed`, or the connection's end when it had not paused yet), and returns the error to
+    /// throw, saying how the old driver resumed.
     public func decline(_ why: String, touched: Bool) -> UpgradeError {
-        try? connection.send(.declined(why, touchedDevice: touched))
-        return UpgradeError(.protocolError, "taking the device over failed: \(why)\(touched ? "; the old driver resets the device and resumes" : "; the old driver resumes")")
+        let resumed: String
+        do {
+            try connection.send(.declined(why, touchedDevice: touched))
+            switch try connection.receiveMessage(timeoutMilliseconds: options.handoverTimeout) {
+            case .resumed(let summary)?: resumed = summary
+            case nil: resumed = touched ? "the old driver resets the device and resumes" : "the old driver resumes"
+            case let other?: resumed = "the old driver answered \(other) (expected resumed)"
+            }
+        } catch {
+            resumed = "the old driver did not confirm it resumed: \(error)"
+        }
+        return UpgradeError(.protocolError, "taking the device over failed: \(why); \(resumed)")
     }
 
     /// Reports healthy and waits for `go`. Returns normally when this instance owns the device.

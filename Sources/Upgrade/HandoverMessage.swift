@@ -14,6 +14,8 @@
 ///     adopt the rings), completes a first request
 ///     ready(summary) ─────────────────▶ go: it ends at once, touching nothing (exit)
 ///     or declined(reason, touched) ───▶ it resumes: resets and rebuilds first if `touched`
+///                          ◀─────────── resumed(summary): it serves again and accepts the next
+///                                       hello (so a failed upgrade returns only once rolled back)
 ///                          ◀─────────── abort (the deadline passed first): the successor exits
 ///
 /// The serving driver keeps every descriptor and the device until it sends `go`; a successor that
@@ -41,6 +43,9 @@ public enum HandoverMessage: Equatable, Sendable {
     case stateFollows
     case ready(String)
     case declined(String, touchedDevice: Bool)
+    /// After `declined`: the serving driver took the service back (and the device, by reset, if
+    /// it was touched) and accepts the next handover.
+    case resumed(String)
     case go
     case abort(String)
     case describe
@@ -87,7 +92,7 @@ public enum HandoverMessage: Equatable, Sendable {
 
     enum Kind: UInt8 {
         case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described, deviceFollows, prepared
-        case statistics, counters
+        case statistics, counters, resumed
     }
 
     /// The message's bytes. Reasons and summaries longer than `maxText` are clipped; a driver
@@ -104,6 +109,7 @@ public enum HandoverMessage: Equatable, Sendable {
         case .prepared: w.u8(Kind.prepared.rawValue)
         case .ready(let summary): w.u8(Kind.ready.rawValue); w.string(Self.clipped(summary))
         case .declined(let why, let touched): w.u8(Kind.declined.rawValue); w.string(Self.clipped(why)); w.u8(touched ? 1 : 0)
+        case .resumed(let summary): w.u8(Kind.resumed.rawValue); w.string(Self.clipped(summary))
         case .go: w.u8(Kind.go.rawValue)
         case .abort(let why): w.u8(Kind.abort.rawValue); w.string(Self.clipped(why))
         case .describe: w.u8(Kind.describe.rawValue)
@@ -147,6 +153,7 @@ public enum HandoverMessage: Equatable, Sendable {
             let touched = try r.u8("touched")
             guard touched <= 1 else { throw .invalid(field: "touched", "\(touched) is not 0 or 1") }
             self = .declined(why, touchedDevice: touched == 1)
+        case .resumed: self = .resumed(try text(&r, "summary"))
         case .go: self = .go
         case .abort: self = .abort(try text(&r, "reason"))
         case .describe: self = .describe

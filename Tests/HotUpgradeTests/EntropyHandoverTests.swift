@@ -113,7 +113,7 @@ struct EntropyHandoverTests {
             let (old, oldLog, collected) = try running(device, at: dir.file("rng.sock"))
             let resets = device.resetCount
             #expect { _ = try successor(device, at: dir.file("rng.sock"), mode: .live, log: newLog, wanted: []) } throws: {
-                "\($0)".contains("live mode needs the same features") && "\($0)".contains("the old driver resumes")
+                "\($0)".contains("live mode needs the same features") && "\($0)".contains("driver old serves again")
             }
             let fed = collected.count
             #expect(collected.wait(for: fed + 4096), "the old driver resumed")
@@ -170,7 +170,7 @@ struct EntropyHandoverTests {
                 }
             } throws: { error in
                 hangs ? "\(error)".contains("the old driver took the device back: not healthy within 500 ms")
-                      : "\(error)".contains("first request failed") && "\(error)".contains("the old driver resets the device")
+                      : "\(error)".contains("first request failed") && "\(error)".contains("driver old serves again (device reset and rebuilt)")
             }
             let fed = collected.count
             #expect(collected.wait(for: fed + 4096), "the old driver serves again")

@@ -13,7 +13,7 @@ struct ControlSocketTests {
     @Test func everyMessageRoundTrips() throws {
         let messages: [HandoverMessage] = [
             .hello(mode: .live, driverVersion: "0.2.0", pid: 42), .refused("busy"), .stateFollows, .ready("ok"),
-            .declined("first read failed", touchedDevice: true), .go, .abort("deadline"), .describe,
+            .declined("first read failed", touchedDevice: true), .resumed("device reset and rebuilt"), .go, .abort("deadline"), .describe,
             .described(pid: 7, driverVersion: "0.2.0+no-event-idx", features: 0x3_0000_0000, arguments: ["virtio-vfio", "serve", "blk"]),
             .statistics, .counters([]),
             .counters([.init(name: "rx_packets", value: 12), .init(name: "tx_bytes", value: UInt64.max)]),
