@@ -33,10 +33,17 @@ public protocol BlockBackend: ~Copyable {
     mutating func poll(_ body: (UInt64, Int32) -> Void) throws(BackendError) -> Int
     /// Returns a buffer's room once the server is done with it (after sending a read's data).
     mutating func release(_ buffer: BackendBuffer)
+    /// Whether requests in flight can go to a successor as they are (a hot upgrade then does not
+    /// wait for them); false: a quiesce completes them first.
+    var handsOverInFlight: Bool { get }
 }
 
-public enum BackendOperation: Sendable, Equatable {
-    case read, write, flush, trim, writeZeroes
+extension BlockBackend where Self: ~Copyable {
+    public var handsOverInFlight: Bool { false }
+}
+
+public enum BackendOperation: UInt8, Sendable, Equatable {
+    case read = 0, write, flush, trim, writeZeroes
     /// A write that must be on stable storage before it completes (NBD_CMD_FLAG_FUA).
     case writeFUA
 }

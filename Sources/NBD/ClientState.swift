@@ -169,10 +169,25 @@ struct ClientState {
 
     /// Resets the slot for a connection handed over by an earlier server: at a message boundary
     /// (`input`), with the bytes it had received and not consumed, parsed first.
+    /// Its requests in flight (`inFlight`: request slot and request) keep their slots, and the
+    /// connection keeps its `generation`: the backend's tags for them stay valid.
     mutating func adopt(fd: Int32, isTCP: Bool, phase: ClientPhase, input: ClientInput, clientFlags: NBDProtocol.ClientFlags,
-                        promisedFlags: NBDProtocol.TransmissionFlags, pending: [UInt8], now: UInt64) {
+                        promisedFlags: NBDProtocol.TransmissionFlags, pending: [UInt8], generation: UInt32,
+                        inFlight: [(Int, RequestSlot)], now: UInt64) {
         precondition(pending.count <= inCapacity)
         open(fd: fd, isTCP: isTCP, now: now)
+        self.generation = generation
+        for (r, request) in inFlight {
+            requests[r] = request
+            used += 1
+            self.inFlight += 1
+        }
+        // The free list: every other slot, in order.
+        freeHead = -1
+        for r in stride(from: depth - 1, through: 0, by: -1) where requests[r].state == .free {
+            requests[r].next = freeHead
+            freeHead = Int32(r)
+        }
         self.phase = phase
         self.input = input
         self.clientFlags = clientFlags

@@ -9,8 +9,9 @@ import Syscalls
 public enum NBDRunOutcome: Sendable, Equatable {
     /// `stop` was set: every connection is closed; the server cannot run again.
     case stopped
-    /// Every connection is at a message boundary with nothing in flight: `handoverState()` and
-    /// `release()` are valid, or `run` resumes service.
+    /// Every connection is at a message boundary with every reply sent, and nothing in flight
+    /// unless the backend hands requests over in flight: `handoverState()` and `release()` are
+    /// valid, or `run` resumes service.
     case quiesced
     /// The quiesce did not finish within `quiesceTimeout`; nothing was lost: `run` resumes service.
     case quiesceFailed(NBDQuiesceFailure)
@@ -79,20 +80,23 @@ extension NBDServer where B: ~Copyable {
         return .quiesced
     }
 
-    /// Whether every connection is at a message boundary with nothing in flight or unsent.
+    /// Whether every connection is at a message boundary with nothing unsent, and nothing in
+    /// flight unless the backend can hand it over.
     func isQuiescent() -> Bool {
-        if totalInFlight > 0 { return false }
-        for i in 0..<clientCount where !isQuiescent(i) { return false }
+        let carries = backend.handsOverInFlight
+        if totalInFlight > 0 && !carries { return false }
+        for i in 0..<clientCount where !isQuiescent(i, carryingInFlight: carries) { return false }
         return true
     }
 
-    func isQuiescent(_ i: Int) -> Bool {
+    func isQuiescent(_ i: Int, carryingInFlight: Bool) -> Bool {
         let c = clients[i]
         switch c.phase {
         case .free: return true
-        case .closed: return false  // requests still in the backend
+        case .closed: return false  // requests still in the backend, for a connection that is gone
         case .handshake, .transmission:
-            guard c.inputOpen, c.used == 0, !c.hasOutput else { return false }
+            // Every request slot in use is in the backend (carried) or none is in use.
+            guard c.inputOpen, c.used == (carryingInFlight ? c.inFlight : 0), !c.hasOutput else { return false }
             switch c.input {
             case .clientFlags, .optionHeader, .requestHeader: return true
             default: return false
@@ -103,7 +107,7 @@ extension NBDServer where B: ~Copyable {
     func quiesceFailure() -> NBDQuiesceFailure {
         var f = NBDQuiesceFailure(timeout: configuration.quiesceTimeout)
         f.requestsInFlight = totalInFlight
-        for i in 0..<clientCount where !isQuiescent(i) {
+        for i in 0..<clientCount where !isQuiescent(i, carryingInFlight: backend.handsOverInFlight) {
             let c = clients[i]
             guard c.phase == .handshake || c.phase == .transmission else { continue }
             if c.hasOutput {
@@ -143,9 +147,16 @@ extension NBDServer where B: ~Copyable {
             case .requestHeader: phase = .transmission
             default: preconditionFailure("client \(i) quiesced in the middle of a message: \(c.input)")
             }
+            var inFlight: [NBDHandoverState.Request] = []
+            for r in 0..<depth where c.requests[r].state == .submitted || c.requests[r].state == .flushing {
+                let q = c.requests[r]
+                inFlight.append(.init(slot: r, flushing: q.state == .flushing, operation: q.operation, flushAfter: q.flushAfter,
+                                      command: q.command, cookie: q.cookie, offset: q.offset, length: q.length, buffer: q.buffer))
+            }
             state.clients.append(.init(fd: c.fd, isTCP: c.isTCP, phase: phase, clientFlags: c.clientFlags.rawValue,
                                        promisedFlags: phase == .transmission ? c.promisedFlags.rawValue : 0,
-                                       pendingInput: Array(UnsafeRawBufferPointer(start: c.inBase + c.inStart, count: c.buffered))))
+                                       pendingInput: Array(UnsafeRawBufferPointer(start: c.inBase + c.inStart, count: c.buffered)),
+                                       slot: i, generation: c.generation, inFlight: inFlight))
         }
         return state
     }
@@ -184,6 +195,11 @@ extension NBDServer where B: ~Copyable {
     ///
     /// The export is this backend's, and must match what the clients were told: the same size,
     /// a minimum block no larger and a maximum payload no smaller (else `.handover` is thrown).
+    /// Requests a connection had in flight are continued: each connection goes to the same slot
+    /// with the same generation, each request to the same request slot, so the tags the backend
+    /// carried (`BlockBackend.handsOverInFlight`) complete them here; their buffers are the
+    /// backend's as handed over. The caller checks that the backend carries exactly these tags.
+    ///
     /// Connections keep the transmission flags they were promised. What this backend cannot do
     /// any more is answered without it (`adoptedAction`): TRIM succeeds without effect (a hint
     /// the server may ignore), writes on a now read-only backend get NBD_EPERM, WRITE_ZEROES
@@ -203,8 +219,13 @@ extension NBDServer where B: ~Copyable {
         guard export.maximumPayload >= state.maximumPayload else {
             throw .handover("this backend's maximum payload is \(export.maximumPayload) bytes; clients were told \(state.maximumPayload)")
         }
-        guard state.clients.count <= configuration.maximumClients else {
-            throw .handover("\(state.clients.count) connections, more than maximumClients (\(configuration.maximumClients))")
+        for c in state.clients {
+            guard c.slot < configuration.maximumClients else {
+                throw .handover("a connection in server slot \(c.slot), more than maximumClients (\(configuration.maximumClients))")
+            }
+            for r in c.inFlight where r.slot >= configuration.requestsPerClient {
+                throw .handover("a request in flight in request slot \(r.slot), more than requestsPerClient (\(configuration.requestsPerClient))")
+            }
         }
         if let u = state.unixListener {
             try Self.checkSocket(u.fd, "the UNIX socket listener (\(u.path))", listening: true, family: AF_UNIX)
@@ -228,15 +249,59 @@ extension NBDServer where B: ~Copyable {
             case .negotiating: (phase, input) = (.handshake, .optionHeader)
             case .transmission: (phase, input) = (.transmission, .requestHeader)
             }
-            clients[k].adopt(fd: c.fd, isTCP: c.isTCP, phase: phase, input: input,
-                             clientFlags: NBDProtocol.ClientFlags(rawValue: c.clientFlags),
-                             promisedFlags: NBDProtocol.TransmissionFlags(rawValue: c.promisedFlags),
-                             pending: c.pendingInput, now: now)
+            clients[c.slot].adopt(fd: c.fd, isTCP: c.isTCP, phase: phase, input: input,
+                                  clientFlags: NBDProtocol.ClientFlags(rawValue: c.clientFlags),
+                                  promisedFlags: NBDProtocol.TransmissionFlags(rawValue: c.promisedFlags),
+                                  pending: c.pendingInput, generation: c.generation,
+                                  inFlight: c.inFlight.map { r in
+                                      (r.slot, RequestSlot(state: r.flushing ? .flushing : .submitted, operation: r.operation,
+                                                           flushAfter: r.flushAfter, command: r.command, cookie: r.cookie,
+                                                           offset: r.offset, length: r.length, buffer: r.buffer, hasBuffer: true))
+                                  }, now: now)
             activeClients += 1
+            totalInFlight += c.inFlight.count
+            totalReserved += c.inFlight.count
         }
         statistics.connectionsAdopted = state.clients.count
-        log("took over \(state.clients.count) connections"
+        let carried = state.clients.reduce(0) { $0 + $1.inFlight.count }
+        statistics.requestsAdopted = carried
+        log("took over \(state.clients.count) connections" + (carried > 0 ? " with \(carried) requests in flight" : "")
             + (state.unixListener.map { " and \($0.path)" } ?? "") + (state.tcpListener.map { " and TCP port \($0.port)" } ?? ""))
+    }
+
+    /// The successor's health check before it serves: reads the export's first `length` bytes
+    /// through the backend. Completions of requests carried in flight that come meanwhile are
+    /// handled as always (their replies go out once `run` starts). Throws if the read fails or
+    /// does not complete within `timeout`; the backend stays usable either way.
+    public mutating func readFirstBlock(length wanted: Int = 4096, timeout: Duration = .seconds(5)) throws(BackendError) {
+        let length = Int(min(UInt64(wanted), export.size))
+        guard let buffer = backend.reserve(length: length) else {
+            throw BackendError("no room in the backend for a read of \(length) bytes")
+        }
+        // Never a request's tag: client slot 2^20 - 1 is past `maximumClients`.
+        let probeTag = UInt64.max
+        do throws(BackendError) {
+            try backend.submit(.read, offset: 0, length: length, buffer: buffer, tag: probeTag)
+        } catch {
+            backend.release(buffer)
+            throw error
+        }
+        let deadline = monotonicNanoseconds() &+ UInt64(timeout.nanoseconds)
+        var result: Int32?
+        while result == nil {
+            let tags = completedTags, results = completedResults, capacity = completionCapacity
+            var count = 0
+            _ = try backend.poll { tag, r in
+                if tag == probeTag { result = r } else if count < capacity { tags[count] = tag; results[count] = r; count += 1 }
+            }
+            for k in 0..<count { complete(tags[k], results[k]) }
+            if result != nil { break }
+            // The buffer stays reserved: the device may still write it.
+            guard monotonicNanoseconds() < deadline else { throw BackendError("the first read did not complete within \(timeout)") }
+            if let fd = backend.completionDescriptor { _ = Syscall.pollIn(fd, timeoutMilliseconds: 10) } else { usleep(50) }
+        }
+        backend.release(buffer)
+        guard result == 0 else { throw BackendError("the first read failed (errno \(result!))") }
     }
 
     /// Checks that `fd` is a stream socket of the kind the state says (listening or not; AF_UNIX if

@@ -7,7 +7,11 @@ import Upgrade
 /// trusts nothing: every field is bounded and checked, and each received descriptor must be used
 /// exactly once.
 ///
-/// Encoding (little-endian, Upgrade's codec: ByteCoding.swift), version 2:
+/// Connections in transmission may have requests in flight in the backend (when it can hand them
+/// over: `BlockBackend.handsOverInFlight`): each travels with its request slot, and the connection
+/// with its slot and generation in the server, so the backend's tags stay valid for the successor.
+///
+/// Encoding (little-endian, Upgrade's codec: ByteCoding.swift), version 3:
 ///
 ///     magic "NBDH", version u16, length u32 (of everything after it),
 ///     export size u64, minimum block u32, preferred block u32, maximum payload u32,
@@ -16,10 +20,15 @@ import Upgrade
 ///     TCP listener present u8 [fd index u32, port u16],
 ///     client count u32, per client:
 ///       fd index u32, isTCP u8, phase u8, client flags u32, promised transmission flags u16,
-///       pending input length u32, pending input
+///       pending input length u32, pending input,
+///       server slot u32, generation u32, requests in flight u32, per request:
+///         request slot u32, flushing u8, operation u8, flush after u8, command u16, cookie u64,
+///         offset u64, length u32, buffer first u32, count u32, length u32
 ///
-/// Version 1 (older builds) was big-endian with a u32 version and a total length; it is refused
-/// by name, so an upgrade from such a build stops before anything is adopted.
+/// Version 2 (builds before requests were carried) is version 3 without the fields after the
+/// pending input: read as connections in the order given, nothing in flight. Version 1 (older
+/// builds) was big-endian with a u32 version and a total length; it is refused by name, so an
+/// upgrade from such a build stops before anything is adopted.
 public struct NBDHandoverState: Sendable, Equatable {
     /// Where a connection's input is: always at a message boundary.
     public enum Phase: UInt8, Sendable {
@@ -42,14 +51,56 @@ public struct NBDHandoverState: Sendable, Equatable {
         public var promisedFlags: UInt16
         /// Received and not consumed, parsed first by the successor (at most `maximumPendingInput`).
         public var pendingInput: [UInt8]
+        /// Where the connection is in the server, and which connection of that slot it is: both
+        /// are part of the backend tags of its requests in flight.
+        public var slot: Int
+        public var generation: UInt32
+        /// Its requests submitted to the backend and not completed (only in transmission).
+        public var inFlight: [Request]
 
-        public init(fd: Int32, isTCP: Bool, phase: Phase, clientFlags: UInt32, promisedFlags: UInt16, pendingInput: [UInt8]) {
+        public init(fd: Int32, isTCP: Bool, phase: Phase, clientFlags: UInt32, promisedFlags: UInt16, pendingInput: [UInt8],
+                    slot: Int, generation: UInt32 = 1, inFlight: [Request] = []) {
             self.fd = fd
             self.isTCP = isTCP
             self.phase = phase
             self.clientFlags = clientFlags
             self.promisedFlags = promisedFlags
             self.pendingInput = pendingInput
+            self.slot = slot
+            self.generation = generation
+            self.inFlight = inFlight
+        }
+
+        /// The backend tag of `request`, as the server that submitted it made it.
+        public func tag(of request: Request) -> UInt64 {
+            UInt64(generation & 0xFF_FFFF) << 40 | UInt64(slot) << 20 | UInt64(request.slot)
+        }
+    }
+
+    /// A request in flight in the backend: which request slot of its connection, what was
+    /// submitted (a FUA TRIM / WRITE_ZEROES may be in its flush), what the client asked, the buffer.
+    public struct Request: Sendable, Equatable {
+        public var slot: Int
+        public var flushing: Bool
+        public var operation: BackendOperation
+        public var flushAfter: Bool
+        public var command: UInt16
+        public var cookie: UInt64
+        public var offset: UInt64
+        public var length: Int
+        public var buffer: BackendBuffer
+
+        public init(slot: Int, flushing: Bool, operation: BackendOperation, flushAfter: Bool, command: UInt16, cookie: UInt64,
+                    offset: UInt64, length: Int, buffer: BackendBuffer) {
+            self.slot = slot
+            self.flushing = flushing
+            self.operation = operation
+            self.flushAfter = flushAfter
+            self.command = command
+            self.cookie = cookie
+            self.offset = offset
+            self.length = length
+            self.buffer = buffer
         }
     }
 
@@ -66,13 +117,15 @@ public struct NBDHandoverState: Sendable, Equatable {
     }
 
     public static let magic = Array("NBDH".utf8)
-    public static let version: UInt16 = 2
+    public static let version: UInt16 = 3
     /// Magic and version as the codec checks them.
     public static let format = BlobFormat(name: "NBD hand-over state", magic: magic, version: version)
     /// The most unconsumed input one connection can have (the server's input buffer).
     public static var maximumPendingInput: Int { ClientState.inputCapacity }
-    /// As many connections as a server can have (`maximumClients` < 2^20).
+    /// As many connections as a server can have (`maximumClients` < 2^20), and requests per
+    /// connection (`requestsPerClient` < 2^20).
     public static let maximumClients = (1 << 20) - 1
+    public static let maximumRequests = (1 << 20) - 1
     /// Client flags and transmission flags a server of this version sends or accepts.
     static let knownClientFlags = NBDProtocol.ClientFlags([.fixedNewstyle, .noZeroes]).rawValue
     static let knownPromisedFlags = NBDProtocol.TransmissionFlags([.hasFlags, .readOnly, .sendFlush, .sendFUA, .sendTrim,
@@ -134,7 +187,17 @@ public struct NBDHandoverState: Sendable, Equatable {
             if c.pendingInput.count > Self.maximumPendingInput {
                 return "client \(k): \(c.pendingInput.count) bytes of pending input, more than \(Self.maximumPendingInput)"
             }
+            if c.slot < 0 || c.slot >= Self.maximumClients { return "client \(k): server slot \(c.slot)" }
+            if !c.inFlight.isEmpty && c.phase != .transmission { return "client \(k): requests in flight before the transmission phase" }
+            var requestSlots = Set<Int>()
+            for r in c.inFlight {
+                guard r.slot >= 0, r.slot < Self.maximumRequests, requestSlots.insert(r.slot).inserted else {
+                    return "client \(k): request slot \(r.slot) out of range or in flight twice"
+                }
+                if let problem = r.problem() { return "client \(k), request slot \(r.slot): \(problem)" }
+            }
         }
+        if Set(clients.map(\.slot)).count != clients.count { return "two clients in one server slot" }
         let fds = descriptors
         if fds.contains(where: { $0 < 0 }) { return "a negative descriptor" }
         if Set(fds).count != fds.count { return "a descriptor listed twice" }
@@ -173,6 +236,14 @@ public struct NBDHandoverState: Sendable, Equatable {
                 w.u16(c.promisedFlags)
                 w.u32(UInt32(c.pendingInput.count))
                 w.raw(c.pendingInput)
+                w.u32(UInt32(c.slot))
+                w.u32(c.generation)
+                w.u32(UInt32(c.inFlight.count))
+                for r in c.inFlight {
+                    w.u32(UInt32(r.slot)); w.u8(r.flushing ? 1 : 0); w.u8(r.operation.rawValue); w.u8(r.flushAfter ? 1 : 0)
+                    w.u16(r.command); w.u64(r.cookie); w.u64(r.offset); w.u32(UInt32(r.length))
+                    w.u32(UInt32(r.buffer.first)); w.u32(UInt32(r.buffer.count)); w.u32(UInt32(r.buffer.length))
+                }
             }
         }
         return w.bytes
@@ -199,8 +270,10 @@ public struct NBDHandoverState: Sendable, Equatable {
         // Version 1 was big-endian with a u32 version: its bytes 4-7 are 00 00 00 01, which the
         // header below would read as version 0. Named, so the log says which version came.
         if bytes.starts(with: magic + [0, 0, 0, 1]) { throw NBDHandoverError.unsupportedVersion(1) }
+        // Version 2 is version 3 without the slots and requests in flight (see the type).
+        let version2 = bytes.starts(with: magic + [2, 0])
         var r = Upgrade.ByteReader(bytes)
-        try r.header(format)
+        try r.header(version2 ? BlobFormat(name: format.name, magic: magic, version: 2) : format)
         _ = try r.length("body length")
         let size = try r.u64("export size")
         let minimum = try r.u32("minimum block size")
@@ -260,13 +333,70 @@ public struct NBDHandoverState: Sendable, Equatable {
                 throw NBDHandoverError.badField("client \(k) pending input length", "\(pendingLength), more than \(maximumPendingInput)")
             }
             let pending = Array(try r.take(pendingLength, "client \(k) pending input"))
-            clients.append(Client(fd: fd, isTCP: tcpByte == 1, phase: phase, clientFlags: clientFlags,
-                                  promisedFlags: promised, pendingInput: pending))
+            var client = Client(fd: fd, isTCP: tcpByte == 1, phase: phase, clientFlags: clientFlags,
+                                promisedFlags: promised, pendingInput: pending, slot: k)
+            if !version2 {
+                client.slot = Int(try r.u32("client \(k) server slot"))
+                client.generation = try r.u32("client \(k) generation")
+                let count = Int(try r.u32("client \(k) requests in flight"))
+                // Each request takes 41 bytes: bounds the count by the input before allocating.
+                guard count <= r.remaining / 41 else {
+                    throw NBDHandoverError.badField("client \(k) requests in flight", "\(count) with \(r.remaining) bytes left")
+                }
+                for q in 0..<count {
+                    let field = "client \(k) request \(q)"
+                    let slot = Int(try r.u32("\(field) slot"))
+                    let flushing = try r.u8("\(field) flushing")
+                    let code = try r.u8("\(field) operation")
+                    let flushAfter = try r.u8("\(field) flush after")
+                    guard flushing <= 1, flushAfter <= 1, let operation = BackendOperation(rawValue: code) else {
+                        throw NBDHandoverError.badField("\(field) flags or operation", "\(flushing), \(flushAfter), \(code)")
+                    }
+                    let command = try r.u16("\(field) command")
+                    let cookie = try r.u64("\(field) cookie")
+                    let offset = try r.u64("\(field) offset")
+                    let length = Int(try r.u32("\(field) length"))
+                    let buffer = BackendBuffer(first: Int(try r.u32("\(field) buffer first")), count: Int(try r.u32("\(field) buffer count")),
+                                               length: Int(try r.u32("\(field) buffer length")))
+                    client.inFlight.append(Request(slot: slot, flushing: flushing == 1, operation: operation, flushAfter: flushAfter == 1,
+                                                   command: command, cookie: cookie, offset: offset, length: length, buffer: buffer))
+                }
+            }
+            clients.append(client)
         }
         guard r.remaining == 0 else { throw NBDHandoverError.trailingBytes(r.remaining) }
         guard used.allSatisfy({ $0 }) else { throw NBDHandoverError.descriptors("a received descriptor is not used by the state") }
         return NBDHandoverState(exportSize: size, minimumBlockSize: minimum, preferredBlockSize: preferred, maximumPayload: maximum,
                                 unixListener: unix, tcpListener: tcp, clients: clients)
+    }
+}
+
+extension NBDHandoverState.Request {
+    /// Why a server cannot continue this request, or nil: the operation is the command's, the
+    /// buffer holds a READ's or WRITE's data (and nothing for the rest), the flush phase only
+    /// where a flush follows.
+    func problem() -> String? {
+        typealias C = NBDProtocol.Command
+        let expected: [BackendOperation]
+        switch command {
+        case C.read: expected = [.read]
+        case C.write: expected = [.write, .writeFUA]
+        case C.flush: expected = [.flush]
+        case C.trim: expected = [.trim]
+        case C.writeZeroes: expected = [.writeZeroes]
+        default: return "command \(command) is not one the backend serves"
+        }
+        guard expected.contains(operation) else { return "command \(command) submitted as \(operation)" }
+        if flushing && !flushAfter { return "in a flush phase without FUA" }
+        if flushAfter && !(operation == .trim || operation == .writeZeroes) { return "a flush after \(operation)" }
+        guard buffer.first >= 0, buffer.count >= 1 else { return "buffer \(buffer)" }
+        switch operation {
+        case .read, .write, .writeFUA:
+            guard length > 0, buffer.length == length else { return "\(length) bytes in a buffer of \(buffer.length)" }
+        case .flush, .trim, .writeZeroes:
+            guard buffer.length == 0 else { return "\(operation) with a buffer of \(buffer.length) bytes" }
+        }
+        return nil
     }
 }
 

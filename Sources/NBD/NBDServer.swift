@@ -74,6 +74,8 @@ public struct NBDServerStatistics: Sendable, Equatable {
     /// Requests still in the backend when `run` returned (the drain timed out).
     public var abandonedRequests = 0
     /// Quiesces that ended with every connection at a message boundary, and those that timed out.
+    /// Requests a previous server left in flight that this one continued (`init(adopting:)`).
+    public var requestsAdopted = 0
     public var quiesces = 0
     public var quiesceFailures = 0
     /// The longest quiesce (successful or not), from the request to the outcome.

@@ -1,3 +1,5 @@
+import NBD
+
 /// What `VirtioBlockBackend` keeps for one request slot. A run of slots carries one NBD request
 /// (one virtio-blk request per slot); the per-run fields are kept in the run's first slot.
 struct BlockBackendSlot {
@@ -26,4 +28,16 @@ struct BlockBackendSlot {
     /// in the run's first slot: the next sector and the sectors still to do.
     var rangeNext: UInt64 = 0
     var rangeLeft = 0
+
+    /// The `operation` code of each backend operation.
+    static func code(_ operation: BackendOperation) -> UInt8 {
+        switch operation {
+        case .read: return 0
+        case .write: return 1
+        case .writeFUA: return 2
+        case .flush: return 3
+        case .trim: return 4
+        case .writeZeroes: return 5
+        }
+    }
 }

@@ -162,6 +162,13 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         recoveries += 1
         brokenBy = nil
         quietSince = 0
+        log?("virtio-blk: device recovered by reset (\(recoveries) so far)")
+        resubmitHeld()
+    }
+
+    /// Gives the device every held request, in submission order, and publishes them. One that
+    /// the device refuses puts itself and those after it back on hold for the next recovery.
+    mutating func resubmitHeld() {
         // Submission order: insertion sort of the held slots by sequence (at most `slots` of them).
         var n = 0
         for slot in 0..<slots where state[slot].held {
@@ -170,7 +177,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
             order[i] = slot
             n += 1
         }
-        log?("virtio-blk: device recovered by reset (\(recoveries) so far); resubmitting \(n) requests")
+        if n > 0 { log?("virtio-blk: resubmitting \(n) requests") }
         for i in 0..<n {
             let slot = order[i]
             state[slot].held = false
@@ -224,7 +231,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         state[first].tag = tag
         state[first].failure = 0
         state[first].flushing = false
-        state[first].operation = VirtioBlockBackend.code(operation)
+        state[first].operation = BlockBackendSlot.code(operation)
         state[first].remaining = Int32(needed)
         let sector = offset / UInt64(BlockConfig.sectorSize)
         do throws(VirtioError) {
@@ -293,16 +300,16 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
             guard state[first].remaining == 0 else { continue }
             // A long discard or write-zeroes range continues in the same slot.
             let code = state[first].operation
-            if (code == VirtioBlockBackend.code(.trim) || code == VirtioBlockBackend.code(.writeZeroes))
+            if (code == BlockBackendSlot.code(.trim) || code == BlockBackendSlot.code(.writeZeroes))
                 && state[first].rangeLeft > 0 && state[first].failure == 0 {
                 do throws(VirtioError) {
-                    try submitNextRange(code == VirtioBlockBackend.code(.trim) ? .trim : .writeZeroes, first: first)
+                    try submitNextRange(code == BlockBackendSlot.code(.trim) ? .trim : .writeZeroes, first: first)
                     device.queue.publish()
                 } catch { throw BackendError("\(error)") }
                 continue
             }
             // A FUA write is durable only after a flush of the device's cache (virtio-blk has no FUA).
-            if state[first].operation == VirtioBlockBackend.code(.writeFUA) && !state[first].flushing && state[first].failure == 0 && canFlush {
+            if state[first].operation == BlockBackendSlot.code(.writeFUA) && !state[first].flushing && state[first].failure == 0 && canFlush {
                 state[first].flushing = true
                 state[first].remaining = 1
                 do throws(VirtioError) {
@@ -351,14 +358,4 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         }
     }
 
-    static func code(_ operation: BackendOperation) -> UInt8 {
-        switch operation {
-        case .read: return 0
-        case .write: return 1
-        case .writeFUA: return 2
-        case .flush: return 3
-        case .trim: return 4
-        case .writeZeroes: return 5
-        }
-    }
 }

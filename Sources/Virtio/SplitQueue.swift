@@ -162,6 +162,10 @@ public struct SplitQueue: ~Copyable {
 
     public var rings: QueueRings { memory.rings }
 
+    /// Every request with more than one buffer goes as one indirect descriptor (when it fits the
+    /// indirect table), so it can be handed over in flight (`handoverSnapshot`).
+    public var usesIndirectDescriptors: Bool { useIndirect }
+
     /// Nothing in flight (and the device did not break the queue): a snapshot may be handed on.
     public var isIdle: Bool { inFlight == 0 && brokenReason == nil }
 

@@ -76,18 +76,22 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         self.transport = transport
     }
 
-    /// Takes over a running virtio-blk device that a previous driver process left idle (live
-    /// upgrade): no reset, nothing zeroed, no queue programmed again. `features` and `queues` are
+    /// Takes over a running virtio-blk device from a previous driver process (live upgrade): no
+    /// reset, nothing zeroed, no queue programmed again. Requests it left in flight on queue 0 come
+    /// as `carried` (from `handoverSnapshots()`), checked against the snapshot's outstanding
+    /// descriptors (`BlockQueue.init(adopting:carried:...)`); the device completes them here. `features` and `queues` are
     /// the handed-over state (queue 0 first, then the worker queues in order); the DMA memory is
     /// the same at the same device addresses. Every check reads the device once and names what
     /// differs; on any refusal the caller starts the device with a reset instead. Checks, in order:
     /// status live and healthy, features as handed over and offered, the snapshots are queues
     /// 0..<n with n ≤ num_queues, each queue enabled with the snapshot's size and rings (and, in
     /// an interrupt mode, still routed to its MSI-X vector), this version's layout of the arena
-    /// puts every ring where the device has it, and each queue's used.idx is the snapshot's.
+    /// puts every ring where the device has it, and each queue's used.idx is at most the outstanding
+    /// requests ahead of the snapshot's.
     public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
                 mode: CompletionMode = .poll, maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil,
-                completionTimeout: Duration = .seconds(10), verified: Adoption.Verified? = nil) throws(VirtioError) {
+                completionTimeout: Duration = .seconds(10), verified: Adoption.Verified? = nil,
+                carried: [CarriedBlockRequest] = []) throws(VirtioError) {
         guard transport.deviceType == .block else {
             throw .adoption(queue: nil, "device is virtio-\(transport.deviceType), not virtio-blk")
         }
@@ -126,11 +130,11 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         // MSI-X: the eventfds are this process's; queue_msix_vector and config_msix_vector are
         // still programmed and are not written again, nor is queue_enable (§4.1.4.3.2).
         if mode != .poll { eventfds = try transport.enableInterrupts(count: snapshots.count) }
-        let queue = try BlockQueue(adopting: snapshots[0], layout: layouts[0], features: features, doorbell: doorbells[0],
-                                   mode: mode, eventfd: eventfds.first, completionTimeout: completionTimeout)
+        let queue = try BlockQueue(adopting: snapshots[0], carried: carried, layout: layouts[0], features: features,
+                                   doorbell: doorbells[0], mode: mode, eventfd: eventfds.first, completionTimeout: completionTimeout)
         var workers: [WorkerQueue] = []
         for i in 1..<snapshots.count {
-            workers.append(WorkerQueue(try BlockQueue(adopting: snapshots[i], layout: layouts[i], features: features,
+            workers.append(WorkerQueue(try BlockQueue(adopting: snapshots[i], carried: [], layout: layouts[i], features: features,
                                                       doorbell: doorbells[i], mode: mode,
                                                       eventfd: mode == .poll ? nil : eventfds[i],
                                                       completionTimeout: completionTimeout)))
@@ -158,6 +162,20 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
             result.append(worker.queue.snapshot)
         }
         return result
+    }
+
+    /// `queueSnapshots()`, except that queue 0 may have requests in flight, carried to the
+    /// successor (`init(adopting:carried:)`) when each takes one descriptor (RING_INDIRECT_DESC).
+    public func handoverSnapshots() throws(VirtioError) -> (queues: [QueueSnapshot], carried: [CarriedBlockRequest]) {
+        let (first, carried) = try queue.handoverSnapshot()
+        var result = [first]
+        for worker in workerQueues {
+            guard worker.queue.isIdle else {
+                throw .adoption(queue: worker.queue.index, "\(worker.queue.inFlight) requests in flight (or the queue is broken); complete them before handing over")
+            }
+            result.append(worker.queue.snapshot)
+        }
+        return (result, carried)
     }
 
     /// Gives the transport back with the device still running (live upgrade): no reset, nothing

@@ -86,17 +86,49 @@ public struct BlockQueue: ~Copyable {
     /// Takes over running queue `snapshot.index` (live upgrade, no reset): `layout` was recomputed
     /// unzeroed and checked against the device (`BlockDevice.init(adopting:)`); the split queue
     /// continues from the snapshot's indices. Nothing is programmed on the device.
-    init(adopting snapshot: QueueSnapshot, layout: Layout, features: Features, doorbell: Doorbell,
-         mode: CompletionMode, eventfd: Int32?, completionTimeout: Duration) throws(VirtioError) {
+    ///
+    /// Requests the previous driver left in flight (`snapshot.outstanding`, token = slot) are
+    /// carried with `carried`, its private record of each: one entry per outstanding request, in
+    /// a slot of this layout, offering the device exactly the bytes that request lets it write.
+    /// Their completions are collected by the next `complete`; their slots are not idle.
+    init(adopting snapshot: QueueSnapshot, carried: [CarriedBlockRequest], layout: Layout, features: Features,
+         doorbell: Doorbell, mode: CompletionMode, eventfd: Int32?, completionTimeout: Duration) throws(VirtioError) {
+        var records = [PendingRequest?](repeating: nil, count: layout.slots)
+        for request in carried {
+            guard request.slot >= 0, request.slot < layout.slots else {
+                throw .adoption(queue: snapshot.index, "a carried request names slot \(request.slot) of \(layout.slots)")
+            }
+            guard records[request.slot] == nil else {
+                throw .adoption(queue: snapshot.index, "slot \(request.slot) carries two requests")
+            }
+            if let problem = request.problem(maxTransfer: layout.maxTransfer) {
+                throw .adoption(queue: snapshot.index, "the request carried in slot \(request.slot) \(problem)")
+            }
+            records[request.slot] = PendingRequest(type: request.type, bytes: request.bytes, sector: request.sector)
+        }
+        guard carried.count == snapshot.outstanding.count else {
+            throw .adoption(queue: snapshot.index, "\(snapshot.outstanding.count) requests outstanding, \(carried.count) carried")
+        }
+        for request in snapshot.outstanding {
+            guard request.token < UInt64(layout.slots), let record = records[Int(request.token)] else {
+                throw .adoption(queue: snapshot.index, "outstanding head \(request.head) names slot \(request.token), which carries no request")
+            }
+            let expected = UInt32(record.deviceWritableBytes)
+            guard request.writableBytes == expected else {
+                throw .adoption(queue: snapshot.index, "outstanding head \(request.head) lets the device write \(request.writableBytes) bytes, its request \(expected)")
+            }
+        }
         let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
+                                   outstanding: snapshot.outstanding)
         self.init(index: snapshot.index, layout: layout, queue: queue, mode: mode, eventfd: eventfd,
-                  completionTimeout: completionTimeout)
+                  completionTimeout: completionTimeout, busy: records.map { $0 != nil })
+        for (slot, record) in records.enumerated() { if let record { pending[slot] = record } }
     }
 
     /// What both paths share: the slots' private state over `layout`, interrupts suppressed.
     init(index: Int, layout: Layout, queue: consuming SplitQueue, mode: CompletionMode, eventfd: Int32?,
-         completionTimeout: Duration) {
+         completionTimeout: Duration, busy: [Bool] = []) {
         queue.suppressInterrupts()
         self.index = index
         self.queue = queue
@@ -109,7 +141,9 @@ public struct BlockQueue: ~Copyable {
         self.segments = FixedArray(repeating: BufferSegment(address: 0, length: 0, deviceWritable: false),
                                    count: layout.perRequest)
         self.pending = FixedArray(repeating: PendingRequest(type: 0, bytes: 0, sector: 0), count: layout.slots)
-        self.idle = SlotStack(filledTo: layout.slots)
+        var idle = SlotStack(capacity: layout.slots)
+        for slot in 0..<layout.slots where busy.isEmpty || !busy[slot] { idle.push(slot) }
+        self.idle = idle
         self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
     }
 
@@ -128,6 +162,28 @@ public struct BlockQueue: ~Copyable {
     public var isIdle: Bool { queue.isIdle }
     /// The queue's rings and indices for a successor; valid only when `isIdle`.
     public var snapshot: QueueSnapshot { queue.snapshot }
+
+    /// The queue with its requests in flight, for a successor that carries them on
+    /// (`init(adopting:carried:...)`): the snapshot (token = slot) and this driver's record of each.
+    /// Refused when the device broke the queue, or a request takes more than one descriptor
+    /// (without RING_INDIRECT_DESC): then they are completed first.
+    public func handoverSnapshot() throws(VirtioError) -> (QueueSnapshot, [CarriedBlockRequest]) {
+        let snapshot = try queue.handoverSnapshot()
+        let carried = snapshot.outstanding.map { o in
+            let slot = Int(o.token)
+            return CarriedBlockRequest(slot: slot, type: pending[slot].type, sector: pending[slot].sector, bytes: pending[slot].bytes)
+        }
+        return (snapshot, carried)
+    }
+
+    /// Each request takes one descriptor (its segments in an indirect table sized for the largest):
+    /// requests in flight can be handed over (`handoverSnapshot`).
+    public var usesOneDescriptorPerRequest: Bool { queue.usesIndirectDescriptors }
+
+    /// The request recorded for `slot` (by `submit` or `hold`).
+    public func request(in slot: Int) -> CarriedBlockRequest {
+        CarriedBlockRequest(slot: slot, type: pending[slot].type, sector: pending[slot].sector, bytes: pending[slot].bytes)
+    }
     /// Why the device broke the queue (nil while it is healthy); cleared by a reset (`recover`).
     public var brokenReason: VirtioError? { queue.brokenReason }
     /// How long a wait goes without a completion before the device counts as stopped.
@@ -229,4 +285,38 @@ struct PendingRequest {
     /// Data bytes.
     var bytes: Int
     var sector: UInt64
+
+    /// What `resubmit` lets the device write: the data of a read or GET_ID, and the status byte.
+    var deviceWritableBytes: Int {
+        (type == BlockRequestType.read.rawValue || type == BlockRequestType.getID.rawValue ? bytes : 0) + 1
+    }
+}
+
+/// A request that crosses a hot upgrade in flight: its slot and what it asks (a successor checks it
+/// with `problem` and against the device's outstanding descriptor before relying on it).
+public struct CarriedBlockRequest: Sendable, Equatable {
+    public var slot: Int
+    /// BlockRequestType raw value.
+    public var type: UInt32
+    public var sector: UInt64
+    /// Data bytes.
+    public var bytes: Int
+
+    public init(slot: Int, type: UInt32, sector: UInt64, bytes: Int) {
+        self.slot = slot
+        self.type = type
+        self.sector = sector
+        self.bytes = bytes
+    }
+
+    /// Why a queue with slots of `maxTransfer` bytes cannot carry this request, or nil.
+    public func problem(maxTransfer: Int) -> String? {
+        guard let kind = BlockRequestType(rawValue: type) else { return "has request type \(type)" }
+        guard bytes >= 0, bytes <= maxTransfer else { return "has \(bytes) data bytes, a slot holds \(maxTransfer)" }
+        switch kind {
+        case .flush where bytes != 0: return "is a flush with \(bytes) data bytes"
+        case .discard, .writeZeroes: return bytes == 16 ? nil : "is a \(kind) with \(bytes) bytes of ranges (one range of 16)"
+        default: return nil
+        }
+    }
 }

@@ -72,4 +72,19 @@ struct MiniNBDClient: ~Copyable {
         guard let data = receive(Int(length)) else { return Self.noReply }
         return (error, data)
     }
+
+    /// Sends one request (type 0 READ, 1 WRITE) without waiting for its reply.
+    func send(_ type: UInt16, handle: UInt64, offset: UInt64, length: UInt32, payload: [UInt8] = []) -> Bool {
+        send(Self.be(UInt32(0x2560_9513)) + Self.be(UInt16(0)) + Self.be(type) + Self.be(handle) + Self.be(offset) + Self.be(length) + payload)
+    }
+
+    /// The next simple reply, in whatever order the server sends them: its handle, error and,
+    /// for a successful READ (`readLengths[handle]`), the data. Nil if none came or it is malformed.
+    func nextReply(readLengths: [UInt64: Int]) -> (handle: UInt64, error: UInt32, data: [UInt8])? {
+        guard let reply = receive(16), Self.value(reply[0..<4], as: UInt32.self) == 0x6744_6698 else { return nil }
+        let handle = Self.value(reply[8..<16], as: UInt64.self), error = Self.value(reply[4..<8], as: UInt32.self)
+        guard error == 0, let n = readLengths[handle] else { return (handle, error, []) }
+        guard let data = receive(n) else { return nil }
+        return (handle, error, data)
+    }
 }

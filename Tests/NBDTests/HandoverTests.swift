@@ -389,9 +389,15 @@ struct HandoverTests {
         exportSize: 8 << 20, minimumBlockSize: 512, preferredBlockSize: 4096, maximumPayload: 1 << 20,
         unixListener: .init(fd: 3, path: "/run/nbd.sock"), tcpListener: .init(fd: 4, port: 10809),
         clients: [
-            .init(fd: 5, isTCP: false, phase: .transmission, clientFlags: 3, promisedFlags: 0x16d, pendingInput: [1, 2, 3]),
-            .init(fd: 6, isTCP: true, phase: .negotiating, clientFlags: 1, promisedFlags: 0, pendingInput: []),
-            .init(fd: 7, isTCP: false, phase: .awaitingClientFlags, clientFlags: 0, promisedFlags: 0, pendingInput: [9]),
+            .init(fd: 5, isTCP: false, phase: .transmission, clientFlags: 3, promisedFlags: 0x16d, pendingInput: [1, 2, 3],
+                  slot: 4, generation: 9, inFlight: [
+                      .init(slot: 7, flushing: false, operation: .writeFUA, flushAfter: false, command: NBDProtocol.Command.write,
+                            cookie: 0xC0FFEE, offset: 4096, length: 8192, buffer: BackendBuffer(first: 2, count: 1, length: 8192)),
+                      .init(slot: 0, flushing: true, operation: .trim, flushAfter: true, command: NBDProtocol.Command.trim,
+                            cookie: 1, offset: 0, length: 512, buffer: BackendBuffer(first: 3, count: 1, length: 0)),
+                  ]),
+            .init(fd: 6, isTCP: true, phase: .negotiating, clientFlags: 1, promisedFlags: 0, pendingInput: [], slot: 0),
+            .init(fd: 7, isTCP: false, phase: .awaitingClientFlags, clientFlags: 0, promisedFlags: 0, pendingInput: [9], slot: 1),
         ])
 
     /// Offsets in `sample.encoded()` (little-endian): the header (magic 4, version 2, length 4),
@@ -434,7 +440,7 @@ struct HandoverTests {
         longer[6] &+= 1  // the length's low byte
         #expect(throws: NBDHandoverError.trailingBytes(1)) { try Self.decode(longer) }
         #expect(throws: NBDHandoverError.badMagic(Array("NBDI".utf8))) { try Self.decode(Self.patched(3, [0x49])) }
-        #expect(throws: NBDHandoverError.unsupportedVersion(3)) { try Self.decode(Self.patched(4, [3])) }
+        #expect(throws: NBDHandoverError.unsupportedVersion(4)) { try Self.decode(Self.patched(4, [4])) }
         // Version 1's header (big-endian, u32 version) is named as such.
         #expect(throws: NBDHandoverError.unsupportedVersion(1)) { try Self.decode(Self.patched(4, [0, 0, 0, 1])) }
         #expect("\(NBDHandoverError.unsupportedVersion(1))".contains("version 1 (big-endian"))
@@ -468,7 +474,7 @@ struct HandoverTests {
         // the length patched to match so that the decoder gets there.
         var cut = Array(bytes.dropLast())
         cut.replaceSubrange(6..<10, with: [UInt8(cut.count - Self.header), 0, 0, 0])
-        #expect(throws: NBDHandoverError.truncated("client 2 pending input")) { try Self.decode(cut) }
+        #expect(throws: NBDHandoverError.truncated("client 2 requests in flight")) { try Self.decode(cut) }
         // Pending input above the input buffer.
         var big = Self.sample
         big.clients[0].pendingInput = [UInt8](repeating: 0, count: NBDHandoverState.maximumPendingInput + 1)
@@ -483,5 +489,42 @@ struct HandoverTests {
         none.tcpListener = nil
         #expect(throws: NBDHandoverError.invalid("no listening socket")) { try Self.decode(none.encoded(), [5, 6, 7]) }
         #expect(throws: NBDHandoverError.self) { try Self.decode(bytes, [3, 4, 5, 6, 3]) }
+    }
+
+    @Test func requestsInFlightAreCheckedAgainstTheirCommandAndConnection() throws {
+        func refused(_ change: (inout NBDHandoverState) -> Void) -> Bool {
+            var state = Self.sample
+            change(&state)
+            guard state.problem() != nil else { return false }
+            do { _ = try Self.decode(state.encoded()); return false } catch { return true }
+        }
+        #expect(refused { $0.clients[0].inFlight[0].operation = .read })             // a WRITE submitted as a read
+        #expect(refused { $0.clients[0].inFlight[0].buffer = BackendBuffer(first: 2, count: 1, length: 4096) })           // data past its buffer
+        #expect(refused { $0.clients[0].inFlight[1].buffer = BackendBuffer(first: 3, count: 1, length: 512) })            // a TRIM with data
+        #expect(refused { $0.clients[0].inFlight[1].flushAfter = false })             // a flush phase without FUA
+        #expect(refused { $0.clients[0].inFlight[1].slot = 7 })                       // one request slot twice
+        #expect(refused { $0.clients[0].inFlight[0].command = 99 })                   // a command never submitted
+        #expect(refused { $0.clients[2].slot = 4 })                                   // two connections in one slot
+        #expect(refused { $0.clients[1].inFlight = Self.sample.clients[0].inFlight }) // in flight while negotiating
+        // The tag the first server gave the backend: generation, server slot, request slot.
+        let c = Self.sample.clients[0]
+        #expect(c.tag(of: c.inFlight[0]) == 9 << 40 | 4 << 20 | 7)
+    }
+
+    /// A version 2 state (builds before requests were carried) is read as connections in the
+    /// order given, in server slots 0, 1, ..., nothing in flight.
+    @Test func aVersion2StateIsReadWithNothingInFlight() throws {
+        let one = NBDHandoverState(exportSize: 8 << 20, minimumBlockSize: 512, preferredBlockSize: 4096, maximumPayload: 1 << 20,
+                                   unixListener: .init(fd: 3, path: "/run/nbd.sock"),
+                                   clients: [.init(fd: 5, isTCP: false, phase: .transmission, clientFlags: 3, promisedFlags: 0x16d,
+                                                   pendingInput: [1, 2, 3], slot: 0)])
+        // Version 3 without the last client's slot, generation and request count (12 bytes).
+        var v2 = Array(one.encoded().dropLast(12))
+        v2[4] = 2
+        v2.replaceSubrange(6..<10, with: [UInt8(v2.count - Self.header), 0, 0, 0])
+        let decoded = try NBDHandoverState(decoding: v2, descriptors: [3, 5])
+        #expect(decoded.clients.count == 1)
+        #expect(decoded.clients[0].slot == 0 && decoded.clients[0].inFlight.isEmpty)
+        #expect(decoded.clients[0].pendingInput == [1, 2, 3])
     }
 }
