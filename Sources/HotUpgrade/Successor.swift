@@ -202,6 +202,7 @@ public struct Successor: ~Copyable {
         start: (consuming T) throws(VirtioError) -> D
     ) throws(UpgradeError) -> D {
         let verified = try chooseLive(transport, wanted: wanted, vectors: vectors)
+        if verified != nil { mark("verify") }
         let device: D
         do throws(VirtioError) {
             if let verified {

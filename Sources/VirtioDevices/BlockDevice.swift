@@ -77,17 +77,17 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     }
 
     /// Takes over a running virtio-blk device from a previous driver process (live upgrade): no
-    /// reset, nothing zeroed, no queue programmed again. Requests it left in flight on queue 0 come
-    /// as `carried` (from `handoverSnapshots()`), checked against the snapshot's outstanding
-    /// descriptors (`BlockQueue.init(adopting:carried:...)`); the device completes them here. `features` and `queues` are
-    /// the handed-over state (queue 0 first, then the worker queues in order); the DMA memory is
-    /// the same at the same device addresses. Every check reads the device once and names what
-    /// differs; on any refusal the caller starts the device with a reset instead. Checks, in order:
-    /// status live and healthy, features as handed over and offered, the snapshots are queues
-    /// 0..<n with n ≤ num_queues, each queue enabled with the snapshot's size and rings (and, in
-    /// an interrupt mode, still routed to its MSI-X vector), this version's layout of the arena
-    /// puts every ring where the device has it, and each queue's used.idx is at most the outstanding
-    /// requests ahead of the snapshot's.
+    /// reset, nothing zeroed, no queue programmed again. `features` and `queues` are the
+    /// handed-over state (queue 0 first, then the worker queues in order); the DMA memory is the
+    /// same at the same device addresses. Requests left in flight on queue 0 come as `carried`
+    /// (from `handoverSnapshots()`); the device completes them here. Every check reads the device
+    /// once and names what differs; on any refusal the caller starts the device with a reset
+    /// instead. Checks, in order: status live and healthy, features as handed over and offered,
+    /// the snapshots are queues 0..<n with n ≤ num_queues, each queue enabled with the snapshot's
+    /// size and rings (and, in an interrupt mode, still routed to its MSI-X vector), this
+    /// version's layout of the arena puts every ring where the device has it, the carried
+    /// requests match the outstanding descriptors (`BlockQueue.carriedRecords`), and each queue's
+    /// used.idx is at most its outstanding requests ahead of the snapshot's.
     public init(adopting transport: consuming T, features: Features, queues snapshots: [QueueSnapshot],
                 mode: CompletionMode = .poll, maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil,
                 completionTimeout: Duration = .seconds(10), verified: Adoption.Verified? = nil,
@@ -107,6 +107,7 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         // First every check, then the first change (interrupts): a refusal leaves the device as it was.
         var doorbells: [Doorbell] = []
         var layouts: [BlockQueue.Layout] = []
+        var records: [[PendingRequest?]] = []
         transport.dma.reset()
         for snapshot in snapshots {
             doorbells.append(try Adoption.doorbell(transport, snapshot, verified: verified,
@@ -124,17 +125,18 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
                 throw .adoption(queue: snapshot.index, "this version would use \(layout.size) entries (queue size \(queueSize.map(String.init) ?? "-")), the device runs \(snapshot.size)")
             }
             try Adoption.checkLayout(layout.rings, snapshot)
+            records.append(try BlockQueue.carriedRecords(snapshot, snapshot.index == 0 ? carried : [], layout: layout))
             layouts.append(layout)
         }
         var eventfds: [Int32] = []
         // MSI-X: the eventfds are this process's; queue_msix_vector and config_msix_vector are
         // still programmed and are not written again, nor is queue_enable (§4.1.4.3.2).
         if mode != .poll { eventfds = try transport.enableInterrupts(count: snapshots.count) }
-        let queue = try BlockQueue(adopting: snapshots[0], carried: carried, layout: layouts[0], features: features,
+        let queue = try BlockQueue(adopting: snapshots[0], carried: records[0], layout: layouts[0], features: features,
                                    doorbell: doorbells[0], mode: mode, eventfd: eventfds.first, completionTimeout: completionTimeout)
         var workers: [WorkerQueue] = []
         for i in 1..<snapshots.count {
-            workers.append(WorkerQueue(try BlockQueue(adopting: snapshots[i], carried: [], layout: layouts[i], features: features,
+            workers.append(WorkerQueue(try BlockQueue(adopting: snapshots[i], carried: records[i], layout: layouts[i], features: features,
                                                       doorbell: doorbells[i], mode: mode,
                                                       eventfd: mode == .poll ? nil : eventfds[i],
                                                       completionTimeout: completionTimeout)))
@@ -150,18 +152,10 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     /// The state of queue 0 and every worker queue for a successor process. Throws if any queue
     /// has requests in flight (or was broken by the device): drain first.
     public func queueSnapshots() throws(VirtioError) -> [QueueSnapshot] {
-        var result: [QueueSnapshot] = []
         guard queue.isIdle else {
             throw .adoption(queue: queue.index, "\(queue.inFlight) requests in flight (or the queue is broken); complete them before handing over")
         }
-        result.append(queue.snapshot)
-        for worker in workerQueues {
-            guard worker.queue.isIdle else {
-                throw .adoption(queue: worker.queue.index, "\(worker.queue.inFlight) requests in flight (or the queue is broken); complete them before handing over")
-            }
-            result.append(worker.queue.snapshot)
-        }
-        return result
+        return try handoverSnapshots().queues
     }
 
     /// `queueSnapshots()`, except that queue 0 may have requests in flight, carried to the

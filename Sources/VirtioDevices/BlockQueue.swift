@@ -91,8 +91,21 @@ public struct BlockQueue: ~Copyable {
     /// carried with `carried`, its private record of each: one entry per outstanding request, in
     /// a slot of this layout, offering the device exactly the bytes that request lets it write.
     /// Their completions are collected by the next `complete`; their slots are not idle.
-    init(adopting snapshot: QueueSnapshot, carried: [CarriedBlockRequest], layout: Layout, features: Features,
+    init(adopting snapshot: QueueSnapshot, carried records: [PendingRequest?], layout: Layout, features: Features,
          doorbell: Doorbell, mode: CompletionMode, eventfd: Int32?, completionTimeout: Duration) throws(VirtioError) {
+        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
+                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
+                                   outstanding: snapshot.outstanding)
+        self.init(index: snapshot.index, layout: layout, queue: queue, mode: mode, eventfd: eventfd,
+                  completionTimeout: completionTimeout, busy: records.map { $0 != nil })
+        for (slot, record) in records.enumerated() { if let record { pending[slot] = record } }
+    }
+
+    /// The records of the requests carried in flight into queue `snapshot` with `layout`, by
+    /// slot, checked before anything is adopted: one per outstanding request, each in a slot of
+    /// this layout, within it, and offering the device exactly the bytes its request lets it write.
+    static func carriedRecords(_ snapshot: QueueSnapshot, _ carried: [CarriedBlockRequest],
+                               layout: Layout) throws(VirtioError) -> [PendingRequest?] {
         var records = [PendingRequest?](repeating: nil, count: layout.slots)
         for request in carried {
             guard request.slot >= 0, request.slot < layout.slots else {
@@ -118,12 +131,7 @@ public struct BlockQueue: ~Copyable {
                 throw .adoption(queue: snapshot.index, "outstanding head \(request.head) lets the device write \(request.writableBytes) bytes, its request \(expected)")
             }
         }
-        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
-                                   outstanding: snapshot.outstanding)
-        self.init(index: snapshot.index, layout: layout, queue: queue, mode: mode, eventfd: eventfd,
-                  completionTimeout: completionTimeout, busy: records.map { $0 != nil })
-        for (slot, record) in records.enumerated() { if let record { pending[slot] = record } }
+        return records
     }
 
     /// What both paths share: the slots' private state over `layout`, interrupts suppressed.

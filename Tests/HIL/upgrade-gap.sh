@@ -44,7 +44,7 @@ for build in $BUILDS; do
       || fail "$label: $ok of $ROUNDS $mode upgrades, $errors reader errors"
     lines=$(grep -E "took over from driver .* in $mode mode with" "$log" | tail -n "$ROUNDS")
     row="$label $mode: driver gap $(grep -oE 'service gap [0-9.]+' <<<"$lines" | grep -oE '[0-9.]+' | median) ms"
-    for phase in "quiesce\\+state" quiesce state adopt "reset\\+rebuild" nbd "first read" "first request"; do
+    for phase in "quiesce\\+state" quiesce state verify adopt "reset\\+rebuild" nbd "first read" "first request"; do
       value=$(grep -oE "(\(|, )$phase [0-9.]+ ms" <<<"$lines" | grep -oE '[0-9.]+ ms' | grep -oE '[0-9.]+' | median)
       [[ $value != - ]] && row+=", ${phase//\\/} $value"
     done

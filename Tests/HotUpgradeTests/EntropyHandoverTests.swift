@@ -74,7 +74,8 @@ struct EntropyHandoverTests {
             #expect(newLog.contains("in \(mode == .reset ? "reset" : "live") mode in"), "\(newLog.lines)")
             // The gap split by phase: the old driver's quiesce, the state transfer, then the successor's steps.
             #expect(newLog.lines.contains { $0.contains("service gap") && $0.contains("(quiesce ") && $0.contains(", state ")
-                && $0.contains(mode == .reset ? "reset+rebuild " : "adopt ") && $0.contains("first request ") }, "\(newLog.lines)")
+                && (mode == .reset ? $0.contains("reset+rebuild ") : $0.contains(", verify ") && $0.contains(", adopt "))
+                && $0.contains("first request ") }, "\(newLog.lines)")
             #expect(oldLog.contains("handed over to pid \(getpid()) (driver new)"), "\(oldLog.lines)")
             #expect(oldLog.contains("fed ") && oldLog.contains("bytes before the handover"))
             // The successor's own request goes through the adopted (or rebuilt) queue.
