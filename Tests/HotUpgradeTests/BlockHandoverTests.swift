@@ -33,6 +33,19 @@ struct BlockHandoverTests {
         return driver
     }
 
+    /// The successor: takes `device` over from the driver serving in `dir`, with `configuration`
+    /// (the same export in `dir` unless given).
+    func successor(_ device: EmulatedDevice, in dir: borrowing TemporaryDirectory, options: TakeOverOptions, log: CapturedLog,
+                   configuration given: NBDServerConfiguration? = nil) throws(UpgradeError) -> Export {
+        let configuration = given ?? configuration(dir)
+        return try takeOver(path: dir.file("control.sock"), address: EmulatedHandover.address, type: .block, options: options,
+                            logger: log.logger, attach: EmulatedHandover.attach(device),
+                            adopt: { t, s throws(UpgradeError) -> Export in
+                                try Export.adopt(t, &s, wanted: BlockDevice<EmulatedTransport>.supported, mode: .poll,
+                                                 configuration: configuration, log: { _ in })
+                            })
+    }
+
     func pattern(_ n: Int, seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
 
     @Test(arguments: [HandoverMessage.Mode.live, .reset])
@@ -53,13 +66,7 @@ struct BlockHandoverTests {
 
             var options = TakeOverOptions(mode: mode, driverVersion: "new")
             options.handoverTimeout = 2000
-            let newConfiguration = configuration(dir)
-            let export = try takeOver(path: dir.file("control.sock"), address: EmulatedHandover.address, type: .block, options: options,
-                                      logger: newLog.logger, attach: EmulatedHandover.attach(device),
-                                      adopt: { t, s throws(UpgradeError) in
-                                          try Export.adopt(t, &s, wanted: BlockDevice<EmulatedTransport>.supported, mode: .poll,
-                                                           configuration: newConfiguration, log: { _ in })
-                                      })
+            let export = try successor(device, in: dir, options: options, log: newLog)
             guard case .handedOver? = old.outcome() else { Issue.record("no handover"); return }
             old.control.stop()
             if let service = old.service.take() { service.relinquish() }
@@ -99,12 +106,7 @@ struct BlockHandoverTests {
             var small = configuration(dir)
             small.maximumClients = 0
             #expect {
-                _ = try takeOver(path: dir.file("control.sock"), address: EmulatedHandover.address, type: .block, options: options,
-                                 logger: newLog.logger, attach: EmulatedHandover.attach(device),
-                                 adopt: { t, s throws(UpgradeError) -> Export in
-                                     try Export.adopt(t, &s, wanted: BlockDevice<EmulatedTransport>.supported, mode: .poll,
-                                                      configuration: small, log: { _ in })
-                                 })
+                _ = try successor(device, in: dir, options: options, log: newLog, configuration: small)
             } throws: { "\($0)".contains("adopting the NBD connections") }
             // The old driver resumes (after a reset: the successor had adopted the device) and answers.
             let got8 = client.request(0, handle: 9, offset: 0, length: 512).error
@@ -171,13 +173,7 @@ struct BlockHandoverTests {
             options.handoverTimeout = 2000
             // The device answers again once the successor has it (after its reset, in reset mode).
             options.afterDeviceUp = { device.faults.stopCompleting = false }
-            let newConfiguration = configuration(dir)
-            let export = try takeOver(path: dir.file("control.sock"), address: EmulatedHandover.address, type: .block, options: options,
-                                      logger: newLog.logger, attach: EmulatedHandover.attach(device),
-                                      adopt: { t, s throws(UpgradeError) in
-                                          try Export.adopt(t, &s, wanted: BlockDevice<EmulatedTransport>.supported, mode: .poll,
-                                                           configuration: newConfiguration, log: { _ in })
-                                      })
+            let export = try successor(device, in: dir, options: options, log: newLog)
             guard case .handedOver? = old.outcome() else { Issue.record("no handover"); return }
             old.control.stop()
             if let service = old.service.take() { service.relinquish() }
@@ -227,12 +223,7 @@ struct BlockHandoverTests {
             options.failFirstRequest = true
             let resets = device.resetCount
             #expect {
-                _ = try takeOver(path: dir.file("control.sock"), address: EmulatedHandover.address, type: .block, options: options,
-                                 logger: newLog.logger, attach: EmulatedHandover.attach(device),
-                                 adopt: { t, s throws(UpgradeError) -> Export in
-                                     try Export.adopt(t, &s, wanted: BlockDevice<EmulatedTransport>.supported, mode: .poll,
-                                                      configuration: configuration(dir), log: { _ in })
-                                 })
+                _ = try successor(device, in: dir, options: options, log: newLog)
             } throws: { "\($0)".contains("driver old serves again (device reset and rebuilt)") }
             #expect(device.resetCount == resets + 1, "the old driver's reset")
             var answered: [UInt64: Int] = [:]
