@@ -27,6 +27,8 @@ public struct ControlServiceConfiguration: Sendable {
     public var wake: Int32?
     /// How long the successor may take to map the device before this driver gives up on it (ms).
     public var handoverTimeout: Int32 = 10_000
+    /// How long a successor started for `upgrade` may take to ask for the device (ms).
+    public var successorStartTimeout: Int32 = 60_000
     /// Tests of the refusal path only: the format the device part is written in.
     public var debugStateFormat: UInt16?
 
@@ -45,6 +47,10 @@ public final class ControlService: @unchecked Sendable {
     /// Set while a handover request is parked: the service quiesces.
     public let quiesce = Atomic<Bool>(false)
     let pending = Mutex<HandoverRequest?>(nil)
+    /// The successor started for `upgrade`, until its outcome is reported.
+    let launch = Mutex<SuccessorLaunch?>(nil)
+    /// Successors whose outcome was reported, until they are reaped.
+    let ended = Mutex<[pid_t]>([])
     let stopping = Atomic<Bool>(false)
     var thread = pthread_t()
     var running = false
@@ -78,13 +84,16 @@ public final class ControlService: @unchecked Sendable {
     public var path: String { listener.path }
 
     /// Ends the thread (the process is about to exit or has handed over). A request still
-    /// parked is refused.
+    /// parked is refused; a command waiting for an upgrade's outcome hears that this driver stops.
     public func stop() {
         guard running else { return }
         running = false
         stopping.store(true, ordering: .relaxed)
         pthread_join(thread, nil)
         if let request = pending.withLock({ $0.take() }) { try? request.connection.send(.refused("the driver is stopping")) }
+        if let waiting = launch.withLock({ $0.take() }) {
+            try? waiting.requester.send(.upgradeOutcome(upgraded: false, summary: "the serving driver stopped before the new driver (pid \(waiting.pid)) took over"))
+        }
     }
 
     deinit { stop() }
@@ -107,6 +116,7 @@ public final class ControlService: @unchecked Sendable {
 
     func answer() {
         while !stopping.load(ordering: .relaxed) {
+            watchSuccessors()
             guard case .success(let ready) = Syscall.pollIn(listener.fd.raw, timeoutMilliseconds: 100), ready else { continue }
             guard let connection = listener.accept(log: { logger.warning("\($0)") }) else { continue }
             answer(connection)
@@ -165,8 +175,10 @@ public final class ControlService: @unchecked Sendable {
             logger.notice("pid \(pid) mapped the device; quiescing")
             quiesce.store(true, ordering: .relaxed)
             if let wake = configuration.wake { _ = Syscall.write64(wake, 1) }
+        case .upgrade(let binary, let mode, let extra)?:
+            startSuccessor(connection, binary: binary, mode: mode, extra: extra)
         default:
-            try? connection.send(.refused("expected hello, describe or statistics"))
+            try? connection.send(.refused("expected hello, upgrade, describe or statistics"))
         }
     }
 }

@@ -47,6 +47,7 @@ extension ControlService {
                 }
                 switch handOver(request, service: part, quiesced: quiesced) {
                 case .handedOver:
+                    reportUpgrade(of: request.peer, upgraded: true, "pid \(request.peer) (driver \(request.version)) serves \(devicePart.record.deviceAddress)")
                     return .handedOver
                 case .rolledBack(let touched, let reason):
                     logger.warning("upgrade rolled back, this driver (\(devicePart.record.driverVersion)) keeps serving: \(reason)")
@@ -63,6 +64,7 @@ extension ControlService {
                     }
                     // The next hello is accepted before the successor hears of it: a retry right
                     // after a failed upgrade is not refused as "in progress".
+                    reportUpgrade(of: request.peer, upgraded: false, "rolled back: \(reason); \(summary)")
                     finished()
                     try? request.connection.send(.resumed(summary))
                 }

@@ -18,6 +18,11 @@
 ///                                       hello (so a failed upgrade returns only once rolled back)
 ///                          ◀─────────── abort (the deadline passed first): the successor exits
 ///
+/// `virtio-vfio upgrade` does not start the successor itself: it asks the serving driver with
+/// `upgrade(binary, mode, arguments)`, which starts it (so the successor logs where the driver
+/// logs and, under a service manager, belongs to the service), answers `started(pid)` or
+/// `refused(reason)`, and once that successor's handover ended, `upgradeOutcome`.
+///
 /// The serving driver keeps every descriptor and the device until it sends `go`; a successor that
 /// dies, declines or misses the deadline leaves it serving (rollback). `describe` is answered at
 /// any time with what `virtio-vfio upgrade` needs to start a successor, `statistics` with the
@@ -52,6 +57,13 @@ public enum HandoverMessage: Equatable, Sendable {
     case described(pid: Int32, driverVersion: String, features: UInt64, arguments: [String])
     case statistics
     case counters([Counter])
+    /// Start `binary` as this driver's successor: this driver's own arguments, then
+    /// `--take-over --mode mode`, then `arguments`.
+    case upgrade(binary: String, mode: Mode, arguments: [String])
+    /// The successor `upgrade` asked for runs as `pid`.
+    case started(pid: Int32)
+    /// How that successor's upgrade ended: upgraded, or not (rolled back, or it never took over).
+    case upgradeOutcome(upgraded: Bool, summary: String)
 
     /// One counter of a serving driver, by a stable name (`rx_packets`, ...).
     public struct Counter: Equatable, Sendable {
@@ -92,7 +104,7 @@ public enum HandoverMessage: Equatable, Sendable {
 
     enum Kind: UInt8 {
         case hello = 1, refused, stateFollows, ready, declined, go, abort, describe, described, deviceFollows, prepared
-        case statistics, counters, resumed
+        case statistics, counters, resumed, upgrade, started, upgradeOutcome
     }
 
     /// The message's bytes. Reasons and summaries longer than `maxText` are clipped; a driver
@@ -120,6 +132,15 @@ public enum HandoverMessage: Equatable, Sendable {
             w.u16(UInt16(arguments.count))
             for a in arguments { w.string(a) }
         case .statistics: w.u8(Kind.statistics.rawValue)
+        case .upgrade(let binary, let mode, let arguments):
+            precondition(Self.problem(describing: [binary] + arguments) == nil,
+                         "upgrade: \(Self.problem(describing: [binary] + arguments) ?? "")")
+            w.u8(Kind.upgrade.rawValue); w.string(binary); w.u8(mode.rawValue)
+            w.u16(UInt16(arguments.count))
+            for a in arguments { w.string(a) }
+        case .started(let pid): w.u8(Kind.started.rawValue); w.u32(UInt32(bitPattern: pid))
+        case .upgradeOutcome(let upgraded, let summary):
+            w.u8(Kind.upgradeOutcome.rawValue); w.u8(upgraded ? 1 : 0); w.string(Self.clipped(summary))
         case .counters(let counters):
             precondition(counters.count <= Self.maxCounters && counters.allSatisfy { $0.name.utf8.count <= Self.maxCounterName },
                          "counters: more than \(Self.maxCounters) or a name longer than \(Self.maxCounterName) bytes")
@@ -167,6 +188,20 @@ public enum HandoverMessage: Equatable, Sendable {
             for i in 0..<count { arguments.append(try text(&r, "argument \(i)")) }
             self = .described(pid: pid, driverVersion: version, features: features, arguments: arguments)
         case .statistics: self = .statistics
+        case .upgrade:
+            let binary = try text(&r, "binary")
+            let m = try r.u8("mode")
+            guard let mode = Mode(rawValue: m) else { throw .invalid(field: "mode", "unknown mode \(m)") }
+            let count = Int(try r.u16("argument count"))
+            guard count <= HandoverMessage.maxArguments else { throw .invalid(field: "argument count", "\(count)") }
+            var arguments: [String] = []
+            for i in 0..<count { arguments.append(try text(&r, "argument \(i)")) }
+            self = .upgrade(binary: binary, mode: mode, arguments: arguments)
+        case .started: self = .started(pid: Int32(bitPattern: try r.u32("pid")))
+        case .upgradeOutcome:
+            let upgraded = try r.u8("upgraded")
+            guard upgraded <= 1 else { throw .invalid(field: "upgraded", "\(upgraded) is not 0 or 1") }
+            self = .upgradeOutcome(upgraded: upgraded == 1, summary: try text(&r, "summary"))
         case .counters:
             let count = Int(try r.u16("counter count"))
             guard count <= HandoverMessage.maxCounters else { throw .invalid(field: "counter count", "\(count)") }

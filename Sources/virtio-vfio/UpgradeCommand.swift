@@ -1,4 +1,6 @@
 import ArgumentParser
+import Foundation
+import HotUpgrade
 import PCI
 import Syscalls
 import Upgrade
@@ -14,9 +16,10 @@ struct UpgradeCommand: ParsableCommand {
         commandName: "upgrade",
         abstract: "Hand a served device to another driver build without stopping its clients.",
         discussion: """
-            Asks the driver serving BDF (through /run/virtio-vfio/BDF.sock) how it was started, then \
-            starts BINARY with the same arguments plus --take-over --mode MODE (and anything after \
-            --), in a session of its own. The new driver receives the device, the DMA memory, the \
+            Asks the driver serving BDF (through /run/virtio-vfio/BDF.sock) to start BINARY with its \
+            own arguments plus --take-over --mode MODE (and anything after --): the new driver runs \
+            as its child, in a session of its own, and logs where the serving driver logs (its \
+            terminal, file or journal; under a service manager it stays in the service). The new driver receives the device, the DMA memory, the \
             interrupts and the clients' connections, brings the device up (reset mode: reset, \
             renegotiate, rebuild; live mode: adopt the rings as they are) and completes a first \
             request; only then does the old driver end. If the new one fails, exits, or is not \
@@ -47,21 +50,77 @@ struct UpgradeCommand: ParsableCommand {
             printError("virtio-vfio: error: no driver serves \(address) (no answer on \(path) in three tries); start `virtio-vfio serve ...` first")
             throw ExitCode(Failure.unavailable)
         }
+        // The serving driver starts the binary: it needs a path that does not depend on our directory.
+        let binary = self.binary.hasPrefix("/") ? self.binary : FileManager.default.currentDirectoryPath + "/" + self.binary
         guard case .success = Syscall.access(binary, X_OK) else {
             printError("virtio-vfio: error: \(binary) is not an executable file")
             throw ExitCode(Failure.noInput)
         }
         print("before: pid \(old.pid), driver \(old.version), features \(describeFeatures(old.features))")
-        let arguments = [binary] + Self.successorArguments(old.arguments, mode: mode) + extra
-        let child = try spawn(arguments)
+        let child: pid_t
+        let connection = try ask(path, .upgrade(binary: binary, mode: mode, arguments: extra), about: "\(address)")
+        switch try? connection.receiveMessage(timeoutMilliseconds: 5000) {
+        case .started(let pid)?:
+            child = pid
+            printError("virtio-vfio: the serving driver started \(binary) as pid \(pid) (it logs where the serving driver logs)")
+        case .refused(let why)?:
+            printError("virtio-vfio: error: the driver serving \(address) refused to upgrade: \(why)")
+            throw ExitCode(Failure.busy)
+        default:
+            // A build before `upgrade` existed closes the connection: start the successor from here.
+            printError("virtio-vfio: warning: the driver serving \(address) (driver \(old.version)) cannot start its successor itself; starting it from here, its log goes to this command's stderr")
+            let arguments = [binary] + SuccessorLaunch.arguments(replacing: old.arguments, mode: mode) + extra
+            return try awaitLocal(spawnHere(arguments), old: old, path: path)
+        }
+        // nil: the serving driver ended without a word (it had handed over, or died).
+        let outcome: HandoverMessage?
+        do { outcome = try connection.receiveMessage(timeoutMilliseconds: timeout) } catch {
+            printError("virtio-vfio: error: no outcome after \(timeout) ms (new driver pid \(child)): \(error)")
+            throw ExitCode(Failure.ioError)
+        }
+        switch outcome {
+        case .upgradeOutcome(true, _)?, nil:
+            if let now = askServingDriver(path), now.pid == child {
+                print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
+                print("upgraded: \(old.version) -> \(now.version) (\(mode) mode requested)")
+                return
+            }
+            if outcome != nil {
+                printError("virtio-vfio: error: the old driver reported the upgrade done, but pid \(child) does not answer on \(path)")
+                throw ExitCode(Failure.ioError)
+            }
+            let now = askServingDriver(path)
+            print("rolled back: the old driver ended without reporting; \(now.map { "pid \($0.pid) (driver \($0.version)) serves" } ?? "nothing serves \(address) now")")
+            throw ExitCode(1)
+        case .upgradeOutcome(false, let summary)?:
+            print("rolled back: \(summary)")
+            throw ExitCode(1)
+        case let other?:
+            printError("virtio-vfio: error: the serving driver answered \(other), not the upgrade's outcome")
+            throw ExitCode(Failure.protocolError)
+        }
+    }
+
+    /// Connects to the control socket and sends `message`.
+    func ask(_ path: String, _ message: HandoverMessage, about address: String) throws -> ControlConnection {
+        do {
+            let connection = try ControlConnection(connectingTo: path, timeoutMilliseconds: 2000)
+            try connection.send(message)
+            return connection
+        } catch {
+            printError("virtio-vfio: error: asking the driver serving \(address) to upgrade: \(error)")
+            throw ExitCode(Failure.ioError)
+        }
+    }
+
+    /// The upgrade of a driver too old to start its successor: wait for `child` to serve (or end).
+    func awaitLocal(_ child: pid_t, old: (pid: Int32, version: String, features: UInt64, arguments: [String]), path: String) throws {
         let clock = ContinuousClock()
         let deadline = clock.now + .milliseconds(Int(timeout))
         while clock.now < deadline {
-            var status: Int32 = 0
-            if waitpid(child, &status, WNOHANG) == child {
-                let how = status & 0x7F == 0 ? "exited with status \((status >> 8) & 0xFF)" : "was killed by signal \(status & 0x7F)"
+            if case .success(let exit?) = Syscall.reap(child) {
                 let now = askServingDriver(path)
-                print("rolled back: the new driver (pid \(child)) \(how); pid \(now?.pid ?? old.pid) (driver \(now?.version ?? old.version)) keeps serving")
+                print("rolled back: the new driver (pid \(child)) \(exit); pid \(now?.pid ?? old.pid) (driver \(now?.version ?? old.version)) keeps serving")
                 throw ExitCode(1)
             }
             if let now = askServingDriver(path), now.pid == child {
@@ -75,28 +134,13 @@ struct UpgradeCommand: ParsableCommand {
         throw ExitCode(Failure.ioError)
     }
 
-    /// The serving driver's command line with the options of an earlier takeover removed, then
-    /// `--take-over --mode MODE`.
-    static func successorArguments(_ old: [String], mode: HandoverMessage.Mode) -> [String] {
-        var result: [String] = []
-        var skip = false
-        for argument in old.dropFirst() {
-            if skip { skip = false; continue }
-            if argument == "--take-over" { continue }
-            if ["--mode", "--debug-fault", "--debug-state-format"].contains(argument) { skip = true; continue }
-            if ["--mode=", "--debug-fault=", "--debug-state-format="].contains(where: { argument.hasPrefix($0) }) { continue }
-            result.append(argument)
-        }
-        return result + ["--take-over", "--mode", "\(mode)"]
-    }
-
     func describeFeatures(_ raw: UInt64) -> String {
         "0x\(String(raw, radix: 16)) [\(Features(rawValue: raw).names(for: nil).joined(separator: ", "))]"
     }
 
     /// Starts `arguments` in a new session (it outlives this command), stdin from /dev/null,
-    /// stdout and stderr to our stderr (its log).
-    func spawn(_ arguments: [String]) throws -> pid_t {
+    /// stdout and stderr to our stderr (its log): only for a serving driver too old to start it.
+    func spawnHere(_ arguments: [String]) throws -> pid_t {
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
         defer { posix_spawnattr_destroy(&attributes) }

@@ -256,7 +256,7 @@ struct EntropyHandoverTests {
             }
             #expect(try ask(.describe) == .described(pid: getpid(), driverVersion: "old", features: 0, arguments: ["test"]))
             #expect(try ask(.statistics) == .counters([HandoverMessage.Counter(name: "fed", value: 7)]))
-            #expect(try ask(.go) == .refused("expected hello, describe or statistics"))
+            #expect(try ask(.go) == .refused("expected hello, upgrade, describe or statistics"))
             // A second driver on the same path is refused while this one answers.
             #expect { _ = try ControlService(path: dir.file("rng.sock"), replacing: false, devicePart: old.service!.devicePart(driverVersion: "x"),
                                              configuration: ControlServiceConfiguration { .go }, logger: log.logger) } throws: {

@@ -16,6 +16,8 @@ struct ControlSocketTests {
             .declined("first read failed", touchedDevice: true), .resumed("device reset and rebuilt"), .go, .abort("deadline"), .describe,
             .described(pid: 7, driverVersion: "0.2.0+no-event-idx", features: 0x3_0000_0000, arguments: ["virtio-vfio", "serve", "blk"]),
             .statistics, .counters([]),
+            .upgrade(binary: "/opt/virtio-vfio-next/virtio-vfio", mode: .live, arguments: ["--handover-timeout", "500"]),
+            .started(pid: 4242), .upgradeOutcome(upgraded: false, summary: "rolled back: first request failed"),
             .counters([.init(name: "rx_packets", value: 12), .init(name: "tx_bytes", value: UInt64.max)]),
         ]
         for m in messages { #expect(try HandoverMessage(decoding: m.encoded()) == m) }
