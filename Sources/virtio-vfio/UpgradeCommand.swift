@@ -80,10 +80,18 @@ struct UpgradeCommand: ParsableCommand {
         }
         switch outcome {
         case .upgradeOutcome(true, _)?, nil:
-            if let now = askServingDriver(path), now.pid == child {
-                print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
-                print("upgraded: \(old.version) -> \(now.version) (\(mode) mode requested)")
-                return
+            // The new driver answers on the socket once it has renamed its own over the path,
+            // right after the old one said `go`.
+            let clock = ContinuousClock()
+            let deadline = clock.now + .seconds(10)
+            while clock.now < deadline {
+                if let now = askServingDriver(path), now.pid == child {
+                    print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
+                    print("upgraded: \(old.version) -> \(now.version) (\(mode) mode requested)")
+                    return
+                }
+                if kill(child, 0) != 0 { break }
+                usleep(20_000)
             }
             if outcome != nil {
                 printError("virtio-vfio: error: the old driver reported the upgrade done, but pid \(child) does not answer on \(path)")

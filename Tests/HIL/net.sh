@@ -38,7 +38,8 @@ ip netns add A && ip netns add B && pass "namespaces A and B" || fail "ip netns 
 
 # ---- our driver -------------------------------------------------------------------------------
 # shellcheck disable=SC2086 # NET_SERVE_ARGS is a list of options
-virtio-vfio serve net $OURS --tap vtap0 ${NET_SERVE_ARGS:-} 2>"$work/serve.log" &
+serve_log=$work/serve.log
+virtio-vfio serve net $OURS --tap vtap0 ${NET_SERVE_ARGS:-} 2>"$serve_log" &
 serve=$!
 for _ in $(seq 100); do ip link show vtap0 >/dev/null 2>&1 && break; sleep 0.1; done
 ip link show vtap0 >/dev/null 2>&1 && pass "serve net created vtap0" || fail "no vtap0: $(cat "$work/serve.log")"
@@ -107,28 +108,29 @@ if [[ -x $B ]]; then
     lost=$(sed -nE 's/^([0-9]+) packets transmitted, ([0-9]+) received.*/\1 \2/p' "$work/probe.txt" | awk '{ print $1 - $2 }')
     echo "${gap:-?} ms longest gap between ping replies, ${lost:-?} of $(sed -nE 's/^([0-9]+) packets transmitted.*/\1/p' "$work/probe.txt") lost"
   }
-  driver_gap() { grep -oE "took over TAP vtap0 from driver [^ ]+ in (live|reset) mode in [^;]+; service gap [0-9.]+ ms \([^)]*\)" "$work/upgrade.log" | tail -n 1; }
+  # The successors log where the driver they replace logs ($serve_log: serve.log, later msix.log).
+  driver_gap() { grep -oE "took over TAP vtap0 from driver [^ ]+ in (live|reset) mode in [^;]+; service gap [0-9.]+ ms \([^)]*\)" "$serve_log" | tail -n 1; }
 
   timeout 120 ip netns exec A iperf3 -c 10.0.0.2 -t 30 -i 1 -J >"$work/upgrade-tx.json" 2>&1 &
   iperf=$!
   sleep 4
   probe_start; upgrade_net "$A" live; client=$(probe_gap)
-  [[ $RC == 0 && $OUT == *"upgraded: $va -> $va"* ]] && pass "serve net: live upgrade $va -> $va during iperf3" || fail "live upgrade: exit $RC: $OUT $(tail -n 5 "$work/upgrade.log")"
+  [[ $RC == 0 && $OUT == *"upgraded: $va -> $va"* ]] && pass "serve net: live upgrade $va -> $va during iperf3" || fail "live upgrade: exit $RC: $OUT $(tail -n 5 "$serve_log")"
   live_driver=$(driver_gap) live_client=$client
-  [[ $live_driver == *"in live mode"* ]] && pass "live mode: $live_driver; client: $live_client" || fail "live takeover log: $(tail -n 5 "$work/upgrade.log")"
+  [[ $live_driver == *"in live mode"* ]] && pass "live mode: $live_driver; client: $live_client" || fail "live takeover log: $(tail -n 5 "$serve_log")"
   sleep 2
   probe_start; upgrade_net "$B" reset; client=$(probe_gap)
-  [[ $RC == 0 && $OUT == *"upgraded: $va -> $vb"* ]] && pass "serve net: reset upgrade $va -> $vb during iperf3" || fail "reset upgrade: exit $RC: $OUT $(tail -n 5 "$work/upgrade.log")"
+  [[ $RC == 0 && $OUT == *"upgraded: $va -> $vb"* ]] && pass "serve net: reset upgrade $va -> $vb during iperf3" || fail "reset upgrade: exit $RC: $OUT $(tail -n 5 "$serve_log")"
   reset_driver=$(driver_gap) reset_client=$client
-  [[ $reset_driver == *"in reset mode"* ]] && pass "reset mode: $reset_driver; client: $reset_client" || fail "reset takeover log: $(tail -n 5 "$work/upgrade.log")"
+  [[ $reset_driver == *"in reset mode"* ]] && pass "reset mode: $reset_driver; client: $reset_client" || fail "reset takeover log: $(tail -n 5 "$serve_log")"
   sleep 2
   upgrade_net "$A" auto
-  [[ $RC == 0 && $OUT == *"upgraded: $vb -> $va"* ]] && grep -q "live mode not possible" "$work/upgrade.log" \
+  [[ $RC == 0 && $OUT == *"upgraded: $vb -> $va"* ]] && grep -q "live mode not possible" "$serve_log" \
     && pass "serve net: auto mode across feature sets falls back to reset ($vb -> $va)" || fail "auto upgrade: exit $RC: $OUT"
   sleep 2
   upgrade_net "$A" live --debug-fault first-request-fails
   [[ $RC == 1 && $OUT == *"rolled back"* ]] && pass "serve net: a successor failing its first check is rolled back" || fail "rollback: exit $RC: $OUT"
-  grep -q "device reset and rebuilt after the failed upgrade" "$work/upgrade.log" && pass "the old driver reset and rebuilt the device it had handed over live" || fail "no rebuild after rollback: $(tail -n 5 "$work/upgrade.log")"
+  grep -q "device reset and rebuilt after the failed upgrade" "$serve_log" && pass "the old driver reset and rebuilt the device it had handed over live" || fail "no rebuild after rollback: $(tail -n 5 "$serve_log")"
   wait $iperf; rc=$?
   secs=$(jq -r '.end.sum_received.seconds // 0 | floor' "$work/upgrade-tx.json" 2>/dev/null)
   err=$(jq -r '.error // empty' "$work/upgrade-tx.json" 2>/dev/null)
@@ -187,7 +189,8 @@ frames=$(sed -nE 's/^device->tap: ([0-9]+) frames.*/\1/p' "$work/all.log" | tail
 ip -n A link show vtap0 >/dev/null 2>&1 && fail "vtap0 still exists after serve net stopped" || pass "vtap0 is gone with serve net"
 
 # ---- the same bridge sleeping on MSI-X interrupts ------------------------------------------------
-virtio-vfio serve net $OURS --tap vtap0 --irq msix 2>"$work/msix.log" &
+serve_log=$work/msix.log
+virtio-vfio serve net $OURS --tap vtap0 --irq msix 2>"$serve_log" &
 current=$!
 for _ in $(seq 100); do ip link show vtap0 >/dev/null 2>&1 && break; sleep 0.1; done
 ip link set vtap0 netns A && ip -n A addr add 10.0.0.1/24 dev vtap0 && ip -n A link set vtap0 up \
@@ -217,7 +220,7 @@ if [[ -x $B ]]; then
   sleep 4
   upgrade_net "$A" live
   [[ $RC == 0 ]] && grep -q "in live mode" <(driver_gap) && pass "msix: live upgrade during iperf3 (vectors kept): $(driver_gap | grep -oE 'service gap [0-9.]+ ms')" \
-    || fail "msix live upgrade: exit $RC: $OUT $(tail -n 5 "$work/upgrade.log")"
+    || fail "msix live upgrade: exit $RC: $OUT $(tail -n 5 "$serve_log")"
   wait $iperf; rc=$?
   tail3=$(jq -r '[.intervals[-3:][].sum.bytes] | min' "$work/msix-upgrade.json" 2>/dev/null)
   [[ $rc == 0 && ${tail3:-0} -gt 0 ]] && pass "msix: iperf3 kept its connection through the upgrade" || fail "msix iperf3 across the upgrade: exit $rc"

@@ -22,6 +22,8 @@ upgrade() {
   OUT=$(timeout 60 $A upgrade "$bdf" --binary "$bin" --mode "$mode" -- "$@" 2>>"$work/upgrade.log"); RC=$?
 }
 serving() { sed -nE 's/^after: pid ([0-9]+).*/\1/p' <<<"$OUT"; }
+# served_by BDF: the pid of the driver serving BDF now (from `info`, over its control socket).
+served_by() { timeout 10 $A info "$1" 2>/dev/null | sed -nE 's/^.*: served by pid ([0-9]+),.*/\1/p'; }
 
 # ---- rng --------------------------------------------------------------------------------------
 $A serve rng $RNG --rate 65536 --credit 0 2>"$work/rng.log" &
@@ -31,12 +33,12 @@ upgrade $RNG "$B" reset
 [[ $OUT == *"after: pid"*"0x300000000"* ]] && pass "rng: the new build negotiated without EVENT_IDX" || fail "rng features after: $OUT"
 upgrade $RNG "$A" live
 [[ $RC == 1 && $OUT == *"rolled back"* ]] && pass "rng: live mode across different feature sets is refused, the old driver keeps serving" || fail "rng live across features: exit $RC: $OUT"
-grep -q "live mode needs the same features" "$work/upgrade.log" && pass "rng: the refusal names the feature difference" || fail "no feature-difference message"
+grep -q "live mode needs the same features" <(cat "$work"/*.log) && pass "rng: the refusal names the feature difference" || fail "no feature-difference message"
 upgrade $RNG "$A" reset
 [[ $RC == 0 ]] && pass "rng: reset-mode upgrade back to $va" || fail "rng reset back: exit $RC: $OUT"
 upgrade $RNG "$A" live
 [[ $RC == 0 ]] && pass "rng: live-mode upgrade $va -> $va (rings adopted, no reset)" || fail "rng live: exit $RC: $OUT"
-grep -q "in live mode" "$work/upgrade.log" && pass "rng: the successor reports the live takeover" || fail "rng log: $(grep -i took "$work/rng.log")"
+grep -q "in live mode" <(cat "$work"/*.log) && pass "rng: the successor reports the live takeover" || fail "rng log: $(grep -i took "$work/rng.log")"
 # 16 more, alternating builds and modes as the blk acceptance does: 20 rng upgrades in all.
 ok=0
 for i in $(seq 16); do
@@ -45,14 +47,14 @@ for i in $(seq 16); do
   [[ $RC == 0 ]] && ok=$((ok + 1)) || echo "rng upgrade $((i + 4)) ($mode to $bin): $OUT"
 done
 [[ $ok == 16 ]] && pass "rng: 16 more upgrades alternating builds and modes" || fail "rng: $ok of 16 upgrades"
-fed=$(grep -cE "fed [1-9][0-9]* bytes before the handover" "$work/rng.log" "$work/upgrade.log" | awk -F: '{ n += $2 } END { print n }')
+fed=$(grep -cE "fed [1-9][0-9]* bytes before the handover" "$work/rng.log" <(cat "$work"/*.log) | awk -F: '{ n += $2 } END { print n }')
 [[ $fed -ge 19 ]] && pass "rng: each of the $fed handed-over drivers had fed the pool (serve rng keeps feeding)" || fail "rng: only $fed drivers report feeding before their handover"
 pid=$(serving)
 sleep 0.5
 kill -TERM "$pid" 2>/dev/null
 for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-# Successors log to the upgrade command's stderr (upgrade.log).
-grep -qE "fed [0-9]+ bytes .*device reset" "$work/upgrade.log" && pass "rng: the last driver fed the pool and stopped with a reset" || fail "rng end: $(tail -3 "$work/upgrade.log")"
+# Successors log where the driver they replace logs (the serving driver starts them): rng.log.
+grep -qE "fed [0-9]+ bytes .*device reset" "$work/rng.log" && pass "rng: the last driver fed the pool and stopped with a reset" || fail "rng end: $(tail -3 "$work/rng.log")"
 
 # ---- blk through nbd-client --------------------------------------------------------------------
 sock=$work/nbd.sock
@@ -71,13 +73,13 @@ for step in "$B reset" "$B live" "$A reset" "$A live"; do
   got=$(timeout 30 dd if=/dev/nbd0 bs=1M count=8 iflag=direct status=none | sha256sum)
   [[ $got == "$sum" ]] && pass "blk: data read back through the same connection after upgrade $i" || fail "blk: data differs after upgrade $i"
 done
-grep -E "took over" "$work/upgrade.log" | sed -E 's/^.*took over from driver ([^ ]+) in ([a-z]+) mode.*service gap (.*)$/  \2 mode from \1: service gap \3/'
+grep -E "took over" <(cat "$work"/*.log) | sed -E 's/^.*took over from driver ([^ ]+) in ([a-z]+) mode.*service gap (.*)$/  \2 mode from \1: service gap \3/'
 
 # ---- rollbacks: the successor dies, or fails its first request ---------------------------------
 for fault in crash-after-device-up first-request-fails; do
   before=$last
   upgrade $BLK "$B" reset --debug-fault $fault
-  [[ $RC == 1 && $OUT == *"rolled back"*"pid $before"* ]] && pass "rollback when the successor $fault: pid $before keeps serving" || fail "$fault: exit $RC: $OUT"
+  [[ $RC == 1 && $OUT == *"rolled back"* && $(served_by $BLK) == "$before" ]] && pass "rollback when the successor $fault: pid $before keeps serving" || fail "$fault: exit $RC: $OUT"
   got=$(timeout 30 dd if=/dev/nbd0 bs=1M count=8 iflag=direct status=none | sha256sum)
   [[ $got == "$sum" ]] && pass "blk: data intact and served after the $fault rollback" || fail "blk: data after $fault rollback"
 done
@@ -85,14 +87,20 @@ done
 t0=$(date +%s%N)
 upgrade $BLK "$B" reset --debug-fault hang-after-device-up
 t1=$(( ($(date +%s%N) - t0) / 1000000 ))
-[[ $RC == 1 && $OUT == *"killed by signal 9"*"pid $before"* ]] && pass "rollback when the successor hangs: killed at the deadline after $t1 ms, pid $before keeps serving" || fail "hang: exit $RC after $t1 ms: $OUT"
-grep -q "was not healthy within 10000 ms; killed it" "$work/upgrade.log" && pass "the old driver names the missed deadline" || fail "no deadline message"
+[[ $RC == 1 && $OUT == *"was not healthy within 10000 ms; killed it"* && $(served_by $BLK) == "$before" ]] && pass "rollback when the successor hangs: killed at the deadline after $t1 ms, pid $before keeps serving" || fail "hang: exit $RC after $t1 ms: $OUT"
+grep -q "was not healthy within 10000 ms; killed it" <(cat "$work"/*.log) && pass "the old driver names the missed deadline" || fail "no deadline message"
 got=$(timeout 30 dd if=/dev/nbd0 bs=1M count=8 iflag=direct status=none | sha256sum)
 [[ $got == "$sum" ]] && pass "blk: data intact and served after the deadline rollback" || fail "blk: data after the deadline rollback"
-grep -q "device reset and rebuilt after the failed upgrade" "$work/upgrade.log" && pass "the old driver reset and rebuilt the device after the rollback" || fail "no rebuild logged"
+grep -q "device reset and rebuilt after the failed upgrade" <(cat "$work"/*.log) && pass "the old driver reset and rebuilt the device after the rollback" || fail "no rebuild logged"
 
+# Whoever runs `upgrade`, it returns: the new driver writes to the serving driver's log, not to
+# this command's output (a script capturing stdout and stderr used to wait for the new driver).
+OUT=$(timeout 60 $A upgrade $BLK --binary "$A" --mode live 2>&1); RC=$?
+[[ $RC == 0 && $OUT == *"upgraded: "* ]] && pass "out=\$(virtio-vfio upgrade ... 2>&1) returns once upgraded" || fail "upgrade with 2>&1: exit $RC: $OUT"
+[[ $OUT != *"took over from driver"* ]] && grep -q "took over from driver" "$work/blk.log" \
+  && pass "the new driver logs where the serving driver logs (blk.log), not to the upgrade command" || fail "successor log: $OUT"
 check "nbd-client disconnects" timeout 20 nbd-client -d /dev/nbd0
 pkill -TERM -f "serve blk $BLK" ; sleep 1
 vfio-bind restore $RNG >/dev/null; vfio-bind restore $BLK >/dev/null
-echo "--- upgrade log"; cat "$work/upgrade.log" | tail -n 20
+echo "--- logs (tail)"; tail -n 20 "$work/upgrade.log" "$work/blk.log"
 hil_summary upgrade
