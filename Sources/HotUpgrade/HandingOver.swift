@@ -19,7 +19,8 @@ public enum HandoverOutcome: Equatable {
 /// How `ControlService.serve` ended.
 public enum ServeOutcome {
     case stopped
-    case handedOver
+    /// To the successor with this pid: the caller ends without touching anything.
+    case handedOver(successor: Int32)
     case failed(any Error)
 }
 
@@ -48,7 +49,7 @@ extension ControlService {
                 switch handOver(request, service: part, quiesced: quiesced) {
                 case .handedOver:
                     reportUpgrade(of: request.peer, upgraded: true, "pid \(request.peer) (driver \(request.version)) serves \(devicePart.record.deviceAddress)")
-                    return .handedOver
+                    return .handedOver(successor: request.peer)
                 case .rolledBack(let touched, let reason):
                     logger.warning("upgrade rolled back, this driver (\(devicePart.record.driverVersion)) keeps serving: \(reason)")
                     var summary = "driver \(devicePart.record.driverVersion) serves again"

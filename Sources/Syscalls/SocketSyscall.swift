@@ -137,6 +137,17 @@ public enum SocketSyscall {
         }
     }
 
+    /// sendto(2) of one datagram to a UNIX address of `length` bytes, MSG_NOSIGNAL; EINTR retried.
+    @inline(never)
+    public static func sendTo(_ fd: Int32, _ bytes: [UInt8], _ address: UnsafePointer<sockaddr>, _ length: socklen_t) -> Result<Int, Errno> {
+        while true {
+            let n = bytes.withUnsafeBytes { Glibc.sendto(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL), address, length) }
+            if n >= 0 { return .success(n) }
+            let e = errno
+            if e != EINTR { return .failure(Errno(rawValue: e)) }
+        }
+    }
+
     /// poll(2) with a timeout in nanoseconds (nil: wait forever). Returns how many descriptors
     /// have events; 0 on timeout and on EINTR. poll(2) counts in milliseconds (ppoll is a GNU
     /// extension the Glibc module does not export): a timeout under 1 ms is a nanosleep(2)

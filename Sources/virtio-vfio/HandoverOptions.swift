@@ -125,12 +125,29 @@ extension UpgradeError {
 /// successor asks. Returns `.stopped` or the failure; after a completed handover this process
 /// ends at once with `_exit(0)`: no deinit runs, so nothing of the device, the clients or the
 /// socket files (the successor's now) is touched.
-func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, control: ControlService) -> ServeOutcome {
+///
+/// Under a service manager (`$NOTIFY_SOCKET`, systemd's Type=notify): READY=1 with this pid as
+/// the main one and `status` once serving (a successor too, after its takeover); on a handover
+/// the new driver's pid becomes the main one before this process ends, so the manager follows
+/// the service to it instead of seeing it exit; STOPPING=1 when asked to stop.
+func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, control: ControlService, status: String) -> ServeOutcome {
     signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
     signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
     signal(SIGPIPE, SIG_IGN)
+    tellServiceManager(["READY=1", "MAINPID=\(getpid())", "STATUS=\(status)"])
     let outcome = control.serve(&service, until: stopRequested)
-    if case .handedOver = outcome { _exit(0) }
+    if case .handedOver(let successor) = outcome {
+        tellServiceManager(["MAINPID=\(successor)", "STATUS=handed over to pid \(successor)"])
+        _exit(0)
+    }
+    tellServiceManager(["STOPPING=1"])
     control.stop()
     return outcome
+}
+
+/// sd_notify, with a failure logged (the service goes on: the manager's socket is not ours).
+func tellServiceManager(_ assignments: [String]) {
+    if case .failure(let e) = ServiceManager.notify(assignments) {
+        printError("virtio-vfio: warning: telling the service manager \(assignments.first ?? ""): \(e)")
+    }
 }

@@ -90,7 +90,7 @@ struct ServeBlkCommand: ParsableCommand {
         let capacity = export.server.withBackend { $0.size }
         let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger)
         printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path))")
-        let outcome = serveUpgradable(&export, control: control)
+        let outcome = serveUpgradable(&export, control: control, status: "serving \(address) (driver \(DriverVersion.string))")
         if case .failed(let error) = outcome {
             printError("virtio-vfio: error: \(error)")
             throw ExitCode(Failure.ioError)

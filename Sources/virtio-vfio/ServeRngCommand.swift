@@ -74,7 +74,7 @@ struct ServeRngCommand: ParsableCommand {
         let features = feed.rng.negotiation.accepted
         let control = try handover.control(address, for: feed, features: features, wake: nil, logger: logger)
         printError("\(address): feeding the kernel entropy pool at up to \(rate) bytes/s, \(credit) bits credited per byte (driver \(DriverVersion.string), features [\(features.names(for: .entropy).joined(separator: ", "))], control socket \(control.path))")
-        let outcome = serveUpgradable(&feed, control: control)
+        let outcome = serveUpgradable(&feed, control: control, status: "serving \(address) (driver \(DriverVersion.string))")
         let recoveries = feed.rng.recoveries, fed = feed.fed
         var shutdownError: VirtioError?
         do throws(VirtioError) { try feed.shutdown() } catch { shutdownError = error }
