@@ -27,6 +27,7 @@ struct UpgradeCommand: ParsableCommand {
             Exit status: 0 upgraded, 1 rolled back, 69 nothing serves BDF.
             """)
 
+    @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
     @Option(help: ArgumentHelp("The driver build to start.", valueName: "path")) var binary: String
     @Option(help: "reset, live (refused unless the features match) or auto.") var mode: HandoverMessage.Mode = .auto
@@ -142,8 +143,16 @@ struct UpgradeCommand: ParsableCommand {
         throw ExitCode(Failure.ioError)
     }
 
+    /// "0x... [NAMES]", device-specific bits named for the device's type (from sysfs).
     func describeFeatures(_ raw: UInt64) -> String {
-        "0x\(String(raw, radix: 16)) [\(Features(rawValue: raw).names(for: nil).joined(separator: ", "))]"
+        "0x\(String(raw, radix: 16)) [\(Features(rawValue: raw).names(for: deviceType).joined(separator: ", "))]"
+    }
+
+    /// The served device's virtio type from its PCI ids, nil if sysfs does not say.
+    var deviceType: DeviceType? {
+        guard let address = try? device.address(),
+              let f = try? SysfsPCI(root: global.sysfsRoot).function(at: address) else { return nil }
+        return DeviceType(pciVendor: f.vendorID, pciDevice: f.deviceID, subsystemDevice: f.subsystemDeviceID)
     }
 
     /// Starts `arguments` in a new session (it outlives this command), stdin from /dev/null,

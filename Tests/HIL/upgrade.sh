@@ -70,6 +70,7 @@ for step in "$B reset" "$B live" "$A reset" "$A live"; do
   upgrade $BLK "$1" "$2"
   [[ $RC == 0 ]] && pass "blk upgrade $i: $2 mode to $($1 --version), nbd-client stays connected" || fail "blk upgrade $i ($2): exit $RC: $OUT"
   [[ $RC == 0 ]] && last=$(serving)
+  ((i == 1)) && { [[ $OUT == *"before: "*"FLUSH"* && $OUT != *"bit "* ]] && pass "blk: upgrade names the device's features (FLUSH, not bit 9)" || fail "blk feature names: $OUT"; }
   got=$(timeout 30 dd if=/dev/nbd0 bs=1M count=8 iflag=direct status=none | sha256sum)
   [[ $got == "$sum" ]] && pass "blk: data read back through the same connection after upgrade $i" || fail "blk: data differs after upgrade $i"
 done
