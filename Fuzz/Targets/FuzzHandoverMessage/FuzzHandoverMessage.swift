@@ -85,7 +85,7 @@ func text(_ input: inout FuzzInput) -> String {
 }
 
 func generate(_ input: inout FuzzInput) -> HandoverMessage {
-    switch input.u8() % 11 {
+    switch input.u8() % 15 {
     case 0:
         let mode = HandoverMessage.Mode.allCases[Int(input.u8()) % HandoverMessage.Mode.allCases.count]
         return .hello(mode: mode, driverVersion: text(&input), pid: Int32(bitPattern: input.u32()))
@@ -98,6 +98,15 @@ func generate(_ input: inout FuzzInput) -> HandoverMessage {
     case 7: return .describe
     case 8: return .deviceFollows
     case 9: return .prepared
+    case 10: return .resumed(text(&input))
+    case 11: return .started(pid: Int32(bitPattern: input.u32()))
+    case 12: return .upgradeOutcome(upgraded: input.bool(), summary: text(&input))
+    case 13:
+        let mode = HandoverMessage.Mode.allCases[Int(input.u8()) % HandoverMessage.Mode.allCases.count]
+        let binary = text(&input)
+        var arguments: [String] = []
+        for _ in 0..<(Int(input.u8()) % 8) { arguments.append(String(decoding: (0..<Int(input.u8() % 32)).map { _ in 0x20 + input.u8() % 0x5F }, as: UTF8.self)) }
+        return .upgrade(binary: binary, mode: mode, arguments: arguments)
     default:
         let pid = Int32(bitPattern: input.u32())
         let version = text(&input)

@@ -14,8 +14,9 @@ import NBD
 ///   mode 1 (header):   magic, version and the length written here, the rest from the input, so
 ///                      mutations that change the length still reach the field checks;
 ///   mode 2 (generated): a description of a state within every documented limit (export, one or
-///                      two listeners, up to 16 clients in any phase, pending input up to
-///                      `maximumPendingInput`, paths up to 107 bytes), built with the public
+///                      two listeners, up to 16 clients in any phase in distinct server slots,
+///                      pending input up to `maximumPendingInput`, paths up to 107 bytes, up to 8
+///                      requests in flight per client in transmission), built with the public
 ///                      initialisers, encoded with `encoded()` and decoded with its `descriptors`.
 ///
 /// Asserts: no crash, no ASan report; a state that decodes has `problem() == nil`, at least one
@@ -78,10 +79,19 @@ func decode(_ bytes: [UInt8], fds: [Int32], dishonest: Bool) {
     require(listed.count == fds.count && listed.sorted() == fds.sorted(),
             "the state uses descriptors \(listed), \(fds) were passed (each exactly once)")
     let again = state.encoded()
-    require(again.count == bytes.count, "re-encoded to \(again.count) bytes, decoded from \(bytes.count)")
-    require((again == bytes) == (listed == fds),
-            listed == fds ? "re-encoded to different bytes, with the descriptors in the same order"
-                          : "re-encoded to the same bytes with the descriptors in another order")
+    // A version 2 state (read as connections in slots 0, 1, ... with nothing in flight) is
+    // re-encoded as version 3: 12 more bytes per client.
+    let version2 = bytes.starts(with: NBDHandoverState.magic + [2, 0])
+    if version2 {
+        require(state.clients.enumerated().allSatisfy { $0.element.slot == $0.offset && $0.element.inFlight.isEmpty },
+                "a version 2 state decoded with slots out of order or requests in flight")
+        require(again.count == bytes.count + 12 * state.clients.count, "a version 2 state re-encoded to \(again.count) bytes from \(bytes.count)")
+    } else {
+        require(again.count == bytes.count, "re-encoded to \(again.count) bytes, decoded from \(bytes.count)")
+        require((again == bytes) == (listed == fds),
+                listed == fds ? "re-encoded to different bytes, with the descriptors in the same order"
+                              : "re-encoded to the same bytes with the descriptors in another order")
+    }
     do {
         let redecoded = try NBDHandoverState(decoding: again, descriptors: listed)
         require(redecoded == state, "re-encoded and decoded again to a different state")
@@ -133,7 +143,9 @@ func generate(_ input: inout FuzzInput) -> NBDHandoverState {
     let promisable = NBDProtocol.TransmissionFlags([.hasFlags, .readOnly, .sendFlush, .sendFUA, .sendTrim,
                                                     .sendWriteZeroes, .canMultiConn]).rawValue
     var clients: [NBDHandoverState.Client] = []
-    for _ in 0..<(Int(input.u8()) % 17) {
+    // Distinct server slots, in any order: slot k + (a rotation the input picks) mod 64.
+    let rotation = Int(input.u8())
+    for k in 0..<(Int(input.u8()) % 17) {
         let phase = NBDHandoverState.Phase(rawValue: input.u8() % 3)!
         let clientFlags = phase == .awaitingClientFlags ? 0 : input.u32() & known
         let promised = phase == .transmission ? input.u16() & promisable | NBDProtocol.TransmissionFlags.hasFlags.rawValue : 0
@@ -141,8 +153,36 @@ func generate(_ input: inout FuzzInput) -> NBDHandoverState {
         let length = input.u8() % 8 == 0 ? Int(input.u16()) % (NBDHandoverState.maximumPendingInput + 1) : Int(input.u8())
         let seed = input.u8()
         let pending = (0..<length).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) }
-        clients.append(.init(fd: fd(), isTCP: input.bool(), phase: phase, clientFlags: clientFlags,
-                             promisedFlags: promised, pendingInput: pending))
+        var client = NBDHandoverState.Client(fd: fd(), isTCP: input.bool(), phase: phase, clientFlags: clientFlags,
+                                             promisedFlags: promised, pendingInput: pending, slot: (k + rotation) % 64,
+                                             generation: input.u32())
+        if phase == .transmission {
+            // Up to 8 requests in flight, each a command with the operation and buffer it is
+            // submitted with, in distinct request slots.
+            for q in 0..<(Int(input.u8()) % 9) {
+                let length = 512 * (1 + Int(input.u16()) % 64)
+                let first = Int(input.u8())
+                let request: NBDHandoverState.Request
+                switch input.u8() % 6 {
+                case 0: request = .init(slot: q * 3, flushing: false, operation: .read, flushAfter: false, command: NBDProtocol.Command.read,
+                                        cookie: input.u64(), offset: input.u64(), length: length, buffer: BackendBuffer(first: first, count: 1, length: length))
+                case 1: request = .init(slot: q * 3, flushing: false, operation: input.bool() ? .write : .writeFUA, flushAfter: false,
+                                        command: NBDProtocol.Command.write, cookie: input.u64(), offset: input.u64(), length: length,
+                                        buffer: BackendBuffer(first: first, count: 2, length: length))
+                case 2: request = .init(slot: q * 3, flushing: false, operation: .flush, flushAfter: false, command: NBDProtocol.Command.flush,
+                                        cookie: input.u64(), offset: 0, length: 0, buffer: BackendBuffer(first: first, count: 1, length: 0))
+                case 3: request = .init(slot: q * 3, flushing: input.bool(), operation: .trim, flushAfter: true, command: NBDProtocol.Command.trim,
+                                        cookie: input.u64(), offset: input.u64(), length: length, buffer: BackendBuffer(first: first, count: 1, length: 0))
+                case 4: request = .init(slot: q * 3, flushing: false, operation: .writeZeroes, flushAfter: false,
+                                        command: NBDProtocol.Command.writeZeroes, cookie: input.u64(), offset: input.u64(), length: length,
+                                        buffer: BackendBuffer(first: first, count: 1, length: 0))
+                default: request = .init(slot: q * 3, flushing: false, operation: .trim, flushAfter: false, command: NBDProtocol.Command.trim,
+                                         cookie: input.u64(), offset: input.u64(), length: length, buffer: BackendBuffer(first: first, count: 1, length: 0))
+                }
+                client.inFlight.append(request)
+            }
+        }
+        clients.append(client)
     }
     return NBDHandoverState(exportSize: exportSize, minimumBlockSize: minimum, preferredBlockSize: preferred,
                             maximumPayload: maximum, unixListener: unix, tcpListener: tcp, clients: clients)
@@ -169,7 +209,7 @@ func state(unix: String? = "/run/nbd.sock", tcp: UInt16? = nil, clients: [(Bool,
         NBDHandoverState.Client(fd: fd(), isTCP: isTCP, phase: phase,
                                 clientFlags: phase == .awaitingClientFlags ? 0 : 3,  // FIXED_NEWSTYLE | NO_ZEROES
                                 promisedFlags: phase == .transmission ? 0x1 | 0x4 | 0x8 | 0x20 | 0x40 : 0,
-                                pendingInput: pending)
+                                pendingInput: pending, slot: Int(next - 1000))
     }
     return NBDHandoverState(exportSize: 256 << 20, minimumBlockSize: 512, preferredBlockSize: 4096,
                             maximumPayload: 32 << 20, unixListener: u, tcpListener: t, clients: cs)
