@@ -17,6 +17,28 @@ enum Failure {
         return ExitCode(code(for: error))
     }
 
+    /// Ends the command on an error from parsing or running it, in the one style of this command
+    /// line: help, `--version` and completion scripts as ArgumentParser prints them (stdout, exit 0);
+    /// an `ExitCode` silently (its message was printed where it arose); a usage error (ArgumentParser's
+    /// own or a `ValidationError`) as "virtio-vfio: error: MESSAGE" followed by ArgumentParser's help
+    /// and usage lines, exit 64; any other error as "virtio-vfio: error: ERROR" with `code(for:)`.
+    static func end(_ error: Error) -> Never {
+        let exitCode = VirtioVFIO.exitCode(for: error)
+        if exitCode == .success || error is ExitCode { VirtioVFIO.exit(withError: error) }
+        guard exitCode == .validationFailure else { Glibc.exit(Failure.exit(error).rawValue) }
+        // ArgumentParser's text is "Error: MESSAGE\n[Help: ...\n]Usage: ...": the same lines,
+        // with this command line's prefix on the first.
+        let message = VirtioVFIO.message(for: error)
+        let full = VirtioVFIO.fullMessage(for: error)
+        var rest = ""
+        if let range = full.range(of: message), full[..<range.lowerBound].hasSuffix("Error: ") {
+            rest = String(full[range.upperBound...])
+        }
+        while rest.hasSuffix("\n") { rest.removeLast() }
+        printError("virtio-vfio: error: \(message)" + rest)
+        Glibc.exit(exitCode.rawValue)
+    }
+
     static func code(for error: Error) -> Int32 {
         switch error {
         case let e as VirtioPCIError:

@@ -12,12 +12,42 @@ import VirtioPCI
 import Glibc
 #endif
 
-/// The options of hot upgrades on every `serve` command, and the successor's test faults.
+/// `--mode` of `serve --take-over`: a hand-over mode by name. A type of the command line's own
+/// because ArgumentParser shows the default of any CaseIterable & RawRepresentable option by its
+/// raw value, which for HandoverMessage.Mode is the wire format's number ("default: 3"). With
+/// String raw values, help reads "(values: reset, live, auto; default: auto)" and a bad value is
+/// refused with those names. The two switches keep it and HandoverMessage.Mode the same set.
+enum HandoverModeArgument: String, CaseIterable, ExpressibleByArgument {
+    case reset, live, auto
+
+    init(_ mode: HandoverMessage.Mode) {
+        switch mode {
+        case .reset: self = .reset
+        case .live: self = .live
+        case .auto: self = .auto
+        }
+    }
+
+    var mode: HandoverMessage.Mode {
+        switch self {
+        case .reset: .reset
+        case .live: .live
+        case .auto: .auto
+        }
+    }
+}
+
+/// HandoverMessage.Mode itself as an option (`upgrade --mode`, UpgradeCommand.swift): parsed,
+/// listed and refused by name too, but its help shows the default as ArgumentParser does for any
+/// raw-value enum, by number; an option declared as HandoverModeArgument shows "default: auto".
 extension HandoverMessage.Mode: ExpressibleByArgument {
     public init?(argument: String) {
-        guard let mode = Self.allCases.first(where: { $0.description == argument }) else { return nil }
-        self = mode
+        guard let mode = HandoverModeArgument(rawValue: argument) else { return nil }
+        self = mode.mode
     }
+    public static var allValueStrings: [String] { allCases.map { HandoverModeArgument($0).rawValue } }
+    /// None: the option's help says what each mode does (ArgumentParser would list "1: reset" ...).
+    public static var allValueDescriptions: [String: String] { [:] }
 }
 
 /// Test hooks of the upgrade path (hidden options): a successor that fails on purpose.
@@ -35,8 +65,9 @@ enum HandoverFault: String, ExpressibleByArgument {
 struct HandoverOptions: ParsableArguments {
     @Flag(help: "Take the device over from the driver serving it now (a hot upgrade) instead of opening it.")
     var takeOver = false
-    @Option(help: "With --take-over: reset (reset, renegotiate, rebuild), live (adopt the rings; refused if the features differ) or auto (live when possible).")
-    var mode: HandoverMessage.Mode = .auto
+    @Option(name: .customLong("mode"), help: "With --take-over: reset (reset, renegotiate, rebuild), live (adopt the rings; refused if the features differ) or auto (live when possible).")
+    var modeArgument: HandoverModeArgument = .auto
+    var mode: HandoverMessage.Mode { modeArgument.mode }
     @Option(help: ArgumentHelp("How long this driver waits for a successor to report healthy before it takes the device back (milliseconds).", valueName: "ms"))
     var handoverTimeout: Int32 = 10_000
     @Option(help: ArgumentHelp("Directory of the control sockets.", valueName: "dir"))

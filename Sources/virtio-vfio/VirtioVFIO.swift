@@ -15,6 +15,16 @@ struct VirtioVFIO: ParsableCommand {
         version: DriverVersion.string,
         subcommands: [ListCommand.self, InfoCommand.self, ResetCommand.self, RngCommand.self, BlkCommand.self, ServeCommand.self, UpgradeCommand.self, BenchCommand.self]
     )
+
+    /// The entry point (instead of ArgumentParser's own `main`): parse, then run, and end every
+    /// error the same way, `Failure.end` ("virtio-vfio: error: ..."). With VIRTIO_VFIO_PARSE_ONLY=1
+    /// in the environment, a command line that parses is named and not run (`ParseOnly`).
+    static func main() {
+        var command: ParsableCommand
+        do { command = try parseAsRoot(Array(CommandLine.arguments.dropFirst())) } catch { Failure.end(error) }
+        if ParseOnly.requested { ParseOnly.report(command) }
+        do { try command.run() } catch { Failure.end(error) }
+    }
 }
 
 /// Options every subcommand takes.
