@@ -37,19 +37,6 @@ enum HandoverModeArgument: String, CaseIterable, ExpressibleByArgument {
     }
 }
 
-/// HandoverMessage.Mode itself as an option (`upgrade --mode`, UpgradeCommand.swift): parsed,
-/// listed and refused by name too, but its help shows the default as ArgumentParser does for any
-/// raw-value enum, by number; an option declared as HandoverModeArgument shows "default: auto".
-extension HandoverMessage.Mode: ExpressibleByArgument {
-    public init?(argument: String) {
-        guard let mode = HandoverModeArgument(rawValue: argument) else { return nil }
-        self = mode.mode
-    }
-    public static var allValueStrings: [String] { allCases.map { HandoverModeArgument($0).rawValue } }
-    /// None: the option's help says what each mode does (ArgumentParser would list "1: reset" ...).
-    public static var allValueDescriptions: [String: String] { [:] }
-}
-
 /// Test hooks of the upgrade path (hidden options): a successor that fails on purpose.
 enum HandoverFault: String, ExpressibleByArgument {
     /// Dies (SIGKILL) right after it brought the device up, before reporting healthy.

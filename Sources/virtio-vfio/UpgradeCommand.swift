@@ -30,7 +30,9 @@ struct UpgradeCommand: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
     @Option(help: ArgumentHelp("The driver build to start.", valueName: "path")) var binary: String
-    @Option(help: "reset, live (refused unless the features match) or auto.") var mode: HandoverMessage.Mode = .auto
+    @Option(name: .customLong("mode"), help: "reset, live (refused unless the features match) or auto.")
+    var modeArgument: HandoverModeArgument = .auto
+    var mode: HandoverMessage.Mode { modeArgument.mode }
     @Option(help: ArgumentHelp("Directory of the control sockets.", valueName: "dir"))
     var controlDirectory = ControlListener.directory
     @Option(help: ArgumentHelp("Give up waiting for the outcome after this long (ms).", valueName: "ms"))

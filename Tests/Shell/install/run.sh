@@ -76,6 +76,8 @@ expected=(
   "$P/share/virtio-vfio/install-manifest" "$P/lib/udev/rules.d/60-vfio.rules" "$P/share/man/man1/virtio-vfio.1"
   "$P/share/bash-completion/completions/virtio-vfio" "$P/share/zsh/site-functions/_virtio-vfio"
   "$P/share/fish/vendor_completions.d/virtio-vfio.fish"
+  "$P/lib/systemd/system/virtio-vfio-blk@.service" "$P/lib/systemd/system/virtio-vfio-net@.service"
+  "$P/lib/systemd/system/virtio-vfio-rng@.service"
 )
 check "the tree holds exactly the expected files" \
   eval '[[ $(files_of "$A") == "$(printf "%s\n" "${expected[@]}" | LC_ALL=C sort)" ]]'
@@ -83,6 +85,8 @@ for f in bin/virtio-vfio sbin/vfio-bind; do
   check "$P/$f is executable (0755)" eval '[[ $(stat -c %a "$A$P/$f") == 755 ]]'
 done
 check "no other file is executable" eval '[[ $(find "$A" -type f -perm /111 | wc -l) == 2 ]]'
+check "the units name the installed binary and vfio-bind" \
+  eval '[[ $(<"$A$P/lib/systemd/system/virtio-vfio-blk@.service") == *"ExecStart=$P/bin/virtio-vfio serve blk %I"*"ExecReload=$P/bin/virtio-vfio upgrade %I --binary $P/bin/virtio-vfio --mode auto"*"ExecStopPost=$P/sbin/vfio-bind restore %I"* ]]'
 
 version=$(sed -nE '/^#else/,/^#endif/s/.*static let string = "([^"]+)".*/\1/p' "$REPO/Sources/virtio-vfio/DriverVersion.swift")
 run "$A$P/bin/virtio-vfio" --version
@@ -156,7 +160,7 @@ rm -rf "$WORK/a-copy"
 # ---------------------------------------------------------------- reinstall, uninstall
 run "$INSTALL" --no-build --destdir "$A"
 check "installing again over it (--no-build) exits 0 and keeps one manifest" \
-  eval 'rc 0 && [[ $(grep -c "^file " "$manifest") == 8 && $(grep -c "^dir " "$manifest") == $(cd "$A" && find . -mindepth 1 -type d | wc -l) ]]'
+  eval 'rc 0 && [[ $(grep -c "^file " "$manifest") == 11 && $(grep -c "^dir " "$manifest") == $(cd "$A" && find . -mindepth 1 -type d | wc -l) ]]'
 run "$INSTALL" --uninstall --dry-run --destdir "$A"
 check "--uninstall --dry-run removes nothing" eval 'rc 0 && [[ $OUT == *"would remove $A$P/bin/virtio-vfio"* && -x $A$P/bin/virtio-vfio && -f $manifest ]]'
 run "$INSTALL" --uninstall --destdir "$A"

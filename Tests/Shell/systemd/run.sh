@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The systemd template units in systemd/ (installed by tools/install with the directories filled
-# in): each, with the placeholders replaced by this checkout's paths, passes `systemd-analyze
+# The systemd template units in systemd/*.service.in (installed by tools/install with @bindir@
+# and @sbindir@ filled in): each, with the placeholders replaced by this checkout's paths, passes `systemd-analyze
 # verify` for an instance, and says what the driver needs from its manager: Type=notify with
 # NotifyAccess=all (the successor a reload starts reports READY from its own pid), ExecStart the
 # right `serve`, ExecReload a hot upgrade to the installed binary, the device bound before and
@@ -25,11 +25,11 @@ fi
 command -v systemd-analyze >/dev/null || { bad "systemd-analyze is missing (Debian package systemd; tools/hil/run --prepare installs it)"; echo "systemd-units: $passed passed, $failed failed"; exit 1; }
 
 for kind in blk rng net; do
-  template=$REPO/systemd/virtio-vfio-$kind@.service
+  template=$REPO/systemd/virtio-vfio-$kind@.service.in
   [[ -f $template ]] || { bad "$template is missing"; continue; }
-  grep -q '@bindir@\|@sbindir@\|@sysconfdir@' "$template" && ok "$kind: the template names its directories by placeholder" || bad "$kind: no placeholders"
+  grep -q '@bindir@' "$template" && grep -q '@sbindir@' "$template" && ok "$kind: the template names its directories by placeholder (tools/install fills them in)" || bad "$kind: no placeholders"
   unit=$work/virtio-vfio-$kind@.service
-  sed -e "s|@bindir@|$bin|g; s|@sbindir@|$REPO/tools|g; s|@sysconfdir@|$work/etc|g" "$template" >"$unit"
+  sed -e "s|@bindir@|$bin|g; s|@sbindir@|$REPO/tools|g" "$template" >"$unit"
   # Instance names with ':' (PCI addresses) are fine for systemctl, but systemd-analyze verify
   # 252 takes the ':' of a path argument for something else: verify the template as "test".
   out=$(cd "$work" && systemd-analyze verify --man=no "$work/virtio-vfio-$kind@test.service" 2>&1); rc=$?
