@@ -89,9 +89,7 @@ struct UpgradeCommand: ParsableCommand {
             let deadline = clock.now + .seconds(10)
             while clock.now < deadline {
                 if let now = askServingDriver(path), now.pid == child {
-                    print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
-                    print("upgraded: \(old.version) -> \(now.version) (\(mode) mode requested)")
-                    return
+                    return reportUpgraded(from: old.version, now)
                 }
                 if kill(child, 0) != 0 { break }
                 usleep(20_000)
@@ -110,6 +108,12 @@ struct UpgradeCommand: ParsableCommand {
             printError("virtio-vfio: error: the serving driver answered \(other), not the upgrade's outcome")
             throw ExitCode(Failure.protocolError)
         }
+    }
+
+    /// The two lines of a successful upgrade, from what the new driver says about itself.
+    func reportUpgraded(from oldVersion: String, _ now: (pid: Int32, version: String, features: UInt64, arguments: [String])) {
+        print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
+        print("upgraded: \(oldVersion) -> \(now.version) (\(mode) mode requested)")
     }
 
     /// Connects to the control socket and sends `message`.
@@ -135,9 +139,7 @@ struct UpgradeCommand: ParsableCommand {
                 throw ExitCode(1)
             }
             if let now = askServingDriver(path), now.pid == child {
-                print("after: pid \(now.pid), driver \(now.version), features \(describeFeatures(now.features))")
-                print("upgraded: \(old.version) -> \(now.version) (\(mode) mode requested)")
-                return
+                return reportUpgraded(from: old.version, now)
             }
             usleep(20_000)
         }
