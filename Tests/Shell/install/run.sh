@@ -86,7 +86,7 @@ for f in bin/virtio-vfio sbin/vfio-bind; do
 done
 check "no other file is executable" eval '[[ $(find "$A" -type f -perm /111 | wc -l) == 2 ]]'
 check "the units name the installed binary and vfio-bind" \
-  eval '[[ $(<"$A$P/lib/systemd/system/virtio-vfio-blk@.service") == *"ExecStart=$P/bin/virtio-vfio serve blk %I"*"ExecReload=$P/bin/virtio-vfio upgrade %I --binary $P/bin/virtio-vfio --mode auto"*"ExecStopPost=$P/sbin/vfio-bind restore %I"* ]]'
+  eval '[[ $(<"$A$P/lib/systemd/system/virtio-vfio-blk@.service") == *"ExecStart=$P/bin/virtio-vfio serve blk %I"*"ExecReload=$P/bin/virtio-vfio upgrade %I --binary $P/bin/virtio-vfio --mode auto"*"exec $P/sbin/vfio-bind restore %I"* ]]'
 
 version=$(sed -nE '/^#else/,/^#endif/s/.*static let string = "([^"]+)".*/\1/p' "$REPO/Sources/virtio-vfio/DriverVersion.swift")
 run "$A$P/bin/virtio-vfio" --version

@@ -37,8 +37,9 @@ for kind in blk rng net; do
   grep -qx 'Type=notify' "$unit" && grep -qx 'NotifyAccess=all' "$unit" && ok "$kind: Type=notify, NotifyAccess=all" || bad "$kind: notify settings"
   grep -qx "ExecStart=$bin/virtio-vfio serve $kind %I \$VIRTIO_VFIO_ARGS" "$unit" && ok "$kind: ExecStart serves the instance's device" || bad "$kind: $(grep ExecStart= "$unit")"
   grep -qx "ExecReload=$bin/virtio-vfio upgrade %I --binary $bin/virtio-vfio --mode auto" "$unit" && ok "$kind: reload is a hot upgrade to the installed binary" || bad "$kind: $(grep ExecReload= "$unit")"
-  grep -qx "ExecStartPre=$REPO/tools/vfio-bind bind %I" "$unit" && grep -qx "ExecStopPost=$REPO/tools/vfio-bind restore %I" "$unit" \
-    && ok "$kind: the device is bound before and given back after" || bad "$kind: bind/restore lines"
+  grep -qx "ExecStartPre=$REPO/tools/vfio-bind bind %I" "$unit" \
+    && grep -qx "ExecStopPost=/bin/sh -c 'if \[ \"\$SERVICE_RESULT\" = success \]; then exec $REPO/tools/vfio-bind restore %I; fi'" "$unit" \
+    && ok "$kind: the device is bound before, and given back after a clean stop (kept for the restart after a crash)" || bad "$kind: bind/restore lines: $(grep -E 'ExecStartPre|ExecStopPost' "$unit")"
 done
 # The reload and start command lines parse with the real binary (when it is built).
 if [[ -x $REPO/.build/debug/virtio-vfio ]]; then

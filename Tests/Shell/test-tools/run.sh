@@ -28,7 +28,7 @@ run() {
 run "$REPO/tools/test" --help
 [[ $RC == 0 ]] && ok "tools/test --help exits 0" || bad "tools/test --help exited $RC: $ERR"
 missing=()
-for s in prepare build unit shell cli bench fuzz asan variant hil hil612 --no-deps --dry-run; do
+for s in prepare build unit shell cli bench fuzz asan variant hil hil612 systemd --no-deps --dry-run; do
   grep -qE "^ +$s( |$)" <<<"$OUT" || missing+=("$s")
 done
 ((${#missing[@]} == 0)) && ok "--help lists every stage and option" || bad "--help does not list: ${missing[*]}"
@@ -41,12 +41,13 @@ expect_plan() {
   [[ $RC == 0 && $OUT == "stages: $2" ]] && ok "tools/test ${1:-(no stage)} runs: $2" \
     || bad "tools/test --dry-run $1: exit $RC, '$OUT' (expected 'stages: $2') $ERR"
 }
-expect_plan "" "prepare build unit shell cli bench fuzz asan variant hil hil612"
+expect_plan "" "prepare build unit shell cli bench fuzz asan variant hil hil612 systemd"
 expect_plan "unit" "prepare build unit"
 expect_plan "--no-deps unit" "unit"
 expect_plan "shell" "shell"
 expect_plan "hil" "prepare build variant hil"
 expect_plan "hil612 cli" "prepare build cli hil612"
+expect_plan "systemd" "prepare build systemd"
 expect_plan "--no-deps asan shell fuzz" "shell fuzz asan"
 expect_plan "unit unit" "prepare build unit"
 
