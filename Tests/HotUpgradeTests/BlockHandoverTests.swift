@@ -46,6 +46,19 @@ struct BlockHandoverTests {
                             })
     }
 
+    /// A client of the export in `dir` that finished its handshake (the export's size checked);
+    /// nil, with the issue recorded, if it did not.
+    func inTransmission(_ dir: borrowing TemporaryDirectory, sourceLocation: SourceLocation = #_sourceLocation) -> MiniNBDClient? {
+        guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else {
+            Issue.record("no greeting", sourceLocation: sourceLocation)
+            return nil
+        }
+        let size = client.enterTransmission()
+        #expect(size == 8192 * 512, "the export's size", sourceLocation: sourceLocation)
+        guard size == 8192 * 512 else { return nil }
+        return client
+    }
+
     func pattern(_ n: Int, seed: UInt8) -> [UInt8] { (0..<n).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
 
     @Test(arguments: [HandoverMessage.Mode.live, .reset])
@@ -56,9 +69,7 @@ struct BlockHandoverTests {
             let oldLog = CapturedLog(), newLog = CapturedLog()
             let old = try serving(device, in: dir, log: oldLog)
             // One client in transmission with data written, one still waiting for its flags.
-            guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
-            let got1 = client.enterTransmission()
-            #expect(got1 == 8192 * 512)
+            guard let client = inTransmission(dir) else { return }
             let data = pattern(8192, seed: 7)
             let got2 = client.request(1, handle: 1, offset: 4096, length: 8192, payload: data).error
             #expect(got2 == 0)
@@ -97,9 +108,7 @@ struct BlockHandoverTests {
             let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
             let oldLog = CapturedLog(), newLog = CapturedLog()
             let old = try serving(device, in: dir, log: oldLog)
-            guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
-            let got7 = client.enterTransmission()
-            #expect(got7 == 8192 * 512)
+            guard let client = inTransmission(dir) else { return }
             var options = TakeOverOptions(mode: .live, driverVersion: "new")
             options.handoverTimeout = 2000
             // A successor whose export is smaller than what the clients were told.
@@ -158,9 +167,7 @@ struct BlockHandoverTests {
             let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
             let oldLog = CapturedLog(), newLog = CapturedLog()
             let old = try serving(device, in: dir, log: oldLog)
-            guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
-            let size = client.enterTransmission()
-            #expect(size == 8192 * 512)
+            guard let client = inTransmission(dir) else { return }
             let earlier = (0..<3).map { pattern(8192, seed: UInt8(50 + $0)) }
             for (k, data) in earlier.enumerated() {
                 let e = client.request(1, handle: UInt64(k), offset: UInt64(64 + k) * 8192, length: 8192, payload: data).error
@@ -211,9 +218,7 @@ struct BlockHandoverTests {
             let device = EmulatedDevice(model: .blk(capacitySectors: 8192))
             let oldLog = CapturedLog(), newLog = CapturedLog()
             let old = try serving(device, in: dir, log: oldLog)
-            guard let client = MiniNBDClient(path: dir.file("nbd.sock")), client.greeting() else { Issue.record("no greeting"); return }
-            let size = client.enterTransmission()
-            #expect(size == 8192 * 512)
+            guard let client = inTransmission(dir) else { return }
             guard let (written, _) = requestsLeftInTheDevice(client, device, writes: 5, reads: 0) else {
                 Issue.record("the old driver did not give the device every request"); return
             }
