@@ -18,10 +18,11 @@ public enum ChildExit: Sendable, Equatable, CustomStringConvertible {
 
 extension Syscall {
     /// posix_spawn(3) of `arguments[0]` with `arguments`, in a session of its own (it outlives
-    /// the caller's terminal), stdin from /dev/null, stdout and stderr the caller's, the caller's
-    /// environment, no signal blocked. Every other descriptor of this process is close-on-exec.
+    /// the caller's terminal), stdin from /dev/null, stdout and stderr the caller's (stdout the
+    /// caller's stderr with `stdoutToStderr`), the caller's environment, no signal blocked. Every
+    /// other descriptor of this process is close-on-exec.
     @inline(never)
-    public static func spawn(_ arguments: [String]) -> Result<pid_t, Errno> {
+    public static func spawn(_ arguments: [String], stdoutToStderr: Bool = false) -> Result<pid_t, Errno> {
         precondition(!arguments.isEmpty, "spawn: no program")
         var attributes = posix_spawnattr_t()
         posix_spawnattr_init(&attributes)
@@ -40,6 +41,7 @@ extension Syscall {
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+        if stdoutToStderr { posix_spawn_file_actions_adddup2(&actions, 2, 1) }
         var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
         defer { for p in argv { free(p) } }
         var pid: pid_t = 0

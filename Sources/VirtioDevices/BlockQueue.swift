@@ -188,10 +188,6 @@ public struct BlockQueue: ~Copyable {
     /// requests in flight can be handed over (`handoverSnapshot`).
     public var usesOneDescriptorPerRequest: Bool { queue.usesIndirectDescriptors }
 
-    /// The request recorded for `slot` (by `submit` or `hold`).
-    public func request(in slot: Int) -> CarriedBlockRequest {
-        CarriedBlockRequest(slot: slot, type: pending[slot].type, sector: pending[slot].sector, bytes: pending[slot].bytes)
-    }
     /// Why the device broke the queue (nil while it is healthy); cleared by a reset (`recover`).
     public var brokenReason: VirtioError? { queue.brokenReason }
     /// How long a wait goes without a completion before the device counts as stopped.

@@ -162,24 +162,13 @@ struct UpgradeCommand: ParsableCommand {
     /// Starts `arguments` in a new session (it outlives this command), stdin from /dev/null,
     /// stdout and stderr to our stderr (its log): only for a serving driver too old to start it.
     func spawnHere(_ arguments: [String]) throws -> pid_t {
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        // POSIX_SPAWN_SETSID (glibc 2.26): not exported by the Glibc module.
-        posix_spawnattr_setflags(&attributes, Int16(0x80))
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         // Its stdout is our stderr: the new driver outlives this command, and must not hold
         // open a pipe a caller reads our stdout from (`out=$(virtio-vfio upgrade ...)`).
-        posix_spawn_file_actions_adddup2(&actions, 2, 1)
-        var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
-        defer { for p in argv { free(p) } }
-        var pid: pid_t = 0
-        let r = posix_spawn(&pid, arguments[0], &actions, &attributes, &argv, environ)
-        guard r == 0 else {
-            printError("virtio-vfio: error: starting \(arguments[0]): \(describeErrno(r))")
+        let pid: pid_t
+        switch Syscall.spawn(arguments, stdoutToStderr: true) {
+        case .success(let p): pid = p
+        case .failure(let e):
+            printError("virtio-vfio: error: starting \(arguments[0]): \(e)")
             throw ExitCode(Failure.ioError)
         }
         printError("virtio-vfio: started \(arguments.joined(separator: " ")) as pid \(pid)")
