@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
-# Every HIL test script, in one guest boot. Prints "hil: N passed, N failed" over all of them.
+# Every HIL test script (or the ones named: all.sh SCRIPT...), in one guest boot. Prints
+# "hil: N passed, N failed" over all of them.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 total_p=0 total_f=0
-for t in Tests/HIL/foundation.sh Tests/HIL/permissions.sh Tests/HIL/rng.sh Tests/HIL/blk.sh Tests/HIL/nbd.sh Tests/HIL/upgrade.sh Tests/HIL/crash.sh Tests/HIL/upgrade-under-load.sh Tests/HIL/upgrade-gap.sh Tests/HIL/net.sh Tests/HIL/swift-hil-tests.sh Tests/Shell/vfio-bind/guest-e2e.sh; do
+scripts=("$@")
+((${#scripts[@]})) || scripts=(Tests/HIL/foundation.sh Tests/HIL/permissions.sh Tests/HIL/rng.sh Tests/HIL/blk.sh Tests/HIL/nbd.sh Tests/HIL/upgrade.sh Tests/HIL/crash.sh Tests/HIL/upgrade-under-load.sh Tests/HIL/upgrade-gap.sh Tests/HIL/net.sh Tests/HIL/swift-hil-tests.sh Tests/Shell/vfio-bind/guest-e2e.sh)
+for t in "${scripts[@]}"; do
   echo "### $t"
   out=$(VFIO_BIND_E2E=1 "$t" 2>&1); rc=$?
   printf '%s\n' "$out"

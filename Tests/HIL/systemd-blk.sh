@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# HIL test of `serve blk` as a systemd service, in a guest booted with systemd as init
+# (tools/hil/run --init systemd): the units installed with tools/install (into a prefix on /run:
+# the guest's root is the host's, read-only), the service started (READY from the driver),
+# ext4 on the kernel NBD client, then under fio with crc32c verification: `systemctl reload` (a
+# hot upgrade: the new driver becomes the main pid, the service stays active, no client error),
+# SIGKILL of the driver (Restart=on-failure: the next one resets the device and serves; the
+# client reconnects through Tests/HIL/nbd-reconnect.py as in crash.sh), fsck clean, and
+# `systemctl stop` giving the device back to its kernel driver. Every command is bounded.
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+. Tests/HIL/lib.sh
+BLK=${HIL_BLK:-0000:00:05.0}
+unit=virtio-vfio-blk@$BLK.service
+finish() { journalctl -b --no-pager -u "$unit" 2>/dev/null | tail -n 40 | sed 's/^/  journal: /'; hil_summary systemd; exit; }
+if [[ $(cat /proc/1/comm) != systemd ]]; then
+  fail "PID 1 is $(cat /proc/1/comm), not systemd: run this with tools/hil/run --init systemd"
+  finish
+fi
+# Not in /tmp: starting a unit pulls in sysinit.target, whose systemd-tmpfiles-setup empties /tmp.
+work=$(mktemp -d -p /run)
+mnt=$work/mnt; mkdir -p "$mnt"
+prefix=/run/virtio-vfio-install
+sock=/run/virtio-vfio/$BLK.nbd
+dmesg -n 1
+
+# ---- install and start --------------------------------------------------------------------------
+timeout 120 tools/install --no-build --prefix "$prefix" >"$work/install.log" 2>&1 \
+  && pass "tools/install --no-build --prefix $prefix" || { fail "install: $(tail -n 5 "$work/install.log")"; finish; }
+mkdir -p /run/systemd/system/virtio-vfio-blk@.service.d
+cp "$prefix/lib/systemd/system/virtio-vfio-blk@.service" /run/systemd/system/
+# The guest's /var is read-only: vfio-bind remembers drivers under /run.
+printf '[Service]\nEnvironment=VFIO_BIND_STATE_DIR=/run/vfio-bind\n' >/run/systemd/system/virtio-vfio-blk@.service.d/hil.conf
+check "systemctl daemon-reload" timeout 60 systemctl daemon-reload
+t0=$(date +%s%N)
+check "systemctl start $unit (returns once the driver said READY)" timeout 120 systemctl start "$unit"
+echo "  started in $((($(date +%s%N) - t0) / 1000000)) ms (bind, open, reset, negotiate, READY)"
+state=$(systemctl is-active "$unit")
+[[ $state == active ]] && pass "the service is active" || { fail "state $state: $(systemctl status "$unit" --no-pager 2>&1 | tail -n 5)"; finish; }
+pid1=$(systemctl show -p MainPID --value "$unit")
+status=$(systemctl show -p StatusText --value "$unit")
+[[ $status == "serving $BLK (driver "* ]] && pass "the driver's STATUS: $status (main pid $pid1)" || fail "StatusText '$status'"
+[[ $(driver_of $BLK) == vfio-pci ]] && pass "ExecStartPre bound $BLK to vfio-pci" || fail "driver of $BLK: $(driver_of $BLK)"
+
+check "nbd-client attaches over netlink with -t 3" timeout 20 nbd-client -unix "$sock" /dev/nbd0 -b 4096 -N "" -t 3
+python3 Tests/HIL/nbd-reconnect.py "$sock" 0 --dead-conn-timeout 60 >"$work/reconnect.log" 2>&1 &
+helper=$!
+for _ in $(seq 1800); do grep -qs armed "$work/reconnect.log" && break; sleep 0.1; done
+grep -q armed "$work/reconnect.log" && pass "reconnect helper armed" || { fail "reconnect helper: $(cat "$work/reconnect.log")"; finish; }
+check "mkfs.ext4" timeout 60 mkfs.ext4 -q -F /dev/nbd0
+check "mount" timeout 30 mount /dev/nbd0 "$mnt"
+mkdir -p "$mnt/tree"
+for i in $(seq 1 20); do head -c $((RANDOM * 4 + i)) /dev/urandom >"$mnt/tree/file$i"; done
+(cd "$mnt" && find tree -type f -print0 | sort -z | xargs -0 sha256sum) >"$work/sums"
+check "sync" timeout 60 sync
+
+# ---- reload under fio -----------------------------------------------------------------------------
+timeout 300 fio --name=svc --filename="$mnt/fio.dat" --size=16M --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
+  --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --time_based --runtime=20 --output="$work/fio.out" >/dev/null 2>&1 &
+fio=$!
+sleep 4
+t0=$(date +%s%N)
+timeout 120 systemctl reload "$unit" >"$work/reload.log" 2>&1 && pass "systemctl reload under fio (hot upgrade) in $((($(date +%s%N) - t0) / 1000000)) ms" \
+  || fail "reload: $(cat "$work/reload.log")"
+pid2=$(systemctl show -p MainPID --value "$unit")
+state=$(systemctl is-active "$unit")
+[[ $state == active && $pid2 != "$pid1" && $pid2 != 0 ]] && pass "still active, main pid $pid1 -> $pid2 (the old driver handed MAINPID over)" \
+  || fail "after reload: state $state, main pid $pid1 -> $pid2"
+journalctl -b --no-pager -u "$unit" | grep -q "took over from driver" && pass "the new driver logs to the service's journal: $(journalctl -b --no-pager -u "$unit" | grep -o 'took over from driver.*service gap [0-9.]* ms' | tail -n 1)" \
+  || fail "no takeover line in the journal of $unit"
+if timeout 120 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; fi
+[[ $rc == 0 ]] && grep -q "err= 0" "$work/fio.out" && pass "fio verified every block through the reload (no client error)" \
+  || fail "fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio.out" | head -n 5)"
+
+# ---- SIGKILL: restarted, recovered ------------------------------------------------------------------
+timeout 300 fio --name=crash --filename="$mnt/fio2.dat" --size=16M --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
+  --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$work/fio2.out" >/dev/null 2>&1 &
+fio=$!
+sleep 3
+kill -9 "$pid2"
+for _ in $(seq 300); do
+  pid3=$(systemctl show -p MainPID --value "$unit")
+  [[ $(systemctl is-active "$unit") == active && $pid3 != 0 && $pid3 != "$pid2" ]] && break
+  sleep 0.1
+done
+[[ $(systemctl is-active "$unit") == active && $pid3 != "$pid2" ]] && pass "SIGKILL of pid $pid2: restarted as pid $pid3 (Restart=on-failure)" \
+  || fail "after SIGKILL: $(systemctl is-active "$unit"), main pid $pid3"
+[[ $(driver_of $BLK) == vfio-pci ]] && pass "the device stayed on vfio-pci for the restart" || fail "driver after the crash: $(driver_of $BLK)"
+for _ in $(seq 300); do grep -q "reconnected" "$work/reconnect.log" && break; sleep 0.1; done
+grep -q "reconnected" "$work/reconnect.log" && pass "the kernel NBD client reconnected to the restarted driver" || fail "no reconnect: $(cat "$work/reconnect.log")"
+if timeout 300 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; fi
+[[ $rc == 0 ]] && grep -q "err= 0" "$work/fio2.out" && pass "fio verified every block through the crash" \
+  || fail "fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio2.out" | head -n 5)"
+(cd "$mnt" && timeout 120 sha256sum --quiet -c "$work/sums") && pass "the file tree's checksums match" || fail "checksums differ"
+check "umount" timeout 60 umount "$mnt"
+check "fsck.ext4 -f -n is clean" timeout 120 fsck.ext4 -f -n /dev/nbd0
+check "nbd-client disconnects" timeout 20 nbd-client -d /dev/nbd0
+kill -TERM $helper 2>/dev/null; wait $helper 2>/dev/null
+
+# ---- stop: the device goes back ----------------------------------------------------------------------
+check "systemctl stop $unit" timeout 120 systemctl stop "$unit"
+[[ $(driver_of $BLK) == virtio-pci ]] && pass "ExecStopPost gave $BLK back to virtio-pci" || fail "driver after stop: $(driver_of $BLK)"
+finish
