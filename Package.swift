@@ -4,6 +4,7 @@
 // so the CLI imports the libraries and nothing imports the CLI:
 //
 //   virtio-vfio (the CLI, shipped)                       virtio-vfio-ring-bench (callgrind's command)
+//   MetricsEndpoint (--metrics: Prometheus over HTTP)
 //   Services (NBD export of blk, TAP bridge of net,      RingBenchmark (the ring loop on the emulator)
 //             entropy feed of rng: UpgradableServices)
 //   VirtioDevices   VirtioPCI   VirtioEmulator   NBD
@@ -34,6 +35,8 @@ let package = Package(
         .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
         .package(url: "https://github.com/apple/swift-system", from: "1.4.0"),
         .package(url: "https://github.com/HdrHistogram/hdrhistogram-swift", from: "0.1.0"),
+        .package(url: "https://github.com/swift-server/swift-prometheus", from: "2.1.0"),
+        .package(url: "https://github.com/apple/swift-nio", from: "2.80.0"),
     ],
     targets: [
         // MARK: C
@@ -92,12 +95,21 @@ let package = Package(
         // RingBenchmark: requests through a split queue against the emulator, every completion
         // checked, the driver's work counted (docs/PERFORMANCE.md).
         .target(name: "RingBenchmark", dependencies: ["Virtio", "VirtioEmulator"]),
+        // MetricsEndpoint: `--metrics`: a service's published samples and latency histograms in
+        // Prometheus' text format (swift-prometheus), served over HTTP (SwiftNIO).
+        .target(name: "MetricsEndpoint", dependencies: [
+            "HotUpgrade", "Syscalls",
+            .product(name: "Prometheus", package: "swift-prometheus"),
+            .product(name: "NIOCore", package: "swift-nio"),
+            .product(name: "NIOPosix", package: "swift-nio"),
+            .product(name: "NIOHTTP1", package: "swift-nio"),
+        ]),
 
         // MARK: Executables
         // The driver's command line, the one shipped binary.
         .executableTarget(name: "virtio-vfio", dependencies: [
             "Services", "HotUpgrade", "VirtioDevices", "VirtioPCI", "NBD", "Upgrade", "Virtio", "VFIO", "PCI", "PCINames",
-            "Syscalls", "CVirtioShim", systemPackage,
+            "MetricsEndpoint", "Syscalls", "CVirtioShim", systemPackage,
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
             .product(name: "Logging", package: "swift-log"),
@@ -128,5 +140,7 @@ let package = Package(
         .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscalls"]),
         // The ring benchmark's loop and checks, briefly, on both emulated devices.
         .testTarget(name: "RingBenchmarkTests", dependencies: ["RingBenchmark"]),
+        // The exposition of every service's samples and the HTTP endpoint, over a real socket.
+        .testTarget(name: "MetricsEndpointTests", dependencies: ["MetricsEndpoint", "HotUpgrade", "Services", "NBD", "VirtioDevices", "Syscalls"]),
     ]
 )

@@ -31,6 +31,9 @@ public struct ControlServiceConfiguration: Sendable {
     public var successorStartTimeout: Int32 = 60_000
     /// Tests of the refusal path only: the format the device part is written in.
     public var debugStateFormat: UInt16?
+    /// Called from the control socket's thread about once a second, whatever the service loop
+    /// is doing (a service manager's STATUS and watchdog are told from here).
+    public var tick: (@Sendable () -> Void)?
 
     public init(describe: @escaping @Sendable () -> HandoverMessage) { self.describe = describe }
 }
@@ -115,8 +118,13 @@ public final class ControlService: @unchecked Sendable {
     }
 
     func answer() {
+        var lastTick: UInt64 = 0
         while !stopping.load(ordering: .relaxed) {
             watchSuccessors()
+            if let tick = configuration.tick, monotonicNanoseconds() &- lastTick >= 1_000_000_000 {
+                lastTick = monotonicNanoseconds()
+                tick()
+            }
             guard case .success(let ready) = Syscall.pollIn(listener.fd.raw, timeoutMilliseconds: 100), ready else { continue }
             guard let connection = listener.accept(log: { logger.warning("\($0)") }) else { continue }
             answer(connection)

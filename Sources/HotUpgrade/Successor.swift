@@ -14,6 +14,9 @@ public struct TakeOverOptions: Sendable {
     public var handoverTimeout: Int32 = 10_000
     /// Test hook: run right after the device is up, before the first request (crash, hang).
     public var afterDeviceUp: (@Sendable () -> Void)?
+    /// Told once the takeover is confirmed: whether the rings were adopted (live mode) and the
+    /// service gap (ns, from the old driver's quiesce; nil when the record does not say).
+    public var tookOver: (@Sendable (_ live: Bool, _ gapNanoseconds: UInt64?) -> Void)?
     /// Test hook: report the first request as failed.
     public var failFirstRequest = false
 
@@ -230,10 +233,13 @@ public struct Successor: ~Copyable {
     }
 
     /// From the moment the old driver was asked to quiesce until now.
-    public var gap: String {
+    public var gap: String { gapNanoseconds.map(milliseconds) ?? "unknown" }
+
+    /// From the old driver's quiesce until now (nil: the record does not say when it started).
+    public var gapNanoseconds: UInt64? {
         let now = monotonicNanoseconds()
-        guard record.quiesceStarted > 0, now >= record.quiesceStarted else { return "unknown" }
-        return milliseconds(now - record.quiesceStarted)
+        guard record.quiesceStarted > 0, now >= record.quiesceStarted else { return nil }
+        return now - record.quiesceStarted
     }
 }
 

@@ -33,7 +33,9 @@ public func takeOver<T: HandoverTransport & ~Copyable, S: UpgradableService & ~C
         }
         let mode = successor.live == true ? "live" : "reset"
         try successor.confirm("\(mode) mode, driver \(options.driverVersion), \(report.summary)")
-        logger.notice("\(address): took over\(report.object) from driver \(successor.record.driverVersion) in \(mode) mode\(report.detail) in \(successor.elapsed); service gap \(successor.gap) (\(successor.phaseSummary), confirm)")
+        let gap = successor.gapNanoseconds
+        logger.notice("\(address): took over\(report.object) from driver \(successor.record.driverVersion) in \(mode) mode\(report.detail) in \(successor.elapsed); service gap \(gap.map(milliseconds) ?? "unknown") (\(successor.phaseSummary), confirm)")
+        options.tookOver?(successor.live == true, gap)
     } catch {
         // The device and the clients stay the old driver's: let go without touching them (no
         // reply, no socket file removed).

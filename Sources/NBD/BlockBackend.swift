@@ -36,10 +36,25 @@ public protocol BlockBackend: ~Copyable {
     /// Whether requests in flight can go to a successor as they are (a hot upgrade then does not
     /// wait for them); false: a quiesce completes them first.
     var handsOverInFlight: Bool { get }
+    /// Recoveries so far and whether the device answers (default: none, answering).
+    var health: BackendHealth { get }
 }
 
 extension BlockBackend where Self: ~Copyable {
     public var handsOverInFlight: Bool { false }
+    public var health: BackendHealth { BackendHealth() }
+}
+
+/// How a backend is doing, for status reports (not per request).
+public struct BackendHealth: Sendable, Equatable {
+    /// Times the device was brought back (by reset) since the backend started.
+    public var recoveries = 0
+    /// False while the device needs a recovery or stopped answering.
+    public var answering = true
+    public init(recoveries: Int = 0, answering: Bool = true) {
+        self.recoveries = recoveries
+        self.answering = answering
+    }
 }
 
 public enum BackendOperation: UInt8, Sendable, Equatable {

@@ -33,6 +33,8 @@ struct RequestSlot {
     var cookie: UInt64 = 0
     var offset: UInt64 = 0
     var length = 0
+    /// CLOCK_MONOTONIC (ns) when its header was read (0: carried over from an earlier server).
+    var received: UInt64 = 0
     /// NBD error value of the reply.
     var error: UInt32 = 0
     /// The backend buffer, while reserved.

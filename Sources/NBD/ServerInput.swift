@@ -222,6 +222,7 @@ extension NBDServer where B: ~Copyable {
         clients[i].requests[Int(r)].cookie = request.cookie
         clients[i].requests[Int(r)].offset = request.offset
         clients[i].requests[Int(r)].length = Int(request.length)
+        clients[i].requests[Int(r)].received = now
         clients[i].requests[Int(r)].error = 0
         clients[i].requests[Int(r)].flushAfter = false
         var error: UInt32 = 0

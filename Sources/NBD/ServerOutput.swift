@@ -95,6 +95,9 @@ extension NBDServer where B: ~Copyable {
         default: break
         }
         if request.error != 0 { statistics.errorReplies += 1 }
+        if let answered = configuration.requestAnswered, request.received != 0 {
+            answered(request.command, now &- request.received)
+        }
         if request.hasBuffer { releaseBuffer(i, r) }
         let wasFull = clients[i].freeHead < 0
         clients[i].freeSlot(r)

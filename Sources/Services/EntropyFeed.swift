@@ -3,6 +3,7 @@ import Glibc
 #endif
 import HotUpgrade
 import Synchronization
+import Syscalls
 import Upgrade
 import Virtio
 import VirtioDevices
@@ -17,6 +18,15 @@ public struct EntropyFeed<T: HandoverTransport & ~Copyable>: ~Copyable, Upgradab
     /// Takes one chunk; an error ends the service (e.g. RNDADDENTROPY refused).
     let sink: (UnsafeRawBufferPointer) throws -> Void
     public private(set) var fed = 0
+    /// Device reads that returned entropy.
+    public private(set) var reads = 0
+    /// Called from the loop at most every `statusInterval` (and once when it starts) with the
+    /// bytes fed, the reads and the device's recoveries so far.
+    public var status: (@Sendable (_ fed: Int, _ reads: Int, _ recoveries: Int) -> Void)?
+    public var statusInterval: Duration = .milliseconds(500)
+    /// Called with each read's time from request to answer (ns).
+    public var readAnswered: (@Sendable (UInt64) -> Void)?
+    var lastStatus: UInt64 = 0
     let clock = ContinuousClock()
     var start: ContinuousClock.Instant
 
@@ -46,6 +56,7 @@ public struct EntropyFeed<T: HandoverTransport & ~Copyable>: ~Copyable, Upgradab
             if quiesce.load(ordering: .relaxed) { return .quiesced }
             let n = limit == 0 ? chunk : min(chunk, limit - fed)
             var filled = 0
+            let asked = readAnswered == nil ? 0 : monotonicNanoseconds()
             do throws(VirtioError) {
                 // A misbehaving device is reset and brought back (up to 5 times in a row): the
                 // consumer sees a pause, not an end of supply.
@@ -54,6 +65,15 @@ public struct EntropyFeed<T: HandoverTransport & ~Copyable>: ~Copyable, Upgradab
                     filled += piece.count
                 }
             } catch { return .failed(error) }
+            reads += 1
+            if let readAnswered { readAnswered(monotonicNanoseconds() - asked) }
+            if let status {
+                let now = monotonicNanoseconds()
+                if now &- lastStatus >= UInt64(statusInterval.nanoseconds) {
+                    lastStatus = now
+                    status(fed + filled, reads, rng.recoveries)
+                }
+            }
             do { try sink(UnsafeRawBufferPointer(rebasing: buffer[..<filled])) } catch { return .failed(error) }
             fed += filled
             let due = start + .milliseconds(fed * 1000 / rate)

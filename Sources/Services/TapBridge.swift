@@ -24,9 +24,10 @@ public struct TapBridgeConfiguration: Sendable {
     public var wakeDescriptor: Int32? = nil
     /// Link changes and recoveries, one line each (rare; never per frame).
     public var log: @Sendable (String) -> Void = { _ in }
-    /// Called with every counter by name (device's, then the bridge's) at each status look, so
-    /// another thread (the control socket's) can report them without touching the bridge.
-    public var publishCounters: (@Sendable ([(String, Int)]) -> Void)? = nil
+    /// Called with the device's and the bridge's counters at each status look (the device's
+    /// status was read and it did not need a reset), so other threads (the control socket's, a
+    /// metrics endpoint's) can report them without touching the bridge.
+    public var publishStatus: (@Sendable (NetCounters, TapBridgeCounters) -> Void)? = nil
 
     public init() {}
 }
@@ -236,7 +237,7 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
             configuration.log("link \(device.linkStatus) (change \(device.counters.linkChanges))")
         }
         noteRecoveries()
-        if let publish = configuration.publishCounters { publish(namedCounters) }
+        configuration.publishStatus?(device.counters, counters)
     }
 
     /// The device's counters, then the bridge's, by name.

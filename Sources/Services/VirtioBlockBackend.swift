@@ -85,6 +85,8 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
     public var canWriteZeroes: Bool { device.config.maxWriteZeroesSectors != nil }
     public var minimumBlockSize: Int { BlockConfig.sectorSize }
     public var preferredBlockSize: Int { max(4096, Int(device.config.blockSize)) }
+    /// Not answering while a recovery is due (the device broke a queue, needs a reset or went quiet).
+    public var health: BackendHealth { BackendHealth(recoveries: recoveries, answering: brokenBy == nil) }
 
     /// How many slots an operation on `length` bytes takes: data operations one per `chunk` bytes;
     /// flush, discard and write-zeroes one (long ranges run one after the other in it).
@@ -348,8 +350,7 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
         let now = monotonicNanoseconds()
         guard quietSince != 0 else { quietSince = now; return }
         let timeout = device.queue.completionTimeout
-        guard now - quietSince >= UInt64(timeout.components.seconds) * 1_000_000_000
-                + UInt64(timeout.components.attoseconds / 1_000_000_000) else { return }
+        guard now - quietSince >= UInt64(timeout.nanoseconds) else { return }
         let status = device.transport.readStatus()
         if status.contains(.deviceNeedsReset) {
             needsRecovery(.deviceFailed(status: status.rawValue, during: "NBD requests (DEVICE_NEEDS_RESET)"))

@@ -149,6 +149,17 @@ public enum Syscall {
         return rc == 0 ? .success(()) : .failure(Errno(rawValue: rc))
     }
 
+    /// Runs `body` with `signals` blocked in the calling thread, then restores its mask: threads
+    /// `body` starts inherit the blocked set, so they never take those signals.
+    public static func withSignalsBlocked<R, E: Error>(_ signals: [Int32], _ body: () throws(E) -> R) throws(E) -> R {
+        var set = sigset_t(), old = sigset_t()
+        sigemptyset(&set)
+        for s in signals { sigaddset(&set, s) }
+        let blocked = pthread_sigmask(SIG_BLOCK, &set, &old) == 0
+        defer { if blocked { pthread_sigmask(SIG_SETMASK, &old, nil) } }
+        return try body()
+    }
+
     /// poll(2) for POLLIN on one descriptor. Returns true if readable, false on timeout.
     /// EINTR is returned as "not readable" so that the caller re-checks its own state.
     @inline(never)

@@ -182,7 +182,7 @@ struct BenchBlk: ParsableCommand {
             let finished = clock.now
             for i in 0..<count {
                 let elapsed = finished - started[doneSlots[i]]
-                _ = histogram.record(UInt64(elapsed.components.seconds) * 1_000_000_000 + UInt64(elapsed.components.attoseconds / 1_000_000_000))
+                _ = histogram.record(UInt64(elapsed.nanoseconds))
                 queue.release(doneSlots[i])
             }
             requests += count

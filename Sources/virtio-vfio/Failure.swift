@@ -74,9 +74,11 @@ enum Failure {
     }
 }
 
-/// One line on stderr (unbuffered, so it is never lost or reordered behind stdout).
+/// One line on stderr (unbuffered, so it is never lost or reordered behind stdout). When stderr
+/// is the journal, the line starts with its syslog priority, taken from the one error style:
+/// "virtio-vfio: error: " <3>, "virtio-vfio: warning: " <4>, anything else <6>.
 func printError(_ line: String) {
-    var text = line + "\n"
+    var text = (stderrIsJournal ? journalPriority(line) : "") + line + "\n"
     text.withUTF8 { bytes in
         var offset = 0
         while offset < bytes.count {
@@ -86,4 +88,22 @@ func printError(_ line: String) {
             offset += n
         }
     }
+}
+
+/// Whether stderr is a stream to systemd's journal: $JOURNAL_STREAM ("DEVICE:INODE") names the
+/// descriptor systemd connected (a successor inherits both, so its lines are marked too). Then
+/// "<N>" before a line is its priority (sd-daemon(3)); elsewhere it would be noise.
+let stderrIsJournal: Bool = {
+    guard let raw = getenv("JOURNAL_STREAM") else { return false }
+    let parts = String(cString: raw).split(separator: ":")
+    var st = stat()
+    guard parts.count == 2, let device = UInt64(parts[0]), let inode = UInt64(parts[1]), fstat(2, &st) == 0 else { return false }
+    return UInt64(st.st_dev) == device && UInt64(st.st_ino) == inode
+}()
+
+/// "<3>", "<4>" or "<6>" for a line in the command line's one error style.
+func journalPriority(_ line: String) -> String {
+    if line.hasPrefix("virtio-vfio: error: ") { return "<3>" }
+    if line.hasPrefix("virtio-vfio: warning: ") { return "<4>" }
+    return "<6>"
 }

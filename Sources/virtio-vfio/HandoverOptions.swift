@@ -70,10 +70,12 @@ struct HandoverOptions: ParsableArguments {
         ControlListener.path(for: "\(address)", directory: controlDirectory)
     }
 
-    /// How this successor takes over, with the test faults acted out at their moments.
-    var takeOverOptions: TakeOverOptions {
+    /// How this successor takes over, with the test faults acted out at their moments; the
+    /// takeover's gap goes to `monitor`.
+    func takeOverOptions(_ monitor: ServiceMonitor) -> TakeOverOptions {
         var options = TakeOverOptions(mode: mode, driverVersion: DriverVersion.string)
         options.handoverTimeout = handoverTimeout
+        options.tookOver = { live, gap in monitor.tookOver(live: live, gapNanoseconds: gap) }
         switch debugFault {
         case .crashAfterDeviceUp?: options.afterDeviceUp = { kill(getpid(), SIGKILL) }
         case .hangAfterDeviceUp?: options.afterDeviceUp = { while true { sleep(60) } }
@@ -83,13 +85,14 @@ struct HandoverOptions: ParsableArguments {
         return options
     }
 
-    /// The control socket of a service running `features` with this process's command line.
-    func controlConfiguration(features: UInt64, wake: Int32?, counters: (@Sendable () -> [(String, Int)])? = nil)
-        -> ControlServiceConfiguration {
+    /// The control socket of a service running `features` with this process's command line,
+    /// its counters and ticks `monitor`'s.
+    func controlConfiguration(features: UInt64, wake: Int32?, monitor: ServiceMonitor) -> ControlServiceConfiguration {
         let arguments = CommandLine.arguments
         var configuration = ControlServiceConfiguration { describeThisDriver(features: features, arguments: arguments) }
         configuration.wake = wake
-        configuration.counters = counters
+        configuration.counters = { monitor.telemetry.namedCounters }
+        configuration.tick = { monitor.tick() }
         configuration.handoverTimeout = handoverTimeout
         configuration.debugStateFormat = debugStateFormat
         return configuration
@@ -100,12 +103,12 @@ extension HandoverOptions {
     /// The successor's side for a VFIO device: connect, map the device handed over, `adopt`,
     /// first request, healthy. A failure is one line on stderr and the exit status.
     func takeOver<S: UpgradableService & ~Copyable>(
-        _ address: PCIAddress, type: DeviceType, global: GlobalOptions, logger: Logger,
+        _ address: PCIAddress, type: DeviceType, global: GlobalOptions, logger: Logger, monitor: ServiceMonitor,
         adopt: (consuming VirtioPCITransport, inout Successor) throws(UpgradeError) -> S
     ) throws -> S {
         let sysfs = SysfsPCI(root: global.sysfsRoot)
         do {
-            return try HotUpgrade.takeOver(path: controlPath(address), address: "\(address)", type: type, options: takeOverOptions,
+            return try HotUpgrade.takeOver(path: controlPath(address), address: "\(address)", type: type, options: takeOverOptions(monitor),
                                            logger: logger, attach: { s throws(UpgradeError) in try s.attachVFIO(address, sysfs: sysfs) },
                                            adopt: adopt)
         } catch { throw error.exit }
@@ -114,13 +117,12 @@ extension HandoverOptions {
     /// The control socket of `service`, which runs `features` (a successor replaces its
     /// predecessor's socket file).
     func control<S: UpgradableService & ~Copyable>(
-        _ address: PCIAddress, for service: borrowing S, features: Features, wake: Int32?, logger: Logger,
-        counters: (@Sendable () -> [(String, Int)])? = nil
+        _ address: PCIAddress, for service: borrowing S, features: Features, wake: Int32?, logger: Logger, monitor: ServiceMonitor
     ) throws -> ControlService {
         do {
             return try ControlService(path: controlPath(address), replacing: takeOver,
                                       devicePart: service.devicePart(driverVersion: DriverVersion.string),
-                                      configuration: controlConfiguration(features: features.rawValue, wake: wake, counters: counters),
+                                      configuration: controlConfiguration(features: features.rawValue, wake: wake, monitor: monitor),
                                       logger: logger)
         } catch { throw error.exit }
     }
@@ -148,11 +150,11 @@ extension UpgradeError {
 /// the main one and `status` once serving (a successor too, after its takeover); on a handover
 /// the new driver's pid becomes the main one before this process ends, so the manager follows
 /// the service to it instead of seeing it exit; STOPPING=1 when asked to stop.
-func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, control: ControlService, status: String) -> ServeOutcome {
+func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, control: ControlService, monitor: ServiceMonitor) -> ServeOutcome {
     signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
     signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
     signal(SIGPIPE, SIG_IGN)
-    tellServiceManager(["READY=1", "MAINPID=\(getpid())", "STATUS=\(status)"])
+    tellServiceManager(["READY=1", "MAINPID=\(getpid())", "STATUS=\(monitor.serving)"])
     let outcome = control.serve(&service, until: stopRequested)
     if case .handedOver(let successor) = outcome {
         tellServiceManager(["MAINPID=\(successor)", "STATUS=handed over to pid \(successor)"])
@@ -160,6 +162,7 @@ func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, contr
     }
     tellServiceManager(["STOPPING=1"])
     control.stop()
+    monitor.close()
     return outcome
 }
 

@@ -33,6 +33,7 @@ struct ServeBlkCommand: ParsableCommand {
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .msix
     @Option(help: "Export name clients ask for.") var exportName = ""
     @OptionGroup var handover: HandoverOptions
+    @OptionGroup var monitoring: MonitorOptions
 
     func validate() throws {
         guard nbd.hasPrefix("unix:"), nbd.count > 5 else { throw ValidationError("--nbd takes unix:PATH") }
@@ -67,12 +68,18 @@ struct ServeBlkCommand: ParsableCommand {
         configuration.wakeDescriptor = wake.raw
         let verbose = global.verbose
         configuration.log = { line in if verbose { printError(line) } }
+        let monitor = try ServiceMonitor(address: address, options: monitoring)
+        configuration.status = { s in
+            let report = ServiceReports.block(s)
+            monitor.telemetry.publish(report.samples, summary: report.summary, deviceAnswers: s.backend.answering)
+        }
+        configuration.requestAnswered = Self.latencies(monitor)
 
         let logger = global.serviceLogger("serve-blk")
         let backendLog: @Sendable (String) -> Void = { printError("\(address): \($0)") }
         var export: BlockExport<VirtioPCITransport>
         if handover.takeOver {
-            export = try handover.takeOver(address, type: .block, global: global, logger: logger) { t, s throws(UpgradeError) in
+            export = try handover.takeOver(address, type: .block, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
                 try BlockExport.adopt(t, &s, wanted: wanted, mode: irq, configuration: configuration, log: backendLog)
             }
         } else {
@@ -88,14 +95,34 @@ struct ServeBlkCommand: ParsableCommand {
         }
         let features = export.server.withBackend { $0.device.negotiation.accepted }
         let capacity = export.server.withBackend { $0.size }
-        let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger)
-        printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path))")
-        let outcome = serveUpgradable(&export, control: control, status: "serving \(address) (driver \(DriverVersion.string))")
+        let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger, monitor: monitor)
+        printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
+        let outcome = serveUpgradable(&export, control: control, monitor: monitor)
         if case .failed(let error) = outcome {
             printError("virtio-vfio: error: \(error)")
             throw ExitCode(Failure.ioError)
         }
         let stats = export.server.statistics
         printError("\(address): stopped; \(stats.connectionsAccepted) connections, \(stats.reads) reads, \(stats.writes) writes, \(stats.flushes) flushes, \(stats.errorReplies) error replies")
+    }
+
+    /// One latency histogram per NBD command, recorded as each reply goes out.
+    static func latencies(_ monitor: ServiceMonitor) -> @Sendable (UInt16, UInt64) -> Void {
+        let help = "Time from an NBD request's header to its reply, by operation"
+        func histogram(_ op: String) -> @Sendable (UInt64) -> Void {
+            monitor.latency("blk_request_duration", labels: [("queue", "0"), ("op", op)], help: help)
+        }
+        let read = histogram("read"), write = histogram("write"), flush = histogram("flush"), trim = histogram("trim"),
+            zeroes = histogram("write_zeroes")
+        return { command, nanoseconds in
+            switch command {
+            case NBDProtocol.Command.read: read(nanoseconds)
+            case NBDProtocol.Command.write: write(nanoseconds)
+            case NBDProtocol.Command.flush: flush(nanoseconds)
+            case NBDProtocol.Command.trim: trim(nanoseconds)
+            case NBDProtocol.Command.writeZeroes: zeroes(nanoseconds)
+            default: break
+            }
+        }
     }
 }

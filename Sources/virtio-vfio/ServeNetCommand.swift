@@ -45,6 +45,7 @@ struct ServeNetCommand: ParsableCommand {
     var busyPoll = 2000
     @Option(help: "Longest sleep between polls when idle, in microseconds.") var maxSleep = 1000
     @OptionGroup var handover: HandoverOptions
+    @OptionGroup var monitoring: MonitorOptions
 
     func validate() throws {
         guard irq != .hybrid else { throw ValidationError("serve net takes --irq poll or msix (msix already polls for --busy-poll before it sleeps)") }
@@ -57,19 +58,19 @@ struct ServeNetCommand: ParsableCommand {
     func run() throws {
         let address = try device.address()
         let wanted = NetDevice<VirtioPCITransport>.supported.subtracting(.ringEventIdx).union(DriverVersion.ringFeatures)
-        let published = PublishedCounters()
+        let monitor = try ServiceMonitor(address: address, options: monitoring)
         let wake: EventFD
         do { wake = try EventFD() } catch {
             printError("virtio-vfio: error: eventfd: \(error)")
             throw ExitCode(Failure.ioError)
         }
-        let configuration = bridgeConfiguration(address, published: published, wake: wake.raw)
+        let configuration = bridgeConfiguration(address, monitor: monitor, wake: wake.raw)
         let logger = global.serviceLogger("serve-net")
         let counters: @Sendable () -> Bool = { countersRequested.exchange(false, ordering: .relaxed) }
         var service: NetBridgeService<VirtioPCITransport>
         if handover.takeOver {
             let tapName = tap
-            service = try handover.takeOver(address, type: .net, global: global, logger: logger) { t, s throws(UpgradeError) in
+            service = try handover.takeOver(address, type: .net, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
                 try NetBridgeService.adopt(t, &s, wanted: wanted, mode: irq, tapName: tapName, configuration: configuration,
                                            countersRequested: counters)
             }
@@ -81,19 +82,19 @@ struct ServeNetCommand: ParsableCommand {
             }
             service = try start(net, address: address, configuration: configuration, countersRequested: counters)
         }
-        try serve(service, address: address, published: published, logger: logger)
+        try serve(service, address: address, monitor: monitor, logger: logger)
     }
 
     /// How the bridge runs: polling as the options say, logging with the device's address, the
-    /// counters published for the control socket's `statistics` at each status look, a sleep
-    /// ended by `wake` (the control socket's handover requests).
-    func bridgeConfiguration(_ address: PCIAddress, published: PublishedCounters, wake: Int32) -> TapBridgeConfiguration {
+    /// counters published to `monitor` at each status look, a sleep ended by `wake` (the control
+    /// socket's handover requests).
+    func bridgeConfiguration(_ address: PCIAddress, monitor: ServiceMonitor, wake: Int32) -> TapBridgeConfiguration {
         var configuration = TapBridgeConfiguration()
         configuration.wakeDescriptor = wake
         configuration.busyPoll = .microseconds(busyPoll)
         configuration.maxSleep = .microseconds(maxSleep)
         configuration.log = { line in printError("\(address): \(line)") }
-        configuration.publishCounters = { counters in published.latest.withLock { $0 = counters } }
+        configuration.publishStatus = { device, bridge in monitor.publishNet(device, bridge) }
         return configuration
     }
 
@@ -130,21 +131,20 @@ struct ServeNetCommand: ParsableCommand {
         return NetBridgeService(bridge: bridge, tap: tapInterface, countersRequested: countersRequested)
     }
 
-    func serve(_ service: consuming NetBridgeService<VirtioPCITransport>, address: PCIAddress, published: PublishedCounters,
+    func serve(_ service: consuming NetBridgeService<VirtioPCITransport>, address: PCIAddress, monitor: ServiceMonitor,
                logger: Logger) throws {
         let features = service.bridge.device.negotiation.accepted
         let control = try handover.control(address, for: service, features: features,
-                                           wake: service.bridge.configuration.wakeDescriptor, logger: logger,
-                                           counters: { published.latest.withLock { $0 } })
-        published.latest.withLock { $0 = service.bridge.namedCounters }
+                                           wake: service.bridge.configuration.wakeDescriptor, logger: logger, monitor: monitor)
+        monitor.publishNet(service.bridge.device.counters, service.bridge.counters)
         signal(SIGUSR1) { _ in countersRequested.store(true, ordering: .relaxed) }
         let device = service.bridge.device.config
         let headerSize = service.bridge.vnetHeaderSize
-        printError("\(address): bridged to TAP \(service.tap.name) (mac \(device.mac.map { "\($0)" } ?? "none"), mtu \(device.mtu), link \(service.bridge.device.linkStatus), \(headerSize > 0 ? "\(headerSize)-byte virtio-net header" : "plain frames"), queues \(service.bridge.device.receiveQueueSize)/\(service.bridge.device.transmitQueueSize), \(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .net).joined(separator: ", "))], control socket \(control.path))")
+        printError("\(address): bridged to TAP \(service.tap.name) (mac \(device.mac.map { "\($0)" } ?? "none"), mtu \(device.mtu), link \(service.bridge.device.linkStatus), \(headerSize > 0 ? "\(headerSize)-byte virtio-net header" : "plain frames"), queues \(service.bridge.device.receiveQueueSize)/\(service.bridge.device.transmitQueueSize), \(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .net).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
         if device.mtu != NetConfig.defaultMTU {
             printError("\(address): the device's MTU is \(device.mtu): set the TAP's to match (ip link set \(service.tap.name) mtu \(device.mtu)); longer frames are dropped")
         }
-        let outcome = serveUpgradable(&service, control: control, status: "serving \(address) (driver \(DriverVersion.string))")
+        let outcome = serveUpgradable(&service, control: control, monitor: monitor)
         var failure: NetError?
         if case .failed(let error) = outcome { failure = error as? NetError ?? .virtio(.deviceFailed(status: 0, during: "\(error)")) }
         let summary = service.bridge.summary
@@ -161,7 +161,10 @@ struct ServeNetCommand: ParsableCommand {
     }
 }
 
-/// The bridge's counters as it last published them, read by the control socket's thread.
-final class PublishedCounters: Sendable {
-    let latest = Mutex<[(String, Int)]>([])
+extension ServiceMonitor {
+    /// The bridge's status look: its counters, the device answering (its status was just read).
+    func publishNet(_ device: NetCounters, _ bridge: TapBridgeCounters) {
+        let report = ServiceReports.net(device: device, bridge: bridge)
+        telemetry.publish(report.samples, summary: report.summary, deviceAnswers: true)
+    }
 }

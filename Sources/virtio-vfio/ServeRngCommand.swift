@@ -42,6 +42,7 @@ struct ServeRngCommand: ParsableCommand {
     @Option(help: "Stop after this many bytes (0: run until signalled).") var bytes = 0
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .msix
     @OptionGroup var handover: HandoverOptions
+    @OptionGroup var monitoring: MonitorOptions
 
     func validate() throws {
         guard rate > 0 else { throw ValidationError("--rate must be positive") }
@@ -60,9 +61,10 @@ struct ServeRngCommand: ParsableCommand {
         let poolFD = OwnedFD(adopting: pool)
         let sink = Self.pool(poolFD.raw, credit: credit)
         let wanted = DriverVersion.ringFeatures
+        let monitor = try ServiceMonitor(address: address, options: monitoring)
         var feed: EntropyFeed<VirtioPCITransport>
         if handover.takeOver {
-            feed = try handover.takeOver(address, type: .entropy, global: global, logger: logger) { t, s throws(UpgradeError) in
+            feed = try handover.takeOver(address, type: .entropy, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
                 try EntropyFeed.adopt(t, &s, wanted: wanted, mode: irq, rate: rate, limit: bytes, sink: sink)
             }
         } else {
@@ -71,10 +73,16 @@ struct ServeRngCommand: ParsableCommand {
                 feed = EntropyFeed(rng: try EntropyDevice(transport: transport, wanted: wanted, mode: irq), rate: rate, limit: bytes, sink: sink)
             } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         }
+        feed.status = { fed, reads, recoveries in
+            let report = ServiceReports.entropy(fed: fed, reads: reads, recoveries: recoveries)
+            monitor.telemetry.publish(report.samples, summary: report.summary, deviceAnswers: true)
+        }
+        feed.readAnswered = monitor.latency("rng_request_duration", labels: [("queue", "0")],
+                                            help: "Time from an entropy request to the device's answer")
         let features = feed.rng.negotiation.accepted
-        let control = try handover.control(address, for: feed, features: features, wake: nil, logger: logger)
-        printError("\(address): feeding the kernel entropy pool at up to \(rate) bytes/s, \(credit) bits credited per byte (driver \(DriverVersion.string), features [\(features.names(for: .entropy).joined(separator: ", "))], control socket \(control.path))")
-        let outcome = serveUpgradable(&feed, control: control, status: "serving \(address) (driver \(DriverVersion.string))")
+        let control = try handover.control(address, for: feed, features: features, wake: nil, logger: logger, monitor: monitor)
+        printError("\(address): feeding the kernel entropy pool at up to \(rate) bytes/s, \(credit) bits credited per byte (driver \(DriverVersion.string), features [\(features.names(for: .entropy).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
+        let outcome = serveUpgradable(&feed, control: control, monitor: monitor)
         let recoveries = feed.rng.recoveries, fed = feed.fed
         var shutdownError: VirtioError?
         do throws(VirtioError) { try feed.shutdown() } catch { shutdownError = error }

@@ -167,9 +167,9 @@ if [[ -x $B ]]; then
   printf '  reset, B -> A load   %s\n' "$reset_client_rx"
 
   out=$(timeout 20 virtio-vfio info $OURS 2>&1)
-  rxp=$(sed -nE 's/^ +rx_packets +([0-9]+)$/\1/p' <<<"$out")
+  rxp=$(sed -nE 's/^ +net_frames\{queue=0\} +([0-9]+)$/\1/p' <<<"$out")
   [[ $out == *"served by pid $current"* && ${rxp:-0} -ge $((2 * FLOOD)) ]] \
-    && pass "info asks the serving driver: pid $current, rx_packets $rxp (counted across the upgrades)" || fail "info: $out"
+    && pass "info asks the serving driver: pid $current, frames received $rxp (counted across the upgrades)" || fail "info: $out"
 else
   fail "variant build $B missing (tools/test builds it): no upgrade test"
 fi

@@ -5,8 +5,12 @@
 # ext4 on the kernel NBD client, then under fio with crc32c verification: `systemctl reload` (a
 # hot upgrade: the new driver becomes the main pid, the service stays active, no client error),
 # SIGKILL of the driver (Restart=on-failure: the next one resets the device and serves; the
-# client reconnects through Tests/HIL/nbd-reconnect.py as in crash.sh), fsck clean, and
-# `systemctl stop` giving the device back to its kernel driver. Every command is bounded.
+# client reconnects through Tests/HIL/nbd-reconnect.py as in crash.sh), a driver that stops
+# answering (SIGSTOP: the watchdog lapses, systemd kills and restarts it), fsck clean, and
+# `systemctl stop` giving the device back to its kernel driver. Meanwhile the metrics endpoint
+# (--metrics) is read with curl (values move under fio; the new driver reports its upgrade), the
+# STATUS line carries the counters, and the journal has the driver's priorities. Every command
+# is bounded.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
@@ -29,8 +33,15 @@ timeout 120 tools/install --no-build --prefix "$prefix" >"$work/install.log" 2>&
   && pass "tools/install --no-build --prefix $prefix" || { fail "install: $(tail -n 5 "$work/install.log")"; finish; }
 mkdir -p /run/systemd/system/virtio-vfio-blk@.service.d
 cp "$prefix/lib/systemd/system/virtio-vfio-blk@.service" /run/systemd/system/
-# The guest's /var is read-only: vfio-bind remembers drivers under /run.
-printf '[Service]\nEnvironment=VFIO_BIND_STATE_DIR=/run/vfio-bind\n' >/run/systemd/system/virtio-vfio-blk@.service.d/hil.conf
+# The guest's /var is read-only: vfio-bind remembers drivers under /run. The driver's options (on
+# a real machine in /etc/virtio-vfio/ADDRESS.conf) add the metrics endpoint; a short watchdog
+# makes the hung-driver test quick.
+metrics=127.0.0.1:9464
+printf '[Service]\nEnvironment=VFIO_BIND_STATE_DIR=/run/vfio-bind\nEnvironment="VIRTIO_VFIO_ARGS=--nbd unix:%s --metrics %s"\nWatchdogSec=6s\n' \
+  "$sock" "$metrics" >/run/systemd/system/virtio-vfio-blk@.service.d/hil.conf
+# metric SERIES: its value in the exposition now (empty if absent or the endpoint does not answer).
+metric() { timeout 10 curl -s --max-time 5 "http://$metrics/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
+series() { printf 'virtio_vfio_%s{device="%s"%s}' "$1" "$BLK" "${2:+,$2}"; }
 check "systemctl daemon-reload" timeout 60 systemctl daemon-reload
 t0=$(date +%s%N)
 check "systemctl start $unit (returns once the driver said READY)" timeout 120 systemctl start "$unit"
@@ -41,6 +52,12 @@ pid1=$(systemctl show -p MainPID --value "$unit")
 status=$(systemctl show -p StatusText --value "$unit")
 [[ $status == "serving $BLK (driver "* ]] && pass "the driver's STATUS: $status (main pid $pid1)" || fail "StatusText '$status'"
 [[ $(driver_of $BLK) == vfio-pci ]] && pass "ExecStartPre bound $BLK to vfio-pci" || fail "driver of $BLK: $(driver_of $BLK)"
+[[ $(systemctl show -p WatchdogUSec --value "$unit") == 6s ]] && pass "the service has a watchdog (6 s here)" || fail "WatchdogUSec $(systemctl show -p WatchdogUSec --value "$unit")"
+v=$(metric "$(series driver_info 'version="'"$(virtio-vfio --version)"'"')")
+[[ $v == 1* ]] && pass "curl reads the metrics endpoint at $metrics (driver_info 1)" || fail "metrics endpoint: '$(timeout 10 curl -s --max-time 5 "http://$metrics/metrics" | head -n 5)'"
+prio=$(journalctl -b --no-pager -u "$unit" -o json | jq -r 'select(.MESSAGE | type == "string" and contains("exporting")) | .PRIORITY' | tail -n 1)
+journalctl -b --no-pager -u "$unit" | grep -q '<[0-9]>' && fail "a '<N>' priority prefix reached the journal's text" \
+  || { [[ $prio == 6 ]] && pass "the journal took the driver's priority (info, 6) from its line prefix" || fail "PRIORITY of the start line: '$prio'"; }
 
 check "nbd-client attaches over netlink with -t 3" timeout 20 nbd-client -unix "$sock" /dev/nbd0 -b 4096 -N "" -t 3
 python3 Tests/HIL/nbd-reconnect.py "$sock" 0 --dead-conn-timeout 60 >"$work/reconnect.log" 2>&1 &
@@ -59,6 +76,13 @@ timeout 300 fio --name=svc --filename="$mnt/fio.dat" --size=16M --rw=randwrite -
   --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --time_based --runtime=20 --output="$work/fio.out" >/dev/null 2>&1 &
 fio=$!
 sleep 4
+writes=$(series blk_requests_total 'queue="0",op="write"')
+w1=$(metric "$writes"); sleep 2; w2=$(metric "$writes")
+c=$(metric "$(series blk_request_duration_seconds_count 'queue="0",op="write"')")
+[[ -n $w1 && -n $w2 ]] && (( ${w2%.*} > ${w1%.*} && ${c%.*} > 0 )) \
+  && pass "the metrics move under fio: writes $w1 -> $w2 in 2 s, $c write latencies in the histogram" || fail "writes '$w1' -> '$w2', histogram count '$c'"
+status=$(systemctl show -p StatusText --value "$unit")
+[[ $status == "serving $BLK (driver "*"): 1 NBD client, "*" writes, 0 errors, "* ]] && pass "STATUS carries the counters: $status" || fail "StatusText '$status'"
 t0=$(date +%s%N)
 timeout 120 systemctl reload "$unit" >"$work/reload.log" 2>&1 && pass "systemctl reload under fio (hot upgrade) in $((($(date +%s%N) - t0) / 1000000)) ms" \
   || fail "reload: $(cat "$work/reload.log")"
@@ -68,6 +92,8 @@ state=$(systemctl is-active "$unit")
   || fail "after reload: state $state, main pid $pid1 -> $pid2"
 journalctl -b --no-pager -u "$unit" | grep -q "took over from driver" && pass "the new driver logs to the service's journal: $(journalctl -b --no-pager -u "$unit" | grep -o 'took over from driver.*service gap [0-9.]* ms' | tail -n 1)" \
   || fail "no takeover line in the journal of $unit"
+up=$(metric "$(series upgrades_total 'mode="live"')"); gap=$(metric "$(series last_upgrade_gap_seconds)")
+[[ $up == 1* && -n $gap ]] && pass "the new driver's metrics: upgrades_total{mode=live} $up, last_upgrade_gap_seconds $gap" || fail "after the reload: upgrades '$up', gap '$gap'"
 if timeout 120 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; fi
 [[ $rc == 0 ]] && grep -q "err= 0" "$work/fio.out" && pass "fio verified every block through the reload (no client error)" \
   || fail "fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio.out" | head -n 5)"
@@ -91,6 +117,18 @@ grep -q "reconnected" "$work/reconnect.log" && pass "the kernel NBD client recon
 if timeout 300 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; fi
 [[ $rc == 0 ]] && grep -q "err= 0" "$work/fio2.out" && pass "fio verified every block through the crash" \
   || fail "fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio2.out" | head -n 5)"
+
+# ---- a driver that stops answering: the watchdog ------------------------------------------------------
+kill -STOP "$pid3"
+for _ in $(seq 300); do
+  pid4=$(systemctl show -p MainPID --value "$unit")
+  [[ $(systemctl is-active "$unit") == active && $pid4 != 0 && $pid4 != "$pid3" ]] && break
+  sleep 0.1
+done
+journalctl -b --no-pager -u "$unit" | grep -q "Watchdog timeout" && [[ $pid4 != "$pid3" && $(systemctl is-active "$unit") == active ]] \
+  && pass "SIGSTOP of pid $pid3: the watchdog lapsed, systemd restarted the driver as pid $pid4" \
+  || fail "after SIGSTOP: $(systemctl is-active "$unit"), main pid $pid4, $(journalctl -b --no-pager -u "$unit" | grep -c 'Watchdog timeout') watchdog lines"
+check "a read through the restarted driver" timeout 120 dd if=/dev/nbd0 of=/dev/null bs=64k count=64 iflag=direct status=none
 (cd "$mnt" && timeout 120 sha256sum --quiet -c "$work/sums") && pass "the file tree's checksums match" || fail "checksums differ"
 check "umount" timeout 60 umount "$mnt"
 check "fsck.ext4 -f -n is clean" timeout 120 fsck.ext4 -f -n /dev/nbd0

@@ -21,7 +21,7 @@
 HIL_HOST_PACKAGES=(
   qemu-system-x86 busybox-static pciutils libpci-dev cpio xz-utils zstd kmod
   nbd-client qemu-utils libnbd-bin fio e2fsprogs iperf3 rng-tools5 iproute2
-  iputils-ping jq systemd
+  iputils-ping jq systemd curl
 )
 
 # Modules packed into the initramfs and insmod'ed by the guest /init, in this
