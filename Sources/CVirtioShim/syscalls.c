@@ -2,6 +2,7 @@
 #define _GNU_SOURCE
 #include "CVirtioShim.h"
 #include <sys/mman.h>
+#include <spawn.h>
 #include <errno.h>
 #include <sys/ioctl.h>
 #include <linux/random.h>
@@ -46,6 +47,10 @@ long CVirtioShim_ioctl_value(int fd, unsigned long request, unsigned long value)
 }
 
 int CVirtioShim_memfd_create(const char *name, unsigned int flags) { return memfd_create(name, flags); }
+
+int CVirtioShim_spawn_closefrom(void *actions, int from) {
+    return posix_spawn_file_actions_addclosefrom_np((posix_spawn_file_actions_t *)actions, from);
+}
 
 int CVirtioShim_peer_credentials(int fd, int *pid, unsigned int *uid, unsigned int *gid) {
     struct ucred credentials;

@@ -206,6 +206,25 @@ extension NBDServer where B: ~Copyable {
     /// NBD_ENOTSUP, FLUSH and FUA without flush support NBD_EIO.
     ///
     /// Throws before taking anything: on a throw, every descriptor in `state` is still the caller's.
+    /// A server on a UNIX socket listener kept from an earlier process that ended without a
+    /// hand-over (a service manager's descriptor store after a crash): no connection is carried
+    /// over (the earlier one's died with it); clients that connected meanwhile wait in the
+    /// listener's backlog and are served. The listener must be bound to the configured path;
+    /// a configuration with a TCP listener too is refused (it would not be listening).
+    public init(backend: consuming B, configuration: NBDServerConfiguration, keptUnixListener fd: Int32) throws(NBDServerError) {
+        guard let path = configuration.unixSocketPath, configuration.tcpAddress == nil else {
+            throw .handover("a kept UNIX listener serves a configuration with only a UNIX socket")
+        }
+        guard boundUnixPath(fd) == path else {
+            throw .handover("the kept listener is bound to \(boundUnixPath(fd) ?? "no path"), not \(path)")
+        }
+        let export = try Self.export(of: backend, configuration)
+        let state = NBDHandoverState(exportSize: export.size, minimumBlockSize: UInt32(export.minimumBlockSize),
+                                     preferredBlockSize: UInt32(export.preferredBlockSize), maximumPayload: UInt32(export.maximumPayload),
+                                     unixListener: .init(fd: fd, path: path))
+        try self.init(backend: backend, configuration: configuration, adopting: state)
+    }
+
     public init(backend: consuming B, configuration: NBDServerConfiguration, adopting state: NBDHandoverState)
         throws(NBDServerError) {
         if let problem = state.problem() { throw .handover(problem) }

@@ -223,3 +223,18 @@ struct Listener: ~Copyable {
         return inet_pton(AF_INET6, host, &a) == 1 ? a : nil
     }
 }
+
+/// The path a UNIX socket is bound to (getsockname(2)), nil if it is not a bound UNIX socket.
+public func boundUnixPath(_ fd: Int32) -> String? {
+    var address = sockaddr_un()
+    var length = socklen_t(MemoryLayout<sockaddr_un>.size)
+    let named = withUnsafeMutablePointer(to: &address) {
+        $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketSyscall.getsockname(fd, $0, &length) }
+    }
+    guard case .success = named, address.sun_family == sa_family_t(AF_UNIX) else { return nil }
+    let pathLength = Int(length) - MemoryLayout<sockaddr_un>.offset(of: \.sun_path)!
+    guard pathLength > 1 else { return nil }
+    return withUnsafeBytes(of: &address.sun_path) { raw in
+        String(decoding: raw.prefix(pathLength).prefix { $0 != 0 }, as: UTF8.self)
+    }
+}

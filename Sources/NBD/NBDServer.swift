@@ -325,6 +325,11 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     /// Requests submitted to the backend and not completed.
     public var requestsInFlight: Int { totalInFlight }
 
+    /// The listening sockets (nil: none, or closed), e.g. to keep them in a service manager's
+    /// descriptor store. They stay the server's.
+    public var unixListenerDescriptor: Int32? { unixListenerFD >= 0 ? unixListenerFD : nil }
+    public var tcpListenerDescriptor: Int32? { tcpListenerFD >= 0 ? tcpListenerFD : nil }
+
     /// Lends the backend (e.g. for its counters).
     public func withBackend<R>(_ body: (borrowing B) -> R) -> R { body(backend) }
 

@@ -75,7 +75,7 @@ public struct TapBridgeCounters: Sendable, Equatable {
         ("interrupt_wakeups", \.interruptWakeups),
     ]
 
-    /// `device`'s counters, then `bridge`'s, by name: what `info` shows and a successor gets.
+    /// `device`'s counters, then `bridge`'s, by name: what a successor gets.
     public static func named(device: NetCounters, bridge: TapBridgeCounters) -> [(String, Int)] {
         NetCounters.fields.map { ($0.name, device[keyPath: $0.path]) }
             + fields.map { ($0.name, bridge[keyPath: $0.path]) }
@@ -239,9 +239,6 @@ public struct TapBridge<T: Transport & ~Copyable>: ~Copyable {
         noteRecoveries()
         configuration.publishStatus?(device.counters, counters)
     }
-
-    /// The device's counters, then the bridge's, by name.
-    public var namedCounters: [(String, Int)] { TapBridgeCounters.named(device: device.counters, bridge: counters) }
 
     mutating func noteRecoveries() {
         let r = device.counters.recoveries

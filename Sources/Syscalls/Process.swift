@@ -1,3 +1,4 @@
+import CVirtioShim
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -42,6 +43,10 @@ extension Syscall {
         defer { posix_spawn_file_actions_destroy(&actions) }
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         if stdoutToStderr { posix_spawn_file_actions_adddup2(&actions, 2, 1) }
+        // Only 0-2 reach the child: a descriptor a library opened without O_CLOEXEC (a metrics
+        // listener, say) would otherwise live on in it, unserved. What a successor needs it is
+        // handed over SCM_RIGHTS.
+        _ = CVirtioShim_spawn_closefrom(&actions, 3)
         var argv: [UnsafeMutablePointer<CChar>?] = arguments.map { strdup($0) } + [nil]
         defer { for p in argv { free(p) } }
         var pid: pid_t = 0

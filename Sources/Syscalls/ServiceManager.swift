@@ -15,10 +15,12 @@ public enum ServiceManager {
         return path.isEmpty ? nil : path
     }
 
-    /// Sends `assignments` (e.g. ["READY=1", "STATUS=serving"]) to the manager. Returns false
-    /// when there is no manager to tell; throws the errno when sending fails.
+    /// Sends `assignments` (e.g. ["READY=1", "STATUS=serving"]) to the manager, with
+    /// `descriptors` attached (for FDSTORE=1; they stay open here). Returns false when there is
+    /// no manager to tell; the errno when sending fails.
     @discardableResult
-    public static func notify(_ assignments: [String], socket path: String? = notifySocket) -> Result<Bool, Errno> {
+    public static func notify(_ assignments: [String], descriptors: [Int32] = [],
+                              socket path: String? = notifySocket) -> Result<Bool, Errno> {
         guard let path else { return .success(false) }
         let name = Array(path.utf8)
         let abstract = name.first == UInt8(ascii: "@")
@@ -39,12 +41,38 @@ public enum ServiceManager {
         }
         defer { Syscall.close(fd) }
         let message = Array(assignments.joined(separator: "\n").utf8)
-        let sent = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { SocketSyscall.sendTo(fd, message, $0, length) }
+        let sent = withUnsafePointer(to: &address) { a in
+            a.withMemoryRebound(to: sockaddr.self, capacity: 1) { to in
+                message.withUnsafeBytes { SocketSyscall.sendWithRights(fd, $0, descriptors: descriptors, to: to, length: length) }
+            }
         }
         switch sent {
         case .success: return .success(true)
         case .failure(let e): return .failure(e)
+        }
+    }
+
+    /// The descriptors the manager passed at start (sd_listen_fds_with_names(3)): its file
+    /// descriptor store's content after a restart, by the names they were stored under. Only when
+    /// $LISTEN_PID is this process; the three variables are removed, so no child sees them, and
+    /// each descriptor is made close-on-exec. They start at 3.
+    public static func takePassedDescriptors() -> [(name: String, fd: Int32)] {
+        let passed = passedDescriptors(pid: getenv("LISTEN_PID").map { String(cString: $0) },
+                                       count: getenv("LISTEN_FDS").map { String(cString: $0) },
+                                       names: getenv("LISTEN_FDNAMES").map { String(cString: $0) }, this: getpid())
+        for variable in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"] { unsetenv(variable) }
+        for p in passed { _ = fcntl(p.fd, F_SETFD, FD_CLOEXEC) }
+        return passed
+    }
+
+    /// The parsing of `takePassedDescriptors`: nothing unless `pid` is `this` and `count` a
+    /// number; names missing or empty are "unknown" (as sd_listen_fds_with_names says).
+    public static func passedDescriptors(pid: String?, count: String?, names: String?, this: pid_t) -> [(name: String, fd: Int32)] {
+        guard let pid, pid_t(pid) == this, let count, let n = Int32(count), n > 0, n < 65536 else { return [] }
+        let list = names.map { $0.split(separator: ":", omittingEmptySubsequences: false).map(String.init) } ?? []
+        return (0..<n).map { i in
+            let name = Int(i) < list.count && !list[Int(i)].isEmpty ? list[Int(i)] : "unknown"
+            return (name, 3 + i)
         }
     }
 }

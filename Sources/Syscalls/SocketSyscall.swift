@@ -148,6 +148,37 @@ public enum SocketSyscall {
         }
     }
 
+    /// sendmsg(2) of `bytes` with `descriptors` as SCM_RIGHTS (none: no control message), to
+    /// `address` of `length` bytes or, when nil, the connected peer. MSG_NOSIGNAL; EINTR retried.
+    /// Returns the bytes sent (a stream socket may take fewer than all).
+    @inline(never)
+    public static func sendWithRights(_ fd: Int32, _ bytes: UnsafeRawBufferPointer, descriptors: [Int32],
+                                      to address: UnsafePointer<sockaddr>? = nil, length: socklen_t = 0) -> Result<Int, Errno> {
+        let space = CVirtioShim_CMSG_SPACE(MemoryLayout<Int32>.size * descriptors.count)
+        let control = UnsafeMutableRawPointer.allocate(byteCount: max(space, 1), alignment: 8)
+        defer { control.deallocate() }
+        control.initializeMemory(as: UInt8.self, repeating: 0, count: max(space, 1))
+        var iov = iovec(iov_base: UnsafeMutableRawPointer(mutating: bytes.baseAddress), iov_len: bytes.count)
+        return withUnsafeMutablePointer(to: &iov) { iovPointer in
+            var message = msghdr()
+            message.msg_name = UnsafeMutableRawPointer(mutating: address)
+            message.msg_namelen = address == nil ? 0 : length
+            message.msg_iov = iovPointer
+            message.msg_iovlen = 1
+            if !descriptors.isEmpty {
+                message.msg_control = control
+                message.msg_controllen = space
+                let header = CVirtioShim_CMSG_FIRSTHDR(&message)!
+                header.pointee.cmsg_level = SOL_SOCKET
+                header.pointee.cmsg_type = Int32(SCM_RIGHTS)
+                header.pointee.cmsg_len = CVirtioShim_CMSG_LEN(MemoryLayout<Int32>.size * descriptors.count)
+                let data = UnsafeMutableRawPointer(CVirtioShim_CMSG_DATA(header)!)
+                for (i, fd) in descriptors.enumerated() { data.storeBytes(of: fd, toByteOffset: i * 4, as: Int32.self) }
+            }
+            return Syscall.sendmsg(fd, &message, 0)
+        }
+    }
+
     /// poll(2) with a timeout in nanoseconds (nil: wait forever). Returns how many descriptors
     /// have events; 0 on timeout and on EINTR. poll(2) counts in milliseconds (ppoll is a GNU
     /// extension the Glibc module does not export): a timeout under 1 ms is a nanosleep(2)

@@ -149,6 +149,13 @@ public enum Syscall {
         return rc == 0 ? .success(()) : .failure(Errno(rawValue: rc))
     }
 
+    /// fcntl(F_DUPFD_CLOEXEC): a second descriptor (3 or above) for `fd`'s open file.
+    @inline(never)
+    public static func duplicate(_ fd: Int32) -> Result<Int32, Errno> {
+        let n = Glibc.fcntl(fd, F_DUPFD_CLOEXEC, 3)
+        return n >= 0 ? .success(n) : .failure(Errno(rawValue: errno))
+    }
+
     /// Runs `body` with `signals` blocked in the calling thread, then restores its mask: threads
     /// `body` starts inherit the blocked set, so they never take those signals.
     public static func withSignalsBlocked<R, E: Error>(_ signals: [Int32], _ body: () throws(E) -> R) throws(E) -> R {

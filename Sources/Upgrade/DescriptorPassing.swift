@@ -32,31 +32,7 @@ public enum DescriptorPassing {
         guard descriptors.count <= maxDescriptors else { throw .protocolError("\(descriptors.count) descriptors exceed \(maxDescriptors)") }
         guard record.count <= maxRecordBytes else { throw .protocolError("record of \(record.count) bytes is too large") }
         var length = UInt32(record.count).littleEndian
-        let space = CVirtioShim_CMSG_SPACE(MemoryLayout<Int32>.size * descriptors.count)
-        let control = UnsafeMutableRawPointer.allocate(byteCount: max(space, 1), alignment: 8)
-        defer { control.deallocate() }
-        control.initializeMemory(as: UInt8.self, repeating: 0, count: max(space, 1))
-        let result: Result<Int, Errno> = withUnsafeMutableBytes(of: &length) { lengthBytes in
-            var iov = iovec(iov_base: lengthBytes.baseAddress, iov_len: 4)
-            return withUnsafeMutablePointer(to: &iov) { iovPointer in
-                var message = msghdr()
-                message.msg_iov = iovPointer
-                message.msg_iovlen = 1
-                if !descriptors.isEmpty {
-                    message.msg_control = control
-                    message.msg_controllen = space
-                    let header = CVirtioShim_CMSG_FIRSTHDR(&message)!
-                    header.pointee.cmsg_level = SOL_SOCKET
-                    header.pointee.cmsg_type = Int32(SCM_RIGHTS)
-                    header.pointee.cmsg_len = CVirtioShim_CMSG_LEN(MemoryLayout<Int32>.size * descriptors.count)
-                    let data = UnsafeMutableRawPointer(CVirtioShim_CMSG_DATA(header)!)
-                    for (i, fd) in descriptors.enumerated() {
-                        data.storeBytes(of: fd, toByteOffset: i * 4, as: Int32.self)
-                    }
-                }
-                return Syscall.sendmsg(socket, &message, 0)
-            }
-        }
+        let result = withUnsafeBytes(of: &length) { SocketSyscall.sendWithRights(socket, $0, descriptors: descriptors) }
         switch result {
         case .failure(let e): throw .system("sendmsg with \(descriptors.count) descriptors", e)
         case .success(let n) where n != 4: throw .protocolError("short sendmsg: \(n) of 4 bytes")

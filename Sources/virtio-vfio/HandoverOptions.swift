@@ -149,18 +149,28 @@ extension UpgradeError {
 /// Under a service manager (`$NOTIFY_SOCKET`, systemd's Type=notify): READY=1 with this pid as
 /// the main one and `status` once serving (a successor too, after its takeover); on a handover
 /// the new driver's pid becomes the main one before this process ends, so the manager follows
-/// the service to it instead of seeing it exit; STOPPING=1 when asked to stop.
-func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, control: ControlService, monitor: ServiceMonitor) -> ServeOutcome {
+/// the service to it instead of seeing it exit; STOPPING=1 when asked to stop. With `--fd-store`
+/// the device's descriptors and `extra` (the service's sockets) go to the manager's store before
+/// READY and leave it on a clean stop (`DescriptorStore`).
+func serveUpgradable<S: UpgradableService & ~Copyable>(_ service: inout S, control: ControlService, monitor: ServiceMonitor,
+                                                       fdStore: Bool, extra: [(name: String, fd: Int32)] = []) -> ServeOutcome {
     signal(SIGINT) { _ in stopRequested.store(true, ordering: .relaxed) }
     signal(SIGTERM) { _ in stopRequested.store(true, ordering: .relaxed) }
     signal(SIGPIPE, SIG_IGN)
+    let stored = fdStore ? StoredSet(service.devicePart(driverVersion: DriverVersion.string), extra: extra) : nil
+    if let stored { DescriptorStore.keep(stored) }
     tellServiceManager(["READY=1", "MAINPID=\(getpid())", "STATUS=\(monitor.serving)"])
     let outcome = control.serve(&service, until: stopRequested)
     if case .handedOver(let successor) = outcome {
+        // The successor listens on the metrics port already (SO_REUSEPORT): from now on only it.
+        monitor.close()
         tellServiceManager(["MAINPID=\(successor)", "STATUS=handed over to pid \(successor)"])
         _exit(0)
     }
     tellServiceManager(["STOPPING=1"])
+    // A clean stop gives the device back: the manager must not hold it. After a failure the
+    // store stays for the restart.
+    if case .stopped = outcome, let stored { DescriptorStore.forget(stored) }
     control.stop()
     monitor.close()
     return outcome

@@ -60,7 +60,8 @@ struct InfoCommand: ParsableCommand {
         var negotiatedFeatures: UInt64
         var negotiatedFeatureNames: [String]
         var command: [String]
-        /// The service's counters (serve net), in the order it reports them.
+        /// The service's counters ("name" or "name{label=value,...}", as the metrics endpoint
+        /// names them without its virtio_vfio_ prefix and _total suffix), in the order it reports them.
         var counters: [ServedCounter]?
     }
 

@@ -34,6 +34,7 @@ struct ServeBlkCommand: ParsableCommand {
     @Option(help: "Export name clients ask for.") var exportName = ""
     @OptionGroup var handover: HandoverOptions
     @OptionGroup var monitoring: MonitorOptions
+    @OptionGroup var store: DescriptorStoreOptions
 
     func validate() throws {
         guard nbd.hasPrefix("unix:"), nbd.count > 5 else { throw ValidationError("--nbd takes unix:PATH") }
@@ -77,18 +78,42 @@ struct ServeBlkCommand: ParsableCommand {
 
         let logger = global.serviceLogger("serve-blk")
         let backendLog: @Sendable (String) -> Void = { printError("\(address): \($0)") }
+        var passed = PassedDescriptors(store)
         var export: BlockExport<VirtioPCITransport>
         if handover.takeOver {
             export = try handover.takeOver(address, type: .block, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
                 try BlockExport.adopt(t, &s, wanted: wanted, mode: irq, configuration: configuration, log: backendLog)
             }
         } else {
-            let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block, announceLeftover: true)
             let blk: BlockDevice<VirtioPCITransport>
-            do { blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq) } catch {
-                throw Failure.exit(VirtioPCIError.virtio(address, error))
+            if passed.hasDevice {
+                blk = try global.recover(address, from: passed, wanted: wanted, mode: irq, queues: 1, afterCrash: store.afterCrash,
+                    adopt: { t, features, queues, verified throws(VirtioError) in
+                        try BlockDevice(adopting: t, features: features, queues: queues, mode: irq, verified: verified)
+                    },
+                    start: { t throws(VirtioError) in try BlockDevice(transport: t, wanted: wanted, mode: irq) })
+            } else {
+                let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block, announceLeftover: true)
+                do { blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq) } catch {
+                    throw Failure.exit(VirtioPCIError.virtio(address, error))
+                }
             }
-            do { export = BlockExport(server: try NBDServer(backend: VirtioBlockBackend(device: blk, log: backendLog), configuration: configuration)) } catch {
+            let backend = VirtioBlockBackend(device: blk, log: backendLog)
+            // The kept listener serves only the same socket (the options may have changed).
+            let kept = passed.take("nbd-unix").flatMap { fd -> Int32? in
+                if configuration.tcpAddress == nil, let path = boundUnixPath(fd), path == configuration.unixSocketPath { return fd }
+                printError("virtio-vfio: warning: \(address): the kept NBD listener is on \(boundUnixPath(fd) ?? "?"), the options say \(nbd)\(tcp.map { " and tcp:\($0)" } ?? ""); listening anew")
+                Syscall.close(fd)
+                return nil
+            }
+            do {
+                if let kept {
+                    export = BlockExport(server: try NBDServer(backend: backend, configuration: configuration, keptUnixListener: kept))
+                    printError("\(address): listening on the NBD socket the service manager kept (clients that connected meanwhile are served)")
+                } else {
+                    export = BlockExport(server: try NBDServer(backend: backend, configuration: configuration))
+                }
+            } catch {
                 printError("virtio-vfio: error: \(error)")
                 throw ExitCode(Failure.ioError)
             }
@@ -97,7 +122,9 @@ struct ServeBlkCommand: ParsableCommand {
         let capacity = export.server.withBackend { $0.size }
         let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger, monitor: monitor)
         printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
-        let outcome = serveUpgradable(&export, control: control, monitor: monitor)
+        let listener = export.server.unixListenerDescriptor
+        let outcome = serveUpgradable(&export, control: control, monitor: monitor, fdStore: store.fdStore,
+                                      extra: listener.map { [(name: "nbd-unix", fd: $0)] } ?? [])
         if case .failed(let error) = outcome {
             printError("virtio-vfio: error: \(error)")
             throw ExitCode(Failure.ioError)

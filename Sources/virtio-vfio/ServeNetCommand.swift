@@ -144,7 +144,7 @@ struct ServeNetCommand: ParsableCommand {
         if device.mtu != NetConfig.defaultMTU {
             printError("\(address): the device's MTU is \(device.mtu): set the TAP's to match (ip link set \(service.tap.name) mtu \(device.mtu)); longer frames are dropped")
         }
-        let outcome = serveUpgradable(&service, control: control, monitor: monitor)
+        let outcome = serveUpgradable(&service, control: control, monitor: monitor, fdStore: false)
         var failure: NetError?
         if case .failed(let error) = outcome { failure = error as? NetError ?? .virtio(.deviceFailed(status: 0, during: "\(error)")) }
         let summary = service.bridge.summary

@@ -43,6 +43,7 @@ struct ServeRngCommand: ParsableCommand {
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .msix
     @OptionGroup var handover: HandoverOptions
     @OptionGroup var monitoring: MonitorOptions
+    @OptionGroup var store: DescriptorStoreOptions
 
     func validate() throws {
         guard rate > 0 else { throw ValidationError("--rate must be positive") }
@@ -62,11 +63,19 @@ struct ServeRngCommand: ParsableCommand {
         let sink = Self.pool(poolFD.raw, credit: credit)
         let wanted = DriverVersion.ringFeatures
         let monitor = try ServiceMonitor(address: address, options: monitoring)
+        let passed = PassedDescriptors(store)
         var feed: EntropyFeed<VirtioPCITransport>
         if handover.takeOver {
             feed = try handover.takeOver(address, type: .entropy, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
                 try EntropyFeed.adopt(t, &s, wanted: wanted, mode: irq, rate: rate, limit: bytes, sink: sink)
             }
+        } else if passed.hasDevice {
+            let rng = try global.recover(address, from: passed, wanted: wanted, mode: irq, queues: 1, afterCrash: store.afterCrash,
+                adopt: { t, features, queues, verified throws(VirtioError) in
+                    try EntropyDevice(adopting: t, features: features, queue: queues[0], mode: irq, verified: verified)
+                },
+                start: { t throws(VirtioError) in try EntropyDevice(transport: t, wanted: wanted, mode: irq) })
+            feed = EntropyFeed(rng: rng, rate: rate, limit: bytes, sink: sink)
         } else {
             let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy, announceLeftover: true)
             do {
@@ -82,7 +91,7 @@ struct ServeRngCommand: ParsableCommand {
         let features = feed.rng.negotiation.accepted
         let control = try handover.control(address, for: feed, features: features, wake: nil, logger: logger, monitor: monitor)
         printError("\(address): feeding the kernel entropy pool at up to \(rate) bytes/s, \(credit) bits credited per byte (driver \(DriverVersion.string), features [\(features.names(for: .entropy).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
-        let outcome = serveUpgradable(&feed, control: control, monitor: monitor)
+        let outcome = serveUpgradable(&feed, control: control, monitor: monitor, fdStore: store.fdStore)
         let recoveries = feed.rng.recoveries, fed = feed.fed
         var shutdownError: VirtioError?
         do throws(VirtioError) { try feed.shutdown() } catch { shutdownError = error }

@@ -4,8 +4,10 @@
 # the guest's root is the host's, read-only), the service started (READY from the driver),
 # ext4 on the kernel NBD client, then under fio with crc32c verification: `systemctl reload` (a
 # hot upgrade: the new driver becomes the main pid, the service stays active, no client error),
-# SIGKILL of the driver (Restart=on-failure: the next one resets the device and serves; the
-# client reconnects through Tests/HIL/nbd-reconnect.py as in crash.sh), a driver that stops
+# SIGKILL of the driver twice (Restart=on-failure; the restarted driver gets the device's VFIO
+# descriptors, DMA memory and NBD listener back from the manager's descriptor store and adopts
+# the device as it ran, then, told --after-crash reset, resets it; each time the client
+# reconnects through Tests/HIL/nbd-reconnect.py and a reader measures the gap), a driver that stops
 # answering (SIGSTOP: the watchdog lapses, systemd kills and restarts it), fsck clean, and
 # `systemctl stop` giving the device back to its kernel driver. Meanwhile the metrics endpoint
 # (--metrics) is read with curl (values move under fio; the new driver reports its upgrade), the
@@ -39,6 +41,16 @@ cp "$prefix/lib/systemd/system/virtio-vfio-blk@.service" /run/systemd/system/
 metrics=127.0.0.1:9464
 printf '[Service]\nEnvironment=VFIO_BIND_STATE_DIR=/run/vfio-bind\nEnvironment="VIRTIO_VFIO_ARGS=--nbd unix:%s --metrics %s"\nWatchdogSec=6s\n' \
   "$sock" "$metrics" >/run/systemd/system/virtio-vfio-blk@.service.d/hil.conf
+# wait_active NOT_PID: until the service is active with a main pid other than NOT_PID (30 s).
+wait_active() {
+  local p
+  for _ in $(seq 300); do
+    p=$(systemctl show -p MainPID --value "$unit")
+    [[ $(systemctl is-active "$unit") == active && $p != 0 && $p != "$1" ]] && { echo "$p"; return 0; }
+    sleep 0.1
+  done
+  echo "$p"; return 1
+}
 # metric SERIES: its value in the exposition now (empty if absent or the endpoint does not answer).
 metric() { timeout 10 curl -s --max-time 5 "http://$metrics/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
 series() { printf 'virtio_vfio_%s{device="%s"%s}' "$1" "$BLK" "${2:+,$2}"; }
@@ -92,31 +104,59 @@ state=$(systemctl is-active "$unit")
   || fail "after reload: state $state, main pid $pid1 -> $pid2"
 journalctl -b --no-pager -u "$unit" | grep -q "took over from driver" && pass "the new driver logs to the service's journal: $(journalctl -b --no-pager -u "$unit" | grep -o 'took over from driver.*service gap [0-9.]* ms' | tail -n 1)" \
   || fail "no takeover line in the journal of $unit"
+# The old driver's endpoint closes as it exits; then every scrape reaches the new one.
+timeout 10 tail --pid="$pid1" -f /dev/null
 up=$(metric "$(series upgrades_total 'mode="live"')"); gap=$(metric "$(series last_upgrade_gap_seconds)")
 [[ $up == 1* && -n $gap ]] && pass "the new driver's metrics: upgrades_total{mode=live} $up, last_upgrade_gap_seconds $gap" || fail "after the reload: upgrades '$up', gap '$gap'"
 if timeout 120 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; fi
 [[ $rc == 0 ]] && grep -q "err= 0" "$work/fio.out" && pass "fio verified every block through the reload (no client error)" \
   || fail "fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio.out" | head -n 5)"
 
-# ---- SIGKILL: restarted, recovered ------------------------------------------------------------------
-timeout 300 fio --name=crash --filename="$mnt/fio2.dat" --size=16M --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
-  --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$work/fio2.out" >/dev/null 2>&1 &
-fio=$!
-sleep 3
-kill -9 "$pid2"
-for _ in $(seq 300); do
-  pid3=$(systemctl show -p MainPID --value "$unit")
-  [[ $(systemctl is-active "$unit") == active && $pid3 != 0 && $pid3 != "$pid2" ]] && break
-  sleep 0.1
-done
-[[ $(systemctl is-active "$unit") == active && $pid3 != "$pid2" ]] && pass "SIGKILL of pid $pid2: restarted as pid $pid3 (Restart=on-failure)" \
-  || fail "after SIGKILL: $(systemctl is-active "$unit"), main pid $pid3"
-[[ $(driver_of $BLK) == vfio-pci ]] && pass "the device stayed on vfio-pci for the restart" || fail "driver after the crash: $(driver_of $BLK)"
-for _ in $(seq 300); do grep -q "reconnected" "$work/reconnect.log" && break; sleep 0.1; done
-grep -q "reconnected" "$work/reconnect.log" && pass "the kernel NBD client reconnected to the restarted driver" || fail "no reconnect: $(cat "$work/reconnect.log")"
-if timeout 300 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; fi
-[[ $rc == 0 ]] && grep -q "err= 0" "$work/fio2.out" && pass "fio verified every block through the crash" \
-  || fail "fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio2.out" | head -n 5)"
+# ---- SIGKILL: restarted from the descriptor store, adopted (then reset), recovered -------------------
+# crash PID WHAT EXPECT: SIGKILL of PID under fio and a one-at-a-time reader; the restarted
+# driver must log EXPECT (how it brought the device up from the kept descriptors); sets $now
+# to the new main pid and prints the longest time the reader waited (the client-side gap).
+reconnects() { grep -c "reconnected" "$work/reconnect.log"; }
+crash() {
+  local victim=$1 what=$2 expect=$3 before rc gap
+  before=$(reconnects)
+  timeout 300 fio --name=crash --filename="$mnt/fio-$what.dat" --size=16M --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
+    --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --output="$work/fio-$what.out" >/dev/null 2>&1 &
+  local fio=$!
+  : >"$work/gap-$what"
+  python3 Tests/HIL/gap-probe.py /dev/nbd0 "$work/gap-$what" &
+  local probe=$!
+  for _ in $(seq 100); do grep -qs ready "$work/gap-$what" && break; sleep 0.1; done
+  sleep 3
+  kill -USR1 $probe  # the window starts at the crash
+  kill -9 "$victim"
+  now=$(wait_active "$victim") && pass "$what: SIGKILL of pid $victim: restarted as pid $now (Restart=on-failure)" \
+    || fail "$what: after SIGKILL: $(systemctl is-active "$unit"), main pid $now"
+  [[ $(driver_of $BLK) == vfio-pci ]] && pass "$what: the device stayed on vfio-pci for the restart" || fail "$what: driver after the crash: $(driver_of $BLK)"
+  line=$(journalctl -b --no-pager -u "$unit" _PID="$now" | grep -o "restarted with the descriptors the service manager kept: .*")
+  [[ $line == *"$expect"* ]] && pass "$what: $line" || fail "$what: expected '$expect' from pid $now: '$line'"
+  journalctl -b --no-pager -u "$unit" _PID="$now" | grep -q "listening on the NBD socket the service manager kept" \
+    && pass "$what: the NBD listener came back from the store (reconnecting clients waited in its backlog)" || fail "$what: the NBD listener was not kept"
+  for _ in $(seq 300); do (( $(reconnects) > before )) && break; sleep 0.1; done
+  (( $(reconnects) > before )) && pass "$what: the kernel NBD client reconnected" || fail "$what: no reconnect: $(tail -n 3 "$work/reconnect.log")"
+  sleep 1
+  kill -TERM $probe; wait $probe 2>/dev/null
+  gap=$(grep -oE 'gap-ms [0-9.]+' "$work/gap-$what" | tail -n 1)
+  errors=$(grep -oE 'errors [0-9]+' "$work/gap-$what" | awk '{ s += $2 } END { print s + 0 }')
+  [[ -n $gap && $errors == 0 ]] && pass "$what: the reader saw no error; it waited at most ${gap#gap-ms } ms (client-side gap)" \
+    || fail "$what: reader: $(cat "$work/gap-$what")"
+  echo "  crash gap, $what: ${gap#gap-ms } ms"
+  if timeout 300 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; fi
+  [[ $rc == 0 ]] && grep -q "err= 0" "$work/fio-$what.out" && pass "$what: fio verified every block through the crash" \
+    || fail "$what: fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio-$what.out" | head -n 5)"
+}
+crash "$pid2" adopted "adopted the device as it ran (no reset)"
+pid3=$now
+# The same crash, the restart told to reset (--after-crash reset): the gap of the reset path.
+sed -i "s|--metrics $metrics|--metrics $metrics --after-crash reset|" /run/systemd/system/virtio-vfio-blk@.service.d/hil.conf
+check "daemon-reload with --after-crash reset" timeout 60 systemctl daemon-reload
+crash "$pid3" reset "reset it (not adopted: asked to reset)"
+pid3=$now
 
 # ---- a driver that stops answering: the watchdog ------------------------------------------------------
 kill -STOP "$pid3"

@@ -5,7 +5,8 @@
 # (systemctl returns once the driver said READY; its STATUS shown), reloaded twice (a hot upgrade
 # started by the serving driver inside the service: the main pid moves to the new driver, the
 # service stays active, the new driver logs to the service's journal), killed with SIGKILL
-# (Restart=on-failure: the next driver resets the device and serves; the device stays on vfio-pci),
+# (Restart=on-failure: the next driver gets the device back from the descriptor store and adopts
+# it without a reset; the device stays on vfio-pci),
 # stopped (the device back on virtio-pci). Every command is bounded by `timeout`.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -68,8 +69,10 @@ status=$(systemctl show -p StatusText --value "$unit")
 kill -9 "$previous"
 now=$(wait_active "$previous") && pass "SIGKILL of pid $previous: restarted as pid $now (Restart=on-failure)" \
   || fail "after SIGKILL: $(systemctl is-active "$unit"), main pid $now"
-journalctl -b --no-pager -u "$unit" | grep -q "found the device in status .*resetting it" \
-  && pass "the restarted driver found the device as the killed one left it and reset it" || fail "no reset after the crash in the journal"
+line=$(journalctl -b --no-pager -u "$unit" _PID="$now" | grep -o "restarted with the descriptors the service manager kept: .*")
+[[ $line == *"adopted the device as it ran (no reset)"* ]] \
+  && pass "the restarted driver got the device back from the manager's descriptor store and adopted it: $line" \
+  || fail "after the crash, pid $now said '$line'"
 [[ $(driver_of $RNG) == vfio-pci ]] && pass "the device stayed on vfio-pci for the restart" || fail "driver after the crash: $(driver_of $RNG)"
 
 check "systemctl stop $unit" timeout 120 systemctl stop "$unit"

@@ -159,3 +159,19 @@ struct MetricsEndpointTests {
         #expect(!telemetry.answered(within: 1_000_000_000, now: now + 2_000_000_000))
     }
 }
+
+@Suite("Metrics endpoint: fixed samples")
+struct FixedSampleTests {
+    @Test("a takeover's samples: upgrades_total by mode and the last gap in seconds, beside the loop's")
+    func takeover() {
+        let telemetry = ServiceTelemetry()
+        let exposition = MetricsExposition(telemetry: telemetry, device: "d")
+        telemetry.setFixed(TelemetrySample("upgrades", .counter, 1, labels: [.init("mode", "live")], help: "h"))
+        telemetry.setFixed(TelemetrySample("last_upgrade_gap", .seconds, 48_112_200, help: "g"))
+        telemetry.publish(ServiceReports.entropy(fed: 1, reads: 1, recoveries: 0).samples, summary: "", deviceAnswers: true)
+        let text = String(decoding: exposition.render(), as: UTF8.self)
+        let s = MetricsEndpointTests.series(text)
+        #expect(s["virtio_vfio_upgrades_total{device=\"d\",mode=\"live\"}"] == "1", "\(text)")
+        #expect(s["virtio_vfio_last_upgrade_gap_seconds{device=\"d\"}"] == "0.0481122")
+    }
+}

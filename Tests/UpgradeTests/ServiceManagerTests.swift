@@ -1,3 +1,4 @@
+import CVirtioShim
 import Foundation
 import Glibc
 import Syscalls
@@ -48,5 +49,65 @@ struct ServiceManagerTests {
         guard case .success(false) = ServiceManager.notify(["READY=1"], socket: nil) else { Issue.record("sent without a socket"); return }
         guard case .failure = ServiceManager.notify(["READY=1"], socket: "relative/path") else { Issue.record("a relative path was accepted"); return }
         guard case .failure = ServiceManager.notify(["READY=1"], socket: "/tmp/nobody-listens-\(getpid())") else { Issue.record("no listener, no error"); return }
+    }
+}
+
+/// The file descriptor store: descriptors sent with FDSTORE=1, and those passed back at start.
+@Suite("service manager descriptor store")
+struct DescriptorStoreTests {
+    @Test("LISTEN_FDS/LISTEN_FDNAMES: only for this pid; descriptors from 3; missing names are 'unknown'")
+    func passedDescriptors() {
+        let mine = ServiceManager.passedDescriptors(pid: "42", count: "3", names: "vfio-container:msix", this: 42)
+        #expect(mine.map(\.name) == ["vfio-container", "msix", "unknown"])
+        #expect(mine.map(\.fd) == [3, 4, 5])
+        #expect(ServiceManager.passedDescriptors(pid: "41", count: "3", names: "a:b:c", this: 42).isEmpty)
+        #expect(ServiceManager.passedDescriptors(pid: "42", count: "x", names: nil, this: 42).isEmpty)
+        #expect(ServiceManager.passedDescriptors(pid: nil, count: "1", names: nil, this: 42).isEmpty)
+        #expect(ServiceManager.passedDescriptors(pid: "42", count: "2", names: ":nbd-unix", this: 42).map(\.name) == ["unknown", "nbd-unix"])
+    }
+
+    @Test("FDSTORE=1 with descriptors: the datagram carries them as SCM_RIGHTS")
+    func storeSendsRights() throws {
+        let path = "/tmp/notify-fdstore-\(getpid()).sock"
+        unlink(path)
+        defer { unlink(path) }
+        let fd = try ServiceManagerTests().listening(path)
+        defer { close(fd) }
+        var pipe: [Int32] = [0, 0]
+        try #require(Glibc.pipe(&pipe) == 0)
+        defer { close(pipe[0]); close(pipe[1]) }
+        guard case .success(true) = ServiceManager.notify(["FDSTORE=1", "FDNAME=test"], descriptors: [pipe[1]], socket: path) else {
+            Issue.record("notify failed"); return
+        }
+        var buffer = [UInt8](repeating: 0, count: 256)
+        let space = CVirtioShim_CMSG_SPACE(4 * 4)
+        let control = UnsafeMutableRawPointer.allocate(byteCount: space, alignment: 8)
+        defer { control.deallocate() }
+        var received: [Int32] = []
+        let n = buffer.withUnsafeMutableBytes { bytes -> Int in
+            var iov = iovec(iov_base: bytes.baseAddress, iov_len: bytes.count)
+            return withUnsafeMutablePointer(to: &iov) { iovPointer in
+                var message = msghdr()
+                message.msg_iov = iovPointer
+                message.msg_iovlen = 1
+                message.msg_control = control
+                message.msg_controllen = space
+                let r = recvmsg(fd, &message, 0)
+                if r >= 0, let header = CVirtioShim_CMSG_FIRSTHDR(&message), header.pointee.cmsg_type == Int32(SCM_RIGHTS) {
+                    let count = (Int(header.pointee.cmsg_len) - CVirtioShim_CMSG_LEN(0)) / 4
+                    let data = UnsafeRawPointer(CVirtioShim_CMSG_DATA(header)!)
+                    received = (0..<count).map { data.load(fromByteOffset: $0 * 4, as: Int32.self) }
+                }
+                return r
+            }
+        }
+        #expect(String(decoding: buffer[..<max(n, 0)], as: UTF8.self) == "FDSTORE=1\nFDNAME=test")
+        try #require(received.count == 1)
+        defer { close(received[0]) }
+        // The received descriptor is the pipe's write end: what goes in comes out of the read end.
+        var byte: UInt8 = 0x5a
+        #expect(write(received[0], &byte, 1) == 1)
+        var got: UInt8 = 0
+        #expect(read(pipe[0], &got, 1) == 1 && got == 0x5a)
     }
 }

@@ -69,6 +69,11 @@ long CVirtioShim_ioctl_value(int fd, unsigned long request, unsigned long value)
 /// driver version. Returns the fd or -1 with errno set.
 int CVirtioShim_memfd_create(const char *name, unsigned int flags);
 
+/// posix_spawn_file_actions_addclosefrom_np (glibc 2.34, _GNU_SOURCE only): the child closes
+/// every descriptor from `from` up before it runs the program. `actions` is a
+/// posix_spawn_file_actions_t.
+int CVirtioShim_spawn_closefrom(void *actions, int from);
+
 /// getsockopt(SO_PEERCRED) (struct ucred needs _GNU_SOURCE, which Swift's Glibc module lacks).
 /// Returns 0 or -errno.
 int CVirtioShim_peer_credentials(int fd, int *pid, unsigned int *uid, unsigned int *gid);

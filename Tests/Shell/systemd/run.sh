@@ -35,7 +35,12 @@ for kind in blk rng net; do
   out=$(cd "$work" && systemd-analyze verify --man=no "$work/virtio-vfio-$kind@test.service" 2>&1); rc=$?
   [[ $rc == 0 && -z $out ]] && ok "$kind: systemd-analyze verify passes with nothing to say" || bad "$kind: verify exit $rc: $out"
   grep -qx 'Type=notify' "$unit" && grep -qx 'NotifyAccess=all' "$unit" && ok "$kind: Type=notify, NotifyAccess=all" || bad "$kind: notify settings"
-  grep -qx "ExecStart=$bin/virtio-vfio serve $kind %I \$VIRTIO_VFIO_ARGS" "$unit" && ok "$kind: ExecStart serves the instance's device" || bad "$kind: $(grep ExecStart= "$unit")"
+  # rng and blk keep their descriptors in the manager's store for a restart after a crash.
+  store=""; [[ $kind == net ]] || store=" --fd-store"
+  grep -qx "ExecStart=$bin/virtio-vfio serve $kind %I$store \$VIRTIO_VFIO_ARGS" "$unit" && ok "$kind: ExecStart serves the instance's device$store" || bad "$kind: $(grep ExecStart= "$unit")"
+  if [[ -n $store ]]; then
+    grep -qx "FileDescriptorStoreMax=16" "$unit" && ok "$kind: the manager keeps up to 16 descriptors" || bad "$kind: no FileDescriptorStoreMax=16"
+  fi
   grep -qx "ExecReload=$bin/virtio-vfio upgrade %I --binary $bin/virtio-vfio --mode auto" "$unit" && ok "$kind: reload is a hot upgrade to the installed binary" || bad "$kind: $(grep ExecReload= "$unit")"
   grep -qx "ExecStartPre=$REPO/tools/vfio-bind bind %I" "$unit" \
     && grep -qx "ExecStopPost=/bin/sh -c 'if \[ \"\$SERVICE_RESULT\" = success \]; then exec $REPO/tools/vfio-bind restore %I; fi'" "$unit" \
