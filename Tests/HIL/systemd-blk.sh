@@ -18,43 +18,20 @@ cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
 BLK=${HIL_BLK:-0000:00:05.0}
 unit=virtio-vfio-blk@$BLK.service
-finish() { journalctl -b --no-pager -u "$unit" 2>/dev/null | tail -n 40 | sed 's/^/  journal: /'; hil_summary systemd; exit; }
-if [[ $(cat /proc/1/comm) != systemd ]]; then
-  fail "PID 1 is $(cat /proc/1/comm), not systemd: run this with tools/hil/run --init systemd"
-  finish
-fi
-# Not in /tmp: starting a unit pulls in sysinit.target, whose systemd-tmpfiles-setup empties /tmp.
-work=$(mktemp -d -p /run)
+. Tests/HIL/systemd-lib.sh
+systemd_begin
 mnt=$work/mnt; mkdir -p "$mnt"
-prefix=/run/virtio-vfio-install
 sock=/run/virtio-vfio/$BLK.nbd
 dmesg -n 1
 
 # ---- install and start --------------------------------------------------------------------------
-timeout 120 tools/install --no-build --prefix "$prefix" >"$work/install.log" 2>&1 \
-  && pass "tools/install --no-build --prefix $prefix" || { fail "install: $(tail -n 5 "$work/install.log")"; finish; }
-mkdir -p /run/systemd/system/virtio-vfio-blk@.service.d
-cp "$prefix/lib/systemd/system/virtio-vfio-blk@.service" /run/systemd/system/
-# The guest's /var is read-only: vfio-bind remembers drivers under /run. The driver's options (on
-# a real machine in /etc/virtio-vfio/ADDRESS.conf) add the metrics endpoint; a short watchdog
-# makes the hung-driver test quick.
+# The driver's options (on a real machine in /etc/virtio-vfio/ADDRESS.conf) add the metrics
+# endpoint; a short watchdog makes the hung-driver test quick.
 metrics=127.0.0.1:9464
-printf '[Service]\nEnvironment=VFIO_BIND_STATE_DIR=/run/vfio-bind\nEnvironment="VIRTIO_VFIO_ARGS=--nbd unix:%s --metrics %s"\nWatchdogSec=6s\n' \
-  "$sock" "$metrics" >/run/systemd/system/virtio-vfio-blk@.service.d/hil.conf
-# wait_active NOT_PID: until the service is active with a main pid other than NOT_PID (30 s).
-wait_active() {
-  local p
-  for _ in $(seq 300); do
-    p=$(systemctl show -p MainPID --value "$unit")
-    [[ $(systemctl is-active "$unit") == active && $p != 0 && $p != "$1" ]] && { echo "$p"; return 0; }
-    sleep 0.1
-  done
-  echo "$p"; return 1
-}
+install_unit blk "Environment=\"VIRTIO_VFIO_ARGS=--nbd unix:$sock --metrics $metrics\"" "WatchdogSec=6s"
 # metric SERIES: its value in the exposition now (empty if absent or the endpoint does not answer).
 metric() { timeout 10 curl -s --max-time 5 "http://$metrics/metrics" | awk -v k="$1" '$1 == k { print $2 }'; }
 series() { printf 'virtio_vfio_%s{device="%s"%s}' "$1" "$BLK" "${2:+,$2}"; }
-check "systemctl daemon-reload" timeout 60 systemctl daemon-reload
 t0=$(date +%s%N)
 check "systemctl start $unit (returns once the driver said READY)" timeout 120 systemctl start "$unit"
 echo "  started in $((($(date +%s%N) - t0) / 1000000)) ms (bind, open, reset, negotiate, READY)"
@@ -95,6 +72,8 @@ c=$(metric "$(series blk_request_duration_seconds_count 'queue="0",op="write"')"
   && pass "the metrics move under fio: writes $w1 -> $w2 in 2 s, $c write latencies in the histogram" || fail "writes '$w1' -> '$w2', histogram count '$c'"
 status=$(systemctl show -p StatusText --value "$unit")
 [[ $status == "serving $BLK (driver "*"): 1 NBD client, "*" writes, 0 errors, "* ]] && pass "STATUS carries the counters: $status" || fail "StatusText '$status'"
+w3=$(timeout 20 "$prefix/bin/virtio-vfio" info "$BLK" --json | jq -r '.counters[]? | select(.name == "blk_requests{queue=0,op=write}") | .value')
+[[ -n $w3 && -n $w2 ]] && (( w3 >= ${w2%.*} )) && pass "info --json has the same counters (blk_requests{queue=0,op=write} $w3)" || fail "info --json counters: '$w3'"
 t0=$(date +%s%N)
 timeout 120 systemctl reload "$unit" >"$work/reload.log" 2>&1 && pass "systemctl reload under fio (hot upgrade) in $((($(date +%s%N) - t0) / 1000000)) ms" \
   || fail "reload: $(cat "$work/reload.log")"
@@ -178,4 +157,4 @@ kill -TERM $helper 2>/dev/null; wait $helper 2>/dev/null
 # ---- stop: the device goes back ----------------------------------------------------------------------
 check "systemctl stop $unit" timeout 120 systemctl stop "$unit"
 [[ $(driver_of $BLK) == virtio-pci ]] && pass "ExecStopPost gave $BLK back to virtio-pci" || fail "driver after stop: $(driver_of $BLK)"
-finish
+finish 40

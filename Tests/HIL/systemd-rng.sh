@@ -13,33 +13,9 @@ cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
 RNG=${HIL_RNG:-0000:00:04.0}
 unit=virtio-vfio-rng@$RNG.service
-finish() { journalctl -b --no-pager -u "$unit" 2>/dev/null | tail -n 30 | sed 's/^/  journal: /'; hil_summary systemd; exit; }
-if [[ $(cat /proc/1/comm) != systemd ]]; then
-  fail "PID 1 is $(cat /proc/1/comm), not systemd: run this with tools/hil/run --init systemd"
-  finish
-fi
-# Not in /tmp: starting a unit pulls in sysinit.target, whose systemd-tmpfiles-setup empties /tmp.
-work=$(mktemp -d -p /run)
-prefix=/run/virtio-vfio-install
-mainpid() { systemctl show -p MainPID --value "$unit"; }
-# wait_active NOT_PID: until the service is active with a main pid other than NOT_PID (30 s).
-wait_active() {
-  local p
-  for _ in $(seq 300); do
-    p=$(mainpid)
-    [[ $(systemctl is-active "$unit") == active && $p != 0 && $p != "$1" ]] && { echo "$p"; return 0; }
-    sleep 0.1
-  done
-  echo "$p"; return 1
-}
-
-timeout 120 tools/install --no-build --prefix "$prefix" >"$work/install.log" 2>&1 \
-  && pass "tools/install --no-build --prefix $prefix" || { fail "install: $(tail -n 5 "$work/install.log")"; finish; }
-mkdir -p /run/systemd/system/virtio-vfio-rng@.service.d
-cp "$prefix/lib/systemd/system/virtio-vfio-rng@.service" /run/systemd/system/
-# The guest's /var is read-only: vfio-bind remembers drivers under /run.
-printf '[Service]\nEnvironment=VFIO_BIND_STATE_DIR=/run/vfio-bind\n' >/run/systemd/system/virtio-vfio-rng@.service.d/hil.conf
-check "systemctl daemon-reload" timeout 60 systemctl daemon-reload
+. Tests/HIL/systemd-lib.sh
+systemd_begin
+install_unit rng
 [[ $(driver_of $RNG) == virtio-pci ]] && pass "$RNG starts on virtio-pci" || fail "driver of $RNG: $(driver_of $RNG)"
 
 t0=$(date +%s%N)
