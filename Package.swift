@@ -10,6 +10,7 @@
 //   VirtioDevices   VirtioPCI   VirtioEmulator   NBD
 //   HotUpgrade (control socket, hand-over, take-over, rollback for any service)
 //   Virtio   VFIO   Upgrade (state record, messages, descriptor passing)   PCINames (libpci names)
+//   UBlk (ublk control and queues)   IOUring
 //   PCI   Syscalls   CPCINames (C: libpci wrappers)
 //   CVirtioShim (C: ioctl codes, MMIO, barriers, CMSG)   CLibPCI (system libpci)
 //
@@ -59,6 +60,12 @@ let package = Package(
         .target(name: "PCI", dependencies: [systemPackage]),
         // PCINames: vendor, device and class names from libpci, for `list`.
         .target(name: "PCINames", dependencies: ["PCI", "CPCINames"]),
+        // IOUring: an io_uring instance (rings mapped, entries written, completions drained) over
+        // Syscalls' io_uring system calls.
+        .target(name: "IOUring", dependencies: ["Syscalls", "CVirtioShim", systemPackage]),
+        // UBlk: Linux's ublk interface (UAPI values pinned in UBlkTests): the control device's
+        // commands and a queue's FETCH/COMMIT loop over IOUring.
+        .target(name: "UBlk", dependencies: ["IOUring", "Syscalls", systemPackage]),
         // VFIO: container/group/device as ~Copyable owners, regions, BAR mmap, DMA map, IRQ info.
         .target(name: "VFIO", dependencies: ["PCI", "Syscalls", "CVirtioShim"]),
 
@@ -91,7 +98,7 @@ let package = Package(
         // MARK: Services
         // Services: devices exposed to real clients (NBD export of virtio-blk, TAP bridge of virtio-net,
         // entropy feed of virtio-rng), each an UpgradableService.
-        .target(name: "Services", dependencies: ["NBD", "Upgrade", "HotUpgrade", "VirtioDevices", "Virtio", "Syscalls", systemPackage]),
+        .target(name: "Services", dependencies: ["NBD", "UBlk", "Upgrade", "HotUpgrade", "VirtioDevices", "Virtio", "Syscalls", systemPackage]),
         // RingBenchmark: requests through a split queue against the emulator, every completion
         // checked, the driver's work counted (docs/PERFORMANCE.md).
         .target(name: "RingBenchmark", dependencies: ["Virtio", "VirtioEmulator"]),
@@ -108,7 +115,7 @@ let package = Package(
         // MARK: Executables
         // The driver's command line, the one shipped binary.
         .executableTarget(name: "virtio-vfio", dependencies: [
-            "Services", "HotUpgrade", "VirtioDevices", "VirtioPCI", "NBD", "Upgrade", "Virtio", "VFIO", "PCI", "PCINames",
+            "Services", "HotUpgrade", "VirtioDevices", "VirtioPCI", "NBD", "UBlk", "Upgrade", "Virtio", "VFIO", "PCI", "PCINames",
             "MetricsEndpoint", "Syscalls", "CVirtioShim", systemPackage,
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
             .product(name: "Histogram", package: "hdrhistogram-swift"),
@@ -138,6 +145,7 @@ let package = Package(
         .testTarget(name: "VirtioEmulatorTests", dependencies: ["VirtioEmulator", "Virtio", "CVirtioShim"]),
         // The NBD server against an in-memory backend, a hand-written client, and nbdinfo/qemu-img/nbdcopy.
         .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscalls"]),
+        .testTarget(name: "UBlkTests", dependencies: ["UBlk", "IOUring", "Services", "NBD", "VirtioDevices", "Syscalls", "CVirtioShim"]),
         // The ring benchmark's loop and checks, briefly, on both emulated devices.
         .testTarget(name: "RingBenchmarkTests", dependencies: ["RingBenchmark"]),
         // The exposition of every service's samples and the HTTP endpoint, over a real socket.

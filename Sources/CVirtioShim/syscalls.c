@@ -8,6 +8,8 @@
 #include <linux/random.h>
 #include <sys/socket.h>
 #include <linux/sockios.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 const unsigned long CVirtioShim_VFIO_GET_API_VERSION = VFIO_GET_API_VERSION;
 const unsigned long CVirtioShim_VFIO_CHECK_EXTENSION = VFIO_CHECK_EXTENSION;
@@ -67,4 +69,15 @@ int CVirtioShim_ppoll(struct pollfd *fds, unsigned long count, long long timeout
     struct timespec ts = { .tv_sec = timeout_ns / 1000000000LL, .tv_nsec = timeout_ns % 1000000000LL };
     int r = ppoll(fds, (nfds_t)count, timeout_ns < 0 ? NULL : &ts, NULL);
     return r < 0 ? -errno : r;
+}
+
+int CVirtioShim_io_uring_setup(unsigned int entries, struct io_uring_params *params) {
+    long r = syscall(__NR_io_uring_setup, entries, params);
+    return r < 0 ? -errno : (int)r;
+}
+
+int CVirtioShim_io_uring_enter(int fd, unsigned int to_submit, unsigned int min_complete, unsigned int flags,
+                               const void *arg, size_t arg_size) {
+    long r = syscall(__NR_io_uring_enter, fd, to_submit, min_complete, flags, arg, arg_size);
+    return r < 0 ? -errno : (int)r;
 }

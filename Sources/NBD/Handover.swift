@@ -34,10 +34,13 @@ public struct NBDQuiesceFailure: Sendable, Equatable, CustomStringConvertible {
     /// Connections whose input ended (NBD_CMD_DISC, end of stream, NBD_OPT_ABORT) that are being
     /// answered before they close.
     public var connectionsClosing = 0
+    /// The companion cannot be handed over: why (the quiesce fails at once).
+    public var companion: String?
 
     public init(timeout: Duration) { self.timeout = timeout }
 
     public var description: String {
+        if let companion { return "cannot hand over: \(companion)" }
         var parts: [String] = []
         if requestsInFlight > 0 { parts.append("\(requestsInFlight) requests in flight in the backend") }
         if connectionsWithRepliesUnsent > 0 {

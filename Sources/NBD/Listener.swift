@@ -29,6 +29,8 @@ public enum NBDServerError: Error, CustomStringConvertible {
     case system(String, target: String, Errno)
     /// The state handed over by an earlier server cannot be taken on (`init(adopting:)`): why.
     case handover(String)
+    /// The companion (`NBDServerConfiguration.companion`) cannot go on: why.
+    case companion(String)
 
     public var description: String {
         switch self {
@@ -42,6 +44,7 @@ public enum NBDServerError: Error, CustomStringConvertible {
         case .badAddress(let a): return "\(a) is not an IPv4 or IPv6 address"
         case .system(let what, let target, let e): return "\(what) \(target): \(e)"
         case .handover(let why): return "cannot take over the NBD connections of the previous server: \(why)"
+        case .companion(let why): return why
         }
     }
 }

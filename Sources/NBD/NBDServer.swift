@@ -55,6 +55,9 @@ public struct NBDServerConfiguration: Sendable {
     /// service manager's STATUS and watchdog show.
     public var status: (@Sendable (NBDServerStatus) -> Void)?
     public var statusInterval: Duration = .milliseconds(500)
+    /// Requests from elsewhere served from the same backend by the same loop (a ublk device). With
+    /// one, the server may have no listener at all.
+    public var companion: (any BackendCompanion)?
 
     public init() {}
 }
@@ -228,7 +231,7 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     /// Starts listening for `backend`'s export. Nothing is served until `run(until:)`.
     public init(backend: consuming B, configuration: NBDServerConfiguration) throws(NBDServerError) {
         let export = try Self.export(of: backend, configuration)
-        guard configuration.unixSocketPath != nil || configuration.tcpAddress != nil else {
+        guard configuration.unixSocketPath != nil || configuration.tcpAddress != nil || configuration.companion != nil else {
             throw .configuration("neither a UNIX socket path nor a TCP address to listen on")
         }
         // Everything that can throw happens before the first stored property is set.
@@ -291,8 +294,8 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
         completionCapacity = clientCount * depth
         completedTags = .allocate(capacity: completionCapacity)
         completedResults = .allocate(capacity: completionCapacity)
-        pollSet = .allocate(capacity: clientCount + 4)
-        pollOwner = .allocate(capacity: clientCount + 4)
+        pollSet = .allocate(capacity: clientCount + 5)
+        pollOwner = .allocate(capacity: clientCount + 5)
         headerScratch = .allocate(byteCount: NBDProtocol.simpleReplyHeaderSize * Self.repliesPerSend, alignment: 16)
         vectors = .allocate(capacity: 2 * Self.repliesPerSend)
     }
@@ -389,7 +392,7 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
                 beginDrain()
             }
             if draining {
-                if activeClients == 0 { return .stopped }
+                if activeClients == 0 && configuration.companion?.finished ?? true { return .stopped }
                 if now >= drainDeadline {
                     log("stop: drain timed out with \(totalInFlight) requests in the backend; closing every connection")
                     return .stopped
@@ -397,6 +400,11 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
             } else {
                 if !quiescing && quiesce.load(ordering: .relaxed) { beginQuiesce() }
                 if quiescing {
+                    if let why = configuration.companion?.handoverRefusal {
+                        var failure = NBDQuiesceFailure(timeout: configuration.quiesceTimeout)
+                        failure.companion = why
+                        return endQuiesce(failure: failure)
+                    }
                     if isQuiescent() { return endQuiesce(failure: nil) }
                     if now >= quiesceDeadline { return endQuiesce(failure: quiesceFailure()) }
                 }
@@ -422,13 +430,20 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
                     if !quiescing { acceptAll(pollSet[i].fd) }
                 } else if owner == -3 {
                     _ = Syscall.read64(pollSet[i].fd)  // the wake-up: flags are checked at the top
+                } else if owner == -4 {
+                    continue  // the companion's events: it takes them in `service` below
                 } else {
                     backendSignalled = true
                     // The counter is non-zero (POLLIN), so this read does not block.
                     _ = Syscall.read64(pollSet[i].fd)
                 }
             }
-            if totalInFlight > 0 || backendSignalled { collectCompletions() }
+            if totalInFlight > 0 || backendSignalled || companionInFlight > 0 { collectCompletions() }
+            if let companion = configuration.companion {
+                do throws(BackendError) { try companion.service(&backend, failed: backendFailure != nil) } catch {
+                    throw .companion(error.message)
+                }
+            }
             serviceAll()
             checkTimeouts()
             if configuration.status != nil, now &- lastStatus >= UInt64(configuration.statusInterval.nanoseconds) { reportStatus() }
@@ -437,6 +452,9 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
 }
 
 extension NBDServer where B: ~Copyable {
+    /// Requests of the companion in the backend (0 without one).
+    var companionInFlight: Int { configuration.companion?.inFlight ?? 0 }
+
     func log(_ message: @autoclosure () -> String) {
         if let log = configuration.log { log("nbd: " + message()) }
     }
@@ -461,6 +479,9 @@ extension NBDServer where B: ~Copyable {
         }
         if let fd = backend.completionDescriptor {
             pollSet[n] = pollfd(fd: fd, events: Int16(POLLIN), revents: 0); pollOwner[n] = -2; n += 1
+        }
+        if let fd = configuration.companion?.descriptor {
+            pollSet[n] = pollfd(fd: fd, events: Int16(POLLIN), revents: 0); pollOwner[n] = -4; n += 1
         }
         for i in 0..<clientCount {
             let c = clients[i]
@@ -495,7 +516,7 @@ extension NBDServer where B: ~Copyable {
         for i in 0..<clientCount where clients[i].pumpAgain { return 0 }
         if roomReleased && anyWaitingForRoom() { return 0 }
         var timeout: Int64 = 100_000_000
-        if totalInFlight > 0 && backend.completionDescriptor == nil {
+        if totalInFlight + companionInFlight > 0 && backend.completionDescriptor == nil {
             if Int64(now &- lastProgress) < configuration.busyPoll.nanoseconds { return 0 }
             timeout = idleSleep
             idleSleep = min(idleSleep * 2, 1_000_000)
@@ -678,6 +699,7 @@ extension NBDServer where B: ~Copyable {
         draining = true
         drainDeadline = now &+ UInt64(configuration.drainTimeout.nanoseconds)
         closeListeners()
+        configuration.companion?.beginStop()
         log("stopping: no new connections; finishing \(totalInFlight) requests in flight")
         for i in 0..<clientCount {
             switch clients[i].phase {

@@ -349,9 +349,10 @@ extension NBDServer where B: ~Copyable {
         return true
     }
 
-    /// Tag of request `r` of client `i`: generation (24 bits), client (20), request (20).
+    /// Tag of request `r` of client `i`: generation (23 bits), client (20), request (20); the top
+    /// bit is the companion's (`companionTagBit`).
     func tag(_ i: Int, _ r: Int32) -> UInt64 {
-        UInt64(clients[i].generation & 0xFF_FFFF) << 40 | UInt64(i) << 20 | UInt64(r)
+        UInt64(clients[i].generation & 0x7F_FFFF) << 40 | UInt64(i) << 20 | UInt64(r)
     }
 
     mutating func submit(_ i: Int, _ r: Int32, _ operation: BackendOperation) {
@@ -401,8 +402,12 @@ extension NBDServer where B: ~Copyable {
     }
 
     mutating func complete(_ tag: UInt64, _ result: Int32) {
+        if tag & companionTagBit != 0, let companion = configuration.companion {
+            companion.completed(tag: tag, result: result)
+            return
+        }
         let i = Int(tag >> 20 & 0xF_FFFF), r = Int32(tag & 0xF_FFFF)
-        guard i < clientCount, Int(r) < depth, UInt64(clients[i].generation & 0xFF_FFFF) == tag >> 40,
+        guard i < clientCount, Int(r) < depth, UInt64(clients[i].generation & 0x7F_FFFF) == tag >> 40,
               clients[i].phase != .free,
               clients[i].requests[Int(r)].state == .submitted || clients[i].requests[Int(r)].state == .flushing else {
             statistics.unknownCompletions += 1

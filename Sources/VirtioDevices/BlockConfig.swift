@@ -41,6 +41,19 @@ public struct BlockConfig: Sendable, Equatable {
 
     public var capacityBytes: UInt64 { capacitySectors * 512 }
 
+    /// A configuration as a device would report it (for tests and tools; drivers read it with
+    /// `init(reading:features:)`).
+    public init(capacitySectors: UInt64, blockSize: UInt32 = 512, readOnly: Bool = false, flush: Bool = true,
+                maxDiscardSectors: UInt32? = nil, maxWriteZeroesSectors: UInt32? = nil) {
+        self.capacitySectors = capacitySectors
+        self.blockSize = blockSize
+        numQueues = 1
+        self.readOnly = readOnly
+        self.flush = flush
+        self.maxDiscardSectors = maxDiscardSectors
+        self.maxWriteZeroesSectors = maxWriteZeroesSectors
+    }
+
     // Offsets in struct virtio_blk_config (§5.2.4).
     enum Offset {
         static let capacity = 0, sizeMax = 8, segMax = 12, blkSize = 20, writeback = 32, numQueues = 34

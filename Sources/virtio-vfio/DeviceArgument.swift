@@ -37,3 +37,9 @@ extension GlobalOptions {
         return transport
     }
 }
+
+extension PCIAddress {
+    /// The address in 32 bits (domain, bus, device, function), which the ublk device of this
+    /// function carries so that the next driver finds it (`UBlkMark`).
+    var ublkKey: UInt32 { UInt32(domain) << 16 | UInt32(bus) << 8 | UInt32(device) << 3 | UInt32(function) }
+}

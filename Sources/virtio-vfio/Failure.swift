@@ -1,5 +1,6 @@
 import ArgumentParser
 import PCI
+import UBlk
 import VFIO
 import Virtio
 import VirtioPCI
@@ -41,6 +42,15 @@ enum Failure {
 
     static func code(for error: Error) -> Int32 {
         switch error {
+        case let e as UBlkError:
+            switch e {
+            case .unavailable(let errno): return errno.rawValue == EACCES || errno.rawValue == EPERM ? permission : unavailable
+            case .command(_, _, let errno):
+                if errno.rawValue == EACCES || errno.rawValue == EPERM { return permission }
+                return errno.rawValue == EEXIST || errno.rawValue == EBUSY ? busy : ioError
+            case .refused: return busy
+            case .characterDevice, .ring: return ioError
+            }
         case let e as VirtioPCIError:
             switch e {
             case .pci(let p): return code(for: p)

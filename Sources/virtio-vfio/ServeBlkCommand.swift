@@ -4,6 +4,7 @@ import NBD
 import PCI
 import Services
 import Syscalls
+import UBlk
 import Upgrade
 import Virtio
 import VirtioDevices
@@ -12,32 +13,48 @@ import VirtioPCI
 import Glibc
 #endif
 
-/// `virtio-vfio serve blk BDF --nbd unix:PATH [--tcp 127.0.0.1:PORT]`: the device as an NBD export.
+/// `virtio-vfio serve blk BDF [--nbd unix:PATH [--tcp 127.0.0.1:PORT]] [--ublk [--ublk-id N] [--recover]]`:
+/// the device as an NBD export, a ublk block device, or both.
 struct ServeBlkCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "blk",
-        abstract: "Export a virtio-blk device over NBD (UNIX socket, and optionally TCP on loopback).",
+        abstract: "Export a virtio-blk device over NBD (UNIX socket, and optionally TCP on loopback), as a ublk block device, or both.",
         discussion: """
             Clients: nbd-client (-unix PATH), qemu-img/qemu-nbd (nbd+unix:///?socket=PATH), nbdinfo, \
             nbdcopy, fio's nbd engine. Fixed newstyle handshake; READ, WRITE (FUA), FLUSH, TRIM and \
             WRITE_ZEROES as the device supports them; several clients at once, requests in flight up \
             to the queue depth. Runs until SIGINT/SIGTERM, finishes what is in flight, then resets \
             the device.
+
+            --ublk adds /dev/ublkbN (Linux's ublk, the ublk_drv module; Linux 6.0 or later) served \
+            from the same device: the kernel copies data straight to and from the device's DMA \
+            memory. The ublk device survives this driver: if it dies, the kernel holds its I/O and \
+            the next `serve blk BDF --ublk` for the same device recovers it, with the requests that \
+            were in flight (--recover insists on that). A clean stop removes it.
             """)
 
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
-    @Option(help: ArgumentHelp("Listen on a UNIX socket: unix:PATH.", valueName: "unix:PATH")) var nbd: String
+    @Option(help: ArgumentHelp("Listen on a UNIX socket: unix:PATH.", valueName: "unix:PATH")) var nbd: String?
     @Option(help: ArgumentHelp("Also listen on TCP, loopback only: 127.0.0.1:PORT or [::1]:PORT.", valueName: "ADDR:PORT"))
     var tcp: String?
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .msix
     @Option(help: "Export name clients ask for.") var exportName = ""
+    @Flag(help: "Serve the device as a ublk block device, /dev/ublkbN (needs the ublk_drv module).") var ublk = false
+    @Option(help: ArgumentHelp("The ublk device id N (/dev/ublkbN); default: the one left by an earlier driver of this device, else the kernel's choice.", valueName: "N"))
+    var ublkId: UInt32?
+    @Flag(help: "Only recover the ublk device an earlier driver of this device left behind (its I/O held by the kernel); refuse if there is none.")
+    var recover = false
     @OptionGroup var handover: HandoverOptions
     @OptionGroup var monitoring: MonitorOptions
     @OptionGroup var store: DescriptorStoreOptions
 
     func validate() throws {
-        guard nbd.hasPrefix("unix:"), nbd.count > 5 else { throw ValidationError("--nbd takes unix:PATH") }
+        guard nbd != nil || ublk else { throw ValidationError("say how to export the device: --nbd unix:PATH, --ublk, or both") }
+        if let nbd, !(nbd.hasPrefix("unix:") && nbd.count > 5) { throw ValidationError("--nbd takes unix:PATH") }
+        if tcp != nil && nbd == nil { throw ValidationError("--tcp is a second NBD listener: give --nbd unix:PATH too") }
+        if (ublkId != nil || recover) && !ublk { throw ValidationError("--ublk-id and --recover go with --ublk") }
+        if let ublkId, ublkId >= 1 << 20 { throw ValidationError("--ublk-id takes 0 to 1048575") }
         if let tcp { _ = try Self.parseTCP(tcp) }
     }
 
@@ -64,7 +81,7 @@ struct ServeBlkCommand: ParsableCommand {
         var configuration = NBDServerConfiguration()
         configuration.exportName = exportName
         configuration.exportDescription = "virtio-vfio \(address)"
-        configuration.unixSocketPath = String(nbd.dropFirst(5))
+        configuration.unixSocketPath = nbd.map { String($0.dropFirst(5)) }
         configuration.tcpAddress = try tcp.map(Self.parseTCP)
         configuration.wakeDescriptor = wake.raw
         let verbose = global.verbose
@@ -76,9 +93,19 @@ struct ServeBlkCommand: ParsableCommand {
         }
         configuration.requestAnswered = Self.latencies(monitor)
 
+        // ublk first: a kernel without it is refused before the device is touched.
+        var ublkControl: UBlkControl?
+        if ublk {
+            if handover.takeOver {
+                printError("virtio-vfio: error: --ublk with --take-over: this version does not hand over a ublk export")
+                throw ExitCode(Failure.unavailable)
+            }
+            do { ublkControl = try UBlkControl() } catch { throw Failure.exit(error) }
+        }
         let logger = global.serviceLogger("serve-blk")
         let backendLog: @Sendable (String) -> Void = { printError("\(address): \($0)") }
         var passed = PassedDescriptors(store)
+        var ublkExport: UBlkExport?
         var export: BlockExport<VirtioPCITransport>
         if handover.takeOver {
             export = try handover.takeOver(address, type: .block, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
@@ -98,7 +125,23 @@ struct ServeBlkCommand: ParsableCommand {
                     throw Failure.exit(VirtioPCIError.virtio(address, error))
                 }
             }
-            let backend = VirtioBlockBackend(device: blk, log: backendLog)
+            var backend = VirtioBlockBackend(device: blk, log: backendLog)
+            if var control = ublkControl.take() {
+                let started = monotonicNanoseconds()
+                var options = UBlkSetup.Options(key: address.ublkKey, name: address.description)
+                options.deviceID = ublkId
+                options.recoverOnly = recover
+                let export: UBlkExport
+                do {
+                    export = try UBlkSetup.attach(control: &control, backend: &backend, config: backend.device.config, options: options,
+                                                  log: { printError("\(address): \($0)") }, ready: { export in
+                        printError("\(address): /dev/ublkb\(export.deviceID) serving (\(export.recovered ? "recovered, with the requests the kernel held" : "added"), \(export.depth) tags of \(export.export.bufferBytes) bytes; ready \(milliseconds(monotonicNanoseconds() - started)) after attaching)")
+                    })
+                } catch { throw Failure.exit(error) }
+                configuration.companion = export
+                ublkExport = export
+                ublkControl = consume control
+            }
             // The kept listener serves only the same socket (the options may have changed).
             let kept = passed.take("nbd-unix").flatMap { fd -> Int32? in
                 if configuration.tcpAddress == nil, let path = boundUnixPath(fd), path == configuration.unixSocketPath { return fd }
@@ -121,10 +164,23 @@ struct ServeBlkCommand: ParsableCommand {
         let features = export.server.withBackend { $0.device.negotiation.accepted }
         let capacity = export.server.withBackend { $0.size }
         let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger, monitor: monitor)
-        printError("\(address): exporting \(capacity) bytes over NBD at \(nbd)\(tcp.map { " and tcp:\($0)" } ?? "") (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
+        let exports = [nbd.map { "NBD at \($0)" + (tcp.map { " and tcp:\($0)" } ?? "") }, ublkExport.map { "ublk as /dev/ublkb\($0.deviceID)" }]
+        printError("\(address): exporting \(capacity) bytes over \(exports.compactMap { $0 }.joined(separator: " and ")) (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
         let listener = export.server.unixListenerDescriptor
         let outcome = serveUpgradable(&export, control: control, monitor: monitor, fdStore: store.fdStore,
                                       extra: listener.map { [(name: "nbd-unix", fd: $0)] } ?? [])
+        if let ublkExport, var control = ublkControl.take() {
+            let stopped = ublkExport.finished
+            ublkExport.close()
+            if case .stopped = outcome, stopped {
+                // The disk is gone (STOP_DEV); DEL_DEV frees its id once nothing holds /dev/ublkcN.
+                do { try control.delete(ublkExport.deviceID); printError("\(address): removed /dev/ublkb\(ublkExport.deviceID)") } catch {
+                    printError("virtio-vfio: warning: \(error)")
+                }
+            } else {
+                printError("\(address): /dev/ublkb\(ublkExport.deviceID) is left to the kernel, its I/O held: `virtio-vfio serve blk \(address) --ublk` recovers it")
+            }
+        }
         if case .failed(let error) = outcome {
             printError("virtio-vfio: error: \(error)")
             throw ExitCode(Failure.ioError)

@@ -28,7 +28,7 @@ HIL_HOST_PACKAGES=(
 # order (dependencies found by depmod are put first automatically).
 # "NAME PARAM=VALUE..." passes parameters to insmod. A leading "?" marks a
 # module that some kernels do not have at all (6.12 merged vfio_virqfd into
-# vfio); modules built into the kernel (modules.builtin) are skipped.
+# vfio, and 6.1 has no ublk_drv); modules built into the kernel (modules.builtin) are skipped.
 # virtio_pci comes last so the other virtio drivers are ready when it claims
 # every virtio device (the 9p shares need it anyway; tests move devices to
 # vfio-pci themselves with tools/vfio-bind).
@@ -37,7 +37,7 @@ HIL_MODULES=(
   netfs ?fscache 9pnet 9pnet_virtio 9p
   irqbypass vfio ?vfio_virqfd vfio_iommu_type1 vfio_pci_core vfio_pci
   failover net_failover virtio_net virtio_blk virtio_rng
-  "nbd nbds_max=4" tun overlay
+  "nbd nbds_max=4" ?ublk_drv tun overlay
   crc16 crc32c_generic libcrc32c mbcache jbd2 ext4
   virtio_pci
 )

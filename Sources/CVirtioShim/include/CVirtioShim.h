@@ -6,7 +6,8 @@
 //   * non-variadic ioctl/fcntl wrappers that return -errno on failure (Swift cannot call variadic C);
 //   * volatile MMIO loads and stores of 8/16/32/64 bits: the one access layer for device registers;
 //   * memory barriers, each named for what the virtio spec requires of it;
-//   * CMSG_* helpers for SCM_RIGHTS fd passing.
+//   * CMSG_* helpers for SCM_RIGHTS fd passing;
+//   * the io_uring system calls (no libc wrapper) and acquire/release loads and stores of ring indices.
 // libpci's name lookup has its own module, CPCINames, so that only `list` needs libpci.
 #ifndef CVIRTIOSHIM_H
 #define CVIRTIOSHIM_H
@@ -19,6 +20,7 @@
 #include <net/if.h>
 #include <linux/if_tun.h>
 #include <poll.h>
+#include <linux/io_uring.h>
 
 // MARK: - VFIO ioctl request codes (linux/vfio.h)
 extern const unsigned long CVirtioShim_VFIO_GET_API_VERSION;
@@ -128,5 +130,17 @@ size_t CVirtioShim_CMSG_LEN(size_t payload);
 struct cmsghdr *CVirtioShim_CMSG_FIRSTHDR(struct msghdr *msg);
 struct cmsghdr *CVirtioShim_CMSG_NXTHDR(struct msghdr *msg, struct cmsghdr *cmsg);
 unsigned char *CVirtioShim_CMSG_DATA(struct cmsghdr *cmsg);
+
+// MARK: - io_uring (linux/io_uring.h gives the structs; the system calls have no libc wrapper)
+/// io_uring_setup(2). Returns the ring's descriptor (close-on-exec) or -errno.
+int CVirtioShim_io_uring_setup(unsigned int entries, struct io_uring_params *params);
+/// io_uring_enter(2) with an optional io_uring_getevents_arg (IORING_ENTER_EXT_ARG). Returns the
+/// number of submissions consumed or -errno.
+int CVirtioShim_io_uring_enter(int fd, unsigned int to_submit, unsigned int min_complete, unsigned int flags,
+                               const void *arg, size_t arg_size);
+/// Acquire load and release store of a 32-bit ring index shared with the kernel (io_uring's SQ and
+/// CQ head/tail: the ordering io_uring/io_uring.c documents at its top).
+static inline uint32_t CVirtioShim_load_acquire32(const void *p) { return __atomic_load_n((const uint32_t *)p, __ATOMIC_ACQUIRE); }
+static inline void CVirtioShim_store_release32(void *p, uint32_t v) { __atomic_store_n((uint32_t *)p, v, __ATOMIC_RELEASE); }
 
 #endif
