@@ -9,7 +9,7 @@
 // (why each flag: the comment at the top of tools/fuzz; not `--sanitize=address` as well).
 //
 // The library targets under Library/ are symlinks to ../Sources/<Module>: the main package has
-// no library products for PCI, Virtio, NBD, Upgrade, VirtioDevices and Services (a path
+// no library products for PCI, Virtio, NBD, Upgrade, VirtioDevices, IOUring, UBlk and Services (a path
 // dependency can only use products), and building the sources here lets every module, not only
 // the fuzz targets, carry libFuzzer's coverage instrumentation and ASan. Their dependencies must
 // match the main Package.swift; a mismatch is a compile error here ("no such module"), not a
@@ -35,9 +35,13 @@ let package = Package(
         .target(name: "Upgrade", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Upgrade"),
         .target(name: "VirtioDevices", dependencies: ["Virtio", "CVirtioShim"], path: "Library/VirtioDevices"),
+        .target(name: "IOUring", dependencies: ["Syscalls", "CVirtioShim", .product(name: "SystemPackage", package: "swift-system")],
+                path: "Library/IOUring"),
+        .target(name: "UBlk", dependencies: ["IOUring", "Syscalls", .product(name: "SystemPackage", package: "swift-system")],
+                path: "Library/UBlk"),
         .target(name: "HotUpgrade", dependencies: ["Upgrade", "Virtio", "Syscalls", .product(name: "Logging", package: "swift-log")],
                 path: "Library/HotUpgrade"),
-        .target(name: "Services", dependencies: ["NBD", "Upgrade", "HotUpgrade", "VirtioDevices", "Virtio", "Syscalls",
+        .target(name: "Services", dependencies: ["NBD", "UBlk", "Upgrade", "HotUpgrade", "VirtioDevices", "Virtio", "Syscalls",
                                                  .product(name: "SystemPackage", package: "swift-system")],
                 path: "Library/Services"),
 
