@@ -34,13 +34,10 @@ public struct NBDQuiesceFailure: Sendable, Equatable, CustomStringConvertible {
     /// Connections whose input ended (NBD_CMD_DISC, end of stream, NBD_OPT_ABORT) that are being
     /// answered before they close.
     public var connectionsClosing = 0
-    /// The companion cannot be handed over: why (the quiesce fails at once).
-    public var companion: String?
 
     public init(timeout: Duration) { self.timeout = timeout }
 
     public var description: String {
-        if let companion { return "cannot hand over: \(companion)" }
         var parts: [String] = []
         if requestsInFlight > 0 { parts.append("\(requestsInFlight) requests in flight in the backend") }
         if connectionsWithRepliesUnsent > 0 {
@@ -87,7 +84,7 @@ extension NBDServer where B: ~Copyable {
     /// flight unless the backend can hand it over.
     func isQuiescent() -> Bool {
         let carries = backend.handsOverInFlight
-        if totalInFlight > 0 && !carries { return false }
+        if totalInFlight > 0 && !carries || companionInFlight > 0 { return false }
         for i in 0..<clientCount where !isQuiescent(i, carryingInFlight: carries) { return false }
         return true
     }
@@ -109,7 +106,7 @@ extension NBDServer where B: ~Copyable {
 
     func quiesceFailure() -> NBDQuiesceFailure {
         var f = NBDQuiesceFailure(timeout: configuration.quiesceTimeout)
-        f.requestsInFlight = totalInFlight
+        f.requestsInFlight = totalInFlight + companionInFlight
         for i in 0..<clientCount where !isQuiescent(i, carryingInFlight: backend.handsOverInFlight) {
             let c = clients[i]
             guard c.phase == .handshake || c.phase == .transmission else { continue }

@@ -167,7 +167,8 @@ public struct NBDHandoverState: Sendable, Equatable {
                                      preferredBlockSize: Int(preferredBlockSize), maximumPayload: Int(maximumPayload)) {
             return "export: \(p)"
         }
-        if unixListener == nil && tcpListener == nil { return "no listening socket" }
+        // No listener at all is a server only for its companion (`serve blk --ublk` without --nbd).
+        if unixListener == nil && tcpListener == nil && !clients.isEmpty { return "clients but no listening socket" }
         if let u = unixListener {
             let n = u.path.utf8.count
             if n == 0 || n >= 108 || u.path.utf8.contains(0) { return "UNIX socket path of \(n) bytes (1...107, no NUL)" }

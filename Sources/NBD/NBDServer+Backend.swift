@@ -5,4 +5,10 @@ extension NBDServer where B: ~Copyable {
     public mutating func modifyBackend<E: Error>(_ body: (inout B) throws(E) -> Void) throws(E) {
         try body(&backend)
     }
+
+    /// Adds a companion between two `run` calls (a successor attaches its ublk device once the
+    /// hand-over is done and its predecessor gone).
+    public mutating func attach(companion: any BackendCompanion) {
+        configuration.companion = companion
+    }
 }

@@ -174,7 +174,7 @@ public struct NBDServerStatistics: Sendable, Equatable {
 public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     var backend: B
     public let export: NBDExport
-    let configuration: NBDServerConfiguration
+    var configuration: NBDServerConfiguration
     var unixListener: Listener?
     var tcpListener: Listener?
     /// The listeners' descriptors (-1: none or closed), and the UNIX socket's path.
@@ -400,11 +400,6 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
             } else {
                 if !quiescing && quiesce.load(ordering: .relaxed) { beginQuiesce() }
                 if quiescing {
-                    if let why = configuration.companion?.handoverRefusal {
-                        var failure = NBDQuiesceFailure(timeout: configuration.quiesceTimeout)
-                        failure.companion = why
-                        return endQuiesce(failure: failure)
-                    }
                     if isQuiescent() { return endQuiesce(failure: nil) }
                     if now >= quiesceDeadline { return endQuiesce(failure: quiesceFailure()) }
                 }
@@ -440,7 +435,7 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
             }
             if totalInFlight > 0 || backendSignalled || companionInFlight > 0 { collectCompletions() }
             if let companion = configuration.companion {
-                do throws(BackendError) { try companion.service(&backend, failed: backendFailure != nil) } catch {
+                do throws(BackendError) { try companion.service(&backend, failed: backendFailure != nil, holding: quiescing) } catch {
                     throw .companion(error.message)
                 }
             }
@@ -480,7 +475,7 @@ extension NBDServer where B: ~Copyable {
         if let fd = backend.completionDescriptor {
             pollSet[n] = pollfd(fd: fd, events: Int16(POLLIN), revents: 0); pollOwner[n] = -2; n += 1
         }
-        if let fd = configuration.companion?.descriptor {
+        if !quiescing, let fd = configuration.companion?.descriptor {
             pollSet[n] = pollfd(fd: fd, events: Int16(POLLIN), revents: 0); pollOwner[n] = -4; n += 1
         }
         for i in 0..<clientCount {

@@ -42,6 +42,25 @@ public enum ServiceReports {
         return (samples, "\(clients), \(st.reads) reads, \(st.writes) writes, \(st.errorReplies) errors, \(s.backend.recoveries) recoveries\(health)")
     }
 
+    /// `serve blk --ublk`: the ublk export's requests (they go through the same queue 0 as NBD's).
+    public static func ublk(_ u: UBlkStatistics, deviceID: UInt32, live: Bool) -> (samples: [TelemetrySample], summary: String) {
+        let ops: [(String, Int)] = [("read", u.reads), ("write", u.writes), ("flush", u.flushes), ("discard", u.discards),
+                                    ("write_zeroes", u.writeZeroes)]
+        var samples = ops.map {
+            TelemetrySample("ublk_requests", .counter, $0.1, labels: [Label("op", $0.0)], help: "ublk requests given to the device, by operation")
+        }
+        samples += [
+            TelemetrySample("ublk_bytes", .counter, Int(clamping: u.bytesRead), labels: [Label("direction", "read")],
+                            help: "Bytes of ublk reads and writes given to the device"),
+            TelemetrySample("ublk_bytes", .counter, Int(clamping: u.bytesWritten), labels: [Label("direction", "write")],
+                            help: "Bytes of ublk reads and writes given to the device"),
+            TelemetrySample("ublk_refused", .counter, u.refused, help: "ublk requests answered with an error without reaching the device"),
+            TelemetrySample("ublk_failed", .counter, u.failed, help: "ublk requests the device completed with an error"),
+            TelemetrySample("ublk_serving", .gauge, live ? 1 : 0, help: "1 once the kernel serves /dev/ublkbN through this driver"),
+        ]
+        return (samples, "/dev/ublkb\(deviceID) \(live ? "serving" : "starting"): \(u.reads) reads, \(u.writes) writes")
+    }
+
     /// `serve rng`: bytes fed and device reads.
     public static func entropy(fed: Int, reads: Int, recoveries: Int) -> (samples: [TelemetrySample], summary: String) {
         let q = Label("queue", "0")

@@ -15,7 +15,10 @@ import Glibc
 /// and a read's data straight out of the memory the device wrote: nothing is copied in this
 /// process and nothing is allocated per request. The device is added with UBLK_F_USER_RECOVERY
 /// and USER_RECOVERY_REISSUE: when this process dies, the kernel keeps /dev/ublkbN, holds new
-/// I/O and gives the requests it had handed out to the next server (`UBlkSetup.recover`).
+/// I/O and gives the requests it had handed out to the next server (`UBlkSetup.attach`). A hot
+/// upgrade goes the same way: the quiesce finishes this export's requests in the backend and
+/// takes no new ones; once the successor has the device this process exits, and the successor
+/// recovers the ublk device.
 public final class UBlkExport: BackendCompanion, @unchecked Sendable {
     public let deviceID: UInt32
     public let depth: Int
@@ -70,9 +73,6 @@ public final class UBlkExport: BackendCompanion, @unchecked Sendable {
 
     public var descriptor: Int32? { queue?.descriptor }
     public var finished: Bool { !begun || queue == nil || (stopAnswered && abortedTags == depth && inFlight == 0) }
-    public var handoverRefusal: String? {
-        "this version does not hand over a ublk export (/dev/ublkb\(deviceID)); restart the service instead: the kernel holds its I/O meanwhile and the next driver recovers it"
-    }
 
     /// Runs `body` on the queue (it is moved out of the optional and back: a few words).
     func withQueue(_ body: (inout UBlkQueue) throws(UBlkError) -> Void) {
@@ -81,7 +81,7 @@ public final class UBlkExport: BackendCompanion, @unchecked Sendable {
         queue = consume q
     }
 
-    public func service<B: BlockBackend & ~Copyable>(_ backend: inout B, failed: Bool) throws(BackendError) {
+    public func service<B: BlockBackend & ~Copyable>(_ backend: inout B, failed: Bool, holding: Bool) throws(BackendError) {
         if !begun {
             begun = true
             // FETCH_REQ for every tag, then the command that waits for them (and, for a new disk,
@@ -96,11 +96,16 @@ public final class UBlkExport: BackendCompanion, @unchecked Sendable {
             for tag in 0..<depth where answers[tag] >= 0 { commit(tag, -EIO) }
             inFlight = 0
         }
-        arrivedCount = 0
-        withQueue { q throws(UBlkError) in
-            try q.events { (event) throws(UBlkError) in self.take(event) }
+        // Holding (a hand-over is being prepared): what arrives stays in the ring. If the hand-over
+        // goes through, this process exits and the kernel gives those requests to the successor
+        // (USER_RECOVERY_REISSUE); if it is rolled back, they are taken here after all.
+        if !holding {
+            arrivedCount = 0
+            withQueue { q throws(UBlkError) in
+                try q.events { (event) throws(UBlkError) in self.take(event) }
+            }
+            for i in 0..<arrivedCount { start(arrived[i].tag, arrived[i].descriptor, &backend, failed: failed) }
         }
-        for i in 0..<arrivedCount { start(arrived[i].tag, arrived[i].descriptor, &backend, failed: failed) }
         withQueue { q throws(UBlkError) in try q.submit() }
         if let failure { throw BackendError(failure) }
     }

@@ -21,6 +21,9 @@ public enum UBlkSetup {
         public var maxIOBytes = 128 << 10
         /// How long a recovery waits for the previous server to let go of the device.
         public var patience: Duration = .seconds(30)
+        /// A successor after a hand-over: the device is still served by the predecessor, which is
+        /// exiting; wait (up to `patience`) for the kernel to quiesce it, then recover it.
+        public var afterHandover = false
         /// Marks the device as this driver's for `key` (a PCI address), so the next driver finds it.
         public var key: UInt32
         /// The device's name in messages ("0000:00:05.0").
@@ -68,6 +71,17 @@ public enum UBlkSetup {
             if options.deviceID == id {
                 throw .refused("ublk device \(id) exists and is not \(options.name)'s (pick another --ublk-id, or leave it out)")
             }
+        }
+        if options.afterHandover, var old = found, old.state == UBlkABI.DeviceState.live.rawValue {
+            // The predecessor exits once it has told the successor to go; the kernel quiesces the
+            // device when its rings go (a few milliseconds).
+            let deadline = monotonicNanoseconds() + UInt64(options.patience.nanoseconds)
+            while old.state == UBlkABI.DeviceState.live.rawValue && monotonicNanoseconds() < deadline {
+                var pause = timespec(tv_sec: 0, tv_nsec: 1_000_000)
+                _ = nanosleep(&pause, nil)
+                old = try control.info(old.deviceID)
+            }
+            found = old
         }
         let info: UBlkABI.DeviceInfo
         let start: UBlkABI.Command

@@ -129,8 +129,8 @@ public struct BlockBackendHandoverState: Sendable, Equatable {
         slotBytes = Int(try r.u32("slot bytes"))
         nextSequence = try r.u64("next sequence")
         let count = Int(try r.u32("reserved slot count"))
-        // Each slot takes at least 48 bytes: bounds the count by the input before allocating.
-        guard count <= r.remaining / 48 else { throw .invalid(field: "reserved slot count", "\(count) with \(r.remaining) bytes left") }
+        // Each slot takes at least 47 bytes: bounds the count by the input before allocating.
+        guard count <= r.remaining / 47 else { throw .invalid(field: "reserved slot count", "\(count) with \(r.remaining) bytes left") }
         reserved = []
         reserved.reserveCapacity(count)
         for k in 0..<count {
@@ -174,8 +174,9 @@ extension VirtioBlockBackend where T: ~Copyable {
         brokenBy == nil && device.queue.usesOneDescriptorPerRequest
     }
 
-    /// This backend's requests in flight and reserved slots, and the queues' state for the
-    /// successor. Valid after the server quiesced (nothing reserved but what is in flight).
+    /// This backend's requests in flight and their slots, and the queues' state for the
+    /// successor. Valid after the server quiesced. Slots reserved with no request in flight (a
+    /// ublk export's standing buffers) stay behind: the successor reserves its own.
     public func handoverState() throws(VirtioError) -> (queues: [QueueSnapshot], state: BlockBackendHandoverState) {
         let (queues, carried) = try device.handoverSnapshots()
         var request = [CarriedBlockRequest?](repeating: nil, count: slots)
@@ -183,6 +184,7 @@ extension VirtioBlockBackend where T: ~Copyable {
         var reserved: [BlockBackendHandoverState.Slot] = []
         for slot in 0..<slots where state[slot].inUse {
             let s = state[slot]
+            guard s.run >= 0, state[Int(s.run)].remaining > 0 else { continue }
             reserved.append(.init(slot: slot, run: Int(s.run), sequence: s.sequence, remaining: Int(s.remaining), failure: s.failure,
                                   tag: s.tag, operation: s.operation, flushing: s.flushing, rangeNext: s.rangeNext,
                                   rangeLeft: s.rangeLeft, request: request[slot]))

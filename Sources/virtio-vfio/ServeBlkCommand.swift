@@ -87,8 +87,15 @@ struct ServeBlkCommand: ParsableCommand {
         let verbose = global.verbose
         configuration.log = { line in if verbose { printError(line) } }
         let monitor = try ServiceMonitor(address: address, options: monitoring)
+        // The ublk export, once attached (the status runs on the serving loop's thread, as it does).
+        let attached = AttachedUBlk()
         configuration.status = { s in
-            let report = ServiceReports.block(s)
+            var report = ServiceReports.block(s)
+            if let u = attached.export {
+                let ublk = ServiceReports.ublk(u.statistics, deviceID: u.deviceID, live: u.live)
+                report.samples += ublk.samples
+                report.summary = (nbd == nil ? "" : report.summary + "; ") + ublk.summary
+            }
             monitor.telemetry.publish(report.samples, summary: report.summary, deviceAnswers: s.backend.answering)
         }
         configuration.requestAnswered = Self.latencies(monitor)
@@ -96,20 +103,25 @@ struct ServeBlkCommand: ParsableCommand {
         // ublk first: a kernel without it is refused before the device is touched.
         var ublkControl: UBlkControl?
         if ublk {
-            if handover.takeOver {
-                printError("virtio-vfio: error: --ublk with --take-over: this version does not hand over a ublk export")
-                throw ExitCode(Failure.unavailable)
-            }
             do { ublkControl = try UBlkControl() } catch { throw Failure.exit(error) }
         }
         let logger = global.serviceLogger("serve-blk")
         let backendLog: @Sendable (String) -> Void = { printError("\(address): \($0)") }
         var passed = PassedDescriptors(store)
-        var ublkExport: UBlkExport?
         var export: BlockExport<VirtioPCITransport>
         if handover.takeOver {
             export = try handover.takeOver(address, type: .block, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
                 try BlockExport.adopt(t, &s, wanted: wanted, mode: irq, configuration: configuration, log: backendLog)
+            }
+            // The predecessor has been told to go: its ublk device is recovered once it is gone.
+            if var control = ublkControl.take() {
+                var companion: UBlkExport?
+                try export.server.modifyBackend { (backend) throws in
+                    companion = try attachUBlk(&control, &backend, address: address, afterHandover: true)
+                }
+                export.server.attach(companion: companion!)
+                attached.export = companion
+                ublkControl = consume control
             }
         } else {
             let blk: BlockDevice<VirtioPCITransport>
@@ -127,19 +139,9 @@ struct ServeBlkCommand: ParsableCommand {
             }
             var backend = VirtioBlockBackend(device: blk, log: backendLog)
             if var control = ublkControl.take() {
-                let started = monotonicNanoseconds()
-                var options = UBlkSetup.Options(key: address.ublkKey, name: address.description)
-                options.deviceID = ublkId
-                options.recoverOnly = recover
-                let export: UBlkExport
-                do {
-                    export = try UBlkSetup.attach(control: &control, backend: &backend, config: backend.device.config, options: options,
-                                                  log: { printError("\(address): \($0)") }, ready: { export in
-                        printError("\(address): /dev/ublkb\(export.deviceID) serving (\(export.recovered ? "recovered, with the requests the kernel held" : "added"), \(export.depth) tags of \(export.export.bufferBytes) bytes; ready \(milliseconds(monotonicNanoseconds() - started)) after attaching)")
-                    })
-                } catch { throw Failure.exit(error) }
+                let export = try attachUBlk(&control, &backend, address: address, afterHandover: false)
                 configuration.companion = export
-                ublkExport = export
+                attached.export = export
                 ublkControl = consume control
             }
             // The kept listener serves only the same socket (the options may have changed).
@@ -164,21 +166,21 @@ struct ServeBlkCommand: ParsableCommand {
         let features = export.server.withBackend { $0.device.negotiation.accepted }
         let capacity = export.server.withBackend { $0.size }
         let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger, monitor: monitor)
-        let exports = [nbd.map { "NBD at \($0)" + (tcp.map { " and tcp:\($0)" } ?? "") }, ublkExport.map { "ublk as /dev/ublkb\($0.deviceID)" }]
+        let exports = [nbd.map { "NBD at \($0)" + (tcp.map { " and tcp:\($0)" } ?? "") }, attached.export.map { "ublk as /dev/ublkb\($0.deviceID)" }]
         printError("\(address): exporting \(capacity) bytes over \(exports.compactMap { $0 }.joined(separator: " and ")) (\(irq) mode, driver \(DriverVersion.string), features [\(features.names(for: .block).joined(separator: ", "))], control socket \(control.path)\(monitor.endpointDescription))")
         let listener = export.server.unixListenerDescriptor
         let outcome = serveUpgradable(&export, control: control, monitor: monitor, fdStore: store.fdStore,
                                       extra: listener.map { [(name: "nbd-unix", fd: $0)] } ?? [])
-        if let ublkExport, var control = ublkControl.take() {
-            let stopped = ublkExport.finished
-            ublkExport.close()
+        if let ublk = attached.export, var control = ublkControl.take() {
+            let stopped = ublk.finished
+            ublk.close()
             if case .stopped = outcome, stopped {
                 // The disk is gone (STOP_DEV); DEL_DEV frees its id once nothing holds /dev/ublkcN.
-                do { try control.delete(ublkExport.deviceID); printError("\(address): removed /dev/ublkb\(ublkExport.deviceID)") } catch {
+                do { try control.delete(ublk.deviceID); printError("\(address): removed /dev/ublkb\(ublk.deviceID)") } catch {
                     printError("virtio-vfio: warning: \(error)")
                 }
             } else {
-                printError("\(address): /dev/ublkb\(ublkExport.deviceID) is left to the kernel, its I/O held: `virtio-vfio serve blk \(address) --ublk` recovers it")
+                printError("\(address): /dev/ublkb\(ublk.deviceID) is left to the kernel, its I/O held: `virtio-vfio serve blk \(address) --ublk` recovers it")
             }
         }
         if case .failed(let error) = outcome {
@@ -186,7 +188,27 @@ struct ServeBlkCommand: ParsableCommand {
             throw ExitCode(Failure.ioError)
         }
         let stats = export.server.statistics
-        printError("\(address): stopped; \(stats.connectionsAccepted) connections, \(stats.reads) reads, \(stats.writes) writes, \(stats.flushes) flushes, \(stats.errorReplies) error replies")
+        var summary = nbd == nil ? "" : "; NBD: \(stats.connectionsAccepted) connections, \(stats.reads) reads, \(stats.writes) writes, \(stats.flushes) flushes, \(stats.errorReplies) error replies"
+        if let u = attached.export?.statistics {
+            summary += "; ublk: \(u.reads) reads, \(u.writes) writes, \(u.flushes) flushes, \(u.discards) discards, \(u.writeZeroes) write-zeroes, \(u.refused) refused, \(u.failed) failed"
+        }
+        printError("\(address): stopped\(summary)")
+    }
+
+    /// Adds the ublk device, or recovers the one an earlier driver of `address` left behind.
+    func attachUBlk(_ control: inout UBlkControl, _ backend: inout VirtioBlockBackend<VirtioPCITransport>, address: PCIAddress,
+                    afterHandover: Bool) throws -> UBlkExport {
+        let started = monotonicNanoseconds()
+        var options = UBlkSetup.Options(key: address.ublkKey, name: address.description)
+        options.deviceID = ublkId
+        options.recoverOnly = recover
+        options.afterHandover = afterHandover
+        do {
+            return try UBlkSetup.attach(control: &control, backend: &backend, config: backend.device.config, options: options,
+                                        log: { printError("\(address): \($0)") }, ready: { export in
+                printError("\(address): /dev/ublkb\(export.deviceID) serving (\(export.recovered ? "recovered, with the requests the kernel held" : "added"), \(export.depth) tags of \(export.export.bufferBytes) bytes; ready \(milliseconds(monotonicNanoseconds() - started)) after attaching)")
+            })
+        } catch { throw Failure.exit(error) }
     }
 
     /// One latency histogram per NBD command, recorded as each reply goes out.
@@ -208,4 +230,9 @@ struct ServeBlkCommand: ParsableCommand {
             }
         }
     }
+}
+
+/// Where the status callback finds the ublk export, which is attached after the callback is made.
+final class AttachedUBlk: @unchecked Sendable {
+    var export: UBlkExport?
 }

@@ -47,6 +47,15 @@ struct BlockHandoverStateTests {
         #expect(problem { $0.reserved[0].request?.bytes = 8192 }?.contains("a slot holds 4096") == true)
         #expect(problem { $0.reserved[2].tag = $0.reserved[0].tag }?.contains("in flight twice") == true)
         #expect(problem { $0.reserved[2].operation = 6 }?.contains("operation 6") == true)
+        // A slot without a request in the device takes 47 bytes: a long run of them is read whole.
+        var long = BlockBackendHandoverState(slots: 64, slotBytes: 4096, nextSequence: 1, reserved: [])
+        for slot in 0..<64 {
+            long.reserved.append(Slot(slot: slot, run: 0, sequence: 0, remaining: slot == 0 ? 1 : 0, failure: 0, tag: slot == 0 ? 1 : 0,
+                                      operation: 0, flushing: false, rangeNext: 0, rangeLeft: 0,
+                                      request: slot == 0 ? CarriedBlockRequest(slot: 0, type: 0, sector: 0, bytes: 4096) : nil))
+        }
+        #expect(long.problem() == nil)
+        #expect(try BlockBackendHandoverState(decoding: long.encoded()) == long)
         // Every truncation is refused by field.
         let bytes = Self.backend.encoded()
         for n in 0..<bytes.count {

@@ -30,6 +30,25 @@ struct VirtioBlockBackendTests {
         return result
     }
 
+    /// Buffers reserved for good (a ublk export's, one per tag) are not handed over: only the
+    /// slots of requests in flight are, so a successor does not inherit reservations nobody owns.
+    @Test func standingReservationsStayBehindAtAHandover() throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 1 << 16))
+        var b = try backend(device)
+        let standing = try reserve(&b, 4096)
+        let used = try reserve(&b, 4096)
+        try b.submit(.write, offset: 0, length: 4096, buffer: used, tag: 7)
+        #expect(try wait(&b, for: 7) == 0)
+        let busy = try reserve(&b, 8192)
+        device.faults.stopCompleting = true
+        try b.submit(.read, offset: 0, length: 8192, buffer: busy, tag: 9)
+        let (_, state) = try b.handoverState()
+        #expect(state.reserved.map(\.slot) == Array(busy.first..<busy.first + busy.count))
+        #expect(state.tags == [9])
+        #expect(standing.first != busy.first && used.first != busy.first)
+        device.faults.stopCompleting = false
+    }
+
     /// A server sleeps on the completion descriptor as soon as it submitted: the first completion
     /// of a new (or adopted) backend must signal it before `poll` ever ran.
     @Test(arguments: [false, true])

@@ -2,8 +2,8 @@
 # HIL test of `serve blk --ublk` (guest kernel 6.12: Debian's 6.1 has no ublk_drv): the device as
 # /dev/ublkbN with ext4 on it, files and their checksums, fio with crc32c verification through a
 # kill -9 of the driver and a `--recover` by the next one (the kernel holds the I/O meanwhile and
-# re-issues what was in flight: no error reaches fio or ext4), fsck clean, a clean stop removes
-# the disk; the refusals (a ublk id in use, nothing to recover). Every command is bounded by
+# re-issues what was in flight: no error reaches fio or ext4), hot upgrades in both modes under fio
+# (the successor recovers the disk), fsck clean, a clean stop removes the disk; the refusals (a ublk id in use, nothing to recover). Every command is bounded by
 # `timeout`, so a hang fails a check instead of the run.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -89,14 +89,50 @@ if timeout 600 tail --pid=$fio -f /dev/null; wait $fio; then rc=0; else rc=$?; f
   || fail "fio exit $rc: $(grep -E 'err=|verify|error' "$work/fio.out" | head -n 5)"
 grep -E "^ +(write|read):" "$work/fio.out" | sed 's/^ */  fio /'
 (cd "$mnt" && timeout 120 sha256sum --quiet -c "$work/sums") && pass "the file tree's checksums match after the crash" || fail "checksums differ after the crash"
+# Hot upgrades under fio, live and reset mode: the successor recovers /dev/ublkbN once its
+# predecessor is gone (the kernel holds the I/O meanwhile); a reader measures the gap.
+timeout 900 fio --name=ublk-upgrade --filename="$mnt/fio2.dat" --size=16M --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
+    --iodepth=8 --verify=crc32c --verify_fatal=1 --verify_backlog=64 --time_based --runtime=600 --output="$work/fio2.out" >/dev/null 2>&1 &
+fio=$!
+python3 Tests/HIL/gap-probe.py "$dev" "$work/gaps" &
+probe=$!
+for _ in $(seq 100); do grep -q ready "$work/gaps" 2>/dev/null && break; sleep 0.1; done
+sleep 2
+for mode in live reset live reset; do
+  kill -USR1 $probe; sleep 0.5; : >"$work/gaps"
+  before=$(pgrep -f "virtio-vfio serve blk $BLK" | head -n1)
+  out=$(timeout 120 virtio-vfio upgrade $BLK --binary "$(command -v virtio-vfio)" --mode $mode 2>&1); rc=$?
+  sleep 1; kill -USR1 $probe; sleep 0.5
+  read -r gap errors < <(sed -nE 's/^gap-ms ([0-9.]+) reads [0-9]+ errors ([0-9]+).*/\1 \2/p' "$work/gaps" | tail -n1)
+  after=$(pgrep -f "virtio-vfio serve blk $BLK" | head -n1)
+  echo "ublk-upgrade-$mode-gap-ms $gap"
+  [[ $rc == 0 && -n $gap && $errors == 0 && -n $after && $after != "$before" && -b $dev ]] \
+    && pass "$mode upgrade under fio: pid $before -> $after, $dev kept, a reader saw no error, longest gap $gap ms" \
+    || fail "$mode upgrade: exit $rc ($out), pids $before -> $after, gaps: $(cat "$work/gaps")"
+done
+server=$(pgrep -f "virtio-vfio serve blk $BLK" | head -n1)
+grep -c "recovered, with the requests the kernel held" "$work/serve2.log" | grep -qx 5 && pass "each successor recovered $dev (END_USER_RECOVERY)" \
+  || fail "successor recoveries: $(grep -c recovered "$work/serve2.log"); $(tail -n 5 "$work/serve2.log")"
+kill -TERM $probe 2>/dev/null; wait $probe 2>/dev/null
+kill -0 $fio 2>/dev/null && pass "fio ran through the upgrades" || fail "fio ended early: $(tail -n 5 "$work/fio2.out")"
+kill -INT $fio 2>/dev/null; wait $fio
+if grep -qE "err= *0" "$work/fio2.out" && ! grep -qiE "verify.*(fail|bad)|crc32c.*(bad|wanted)" "$work/fio2.out"; then
+  pass "fio through the upgrades: no I/O error, no verify failure ($(grep -oE 'write: IOPS=[^,]*' "$work/fio2.out" | head -n1))"
+else
+  fail "fio through the upgrades: $(grep -E 'err=|verify|crc' "$work/fio2.out" | head -n 5)"
+fi
+(cd "$mnt" && timeout 120 sha256sum --quiet -c "$work/sums") && pass "the file tree's checksums match after the upgrades" || fail "checksums differ after the upgrades"
+
 check "umount" timeout 60 umount "$mnt"
 check "fsck.ext4 -f -n is clean" timeout 120 fsck.ext4 -f -n "$dev"
 if dmesg | grep -E "$name" | grep -qE "I/O error|EXT4-fs (error|warning)|Buffer I/O"; then
   fail "dmesg has I/O or ext4 errors: $(dmesg | grep -E "$name" | tail -n 5)"
 else pass "dmesg: no I/O error, no ext4 error on $name"; fi
 
+# The serving driver is the last successor (not this shell's child): its log says how it ended.
 kill -TERM $server 2>/dev/null
-if timeout 60 tail --pid=$server -f /dev/null; wait $server; then pass "serve stops cleanly on SIGTERM"; else fail "serve exit status $?: $(tail -n 5 "$work/serve2.log")"; fi
+timeout 60 tail --pid=$server -f /dev/null && grep -q "stopped; ublk:" "$work/serve2.log" && ! grep -q "error:" "$work/serve2.log" \
+  && pass "serve stops cleanly on SIGTERM: $(grep -o 'ublk: [0-9]* reads.*' "$work/serve2.log" | tail -n1)" || fail "stop: $(tail -n 5 "$work/serve2.log")"
 grep -q "removed $dev" "$work/serve2.log" && [[ ! -e $dev ]] && pass "a clean stop removes $dev" || fail "after stop: $(ls "$dev" 2>&1); $(tail -n 3 "$work/serve2.log")"
 out=$(timeout 30 virtio-vfio serve blk $BLK --ublk --recover 2>&1); rc=$?
 [[ $rc == 75 && $out == *"nothing"* || $rc == 75 && $out == *"no ublk device"* ]] && pass "--recover with nothing left behind is refused (exit 75)" || fail "--recover: exit $rc: $out"

@@ -483,11 +483,14 @@ struct HandoverTests {
         var most = Self.sample
         most.clients[0].pendingInput = [UInt8](repeating: 7, count: NBDHandoverState.maximumPendingInput)
         #expect(try Self.decode(most.encoded()) == most)
-        // A state without listeners, or with a descriptor twice, is no state to serve.
+        // Clients without a listener, or a descriptor twice, is no state to serve; no listener and
+        // no client is a server that only serves its companion (a ublk device).
         var none = Self.sample
         none.unixListener = nil
         none.tcpListener = nil
-        #expect(throws: NBDHandoverError.invalid("no listening socket")) { try Self.decode(none.encoded(), [5, 6, 7]) }
+        #expect(throws: NBDHandoverError.invalid("clients but no listening socket")) { try Self.decode(none.encoded(), [5, 6, 7]) }
+        none.clients = []
+        #expect(try Self.decode(none.encoded(), []) == none)
         #expect(throws: NBDHandoverError.self) { try Self.decode(bytes, [3, 4, 5, 6, 3]) }
     }
 
