@@ -46,6 +46,12 @@ public final class UBlkExport: BackendCompanion, @unchecked Sendable {
     public private(set) var live = false
     /// Taken over from an earlier server (END_USER_RECOVERY) rather than added (START_DEV).
     public var recovered: Bool { startCommand == .endUserRecovery }
+    /// Recovered: how long the kernel took to let this driver have the device (the previous
+    /// server's rings going away, the disk quiescing), ns.
+    public internal(set) var letGoAfter: UInt64 = 0
+    /// When the serving loop sent FETCH_REQ for every tag and START_DEV or END_USER_RECOVERY
+    /// (CLOCK_MONOTONIC ns; 0 before).
+    public private(set) var fetchedAt: UInt64 = 0
     public private(set) var statistics = UBlkStatistics()
     let log: @Sendable (String) -> Void
     /// Told once, when the kernel answered START_DEV or END_USER_RECOVERY (the disk serves).
@@ -84,6 +90,7 @@ public final class UBlkExport: BackendCompanion, @unchecked Sendable {
     public func service<B: BlockBackend & ~Copyable>(_ backend: inout B, failed: Bool, holding: Bool) throws(BackendError) {
         if !begun {
             begun = true
+            fetchedAt = monotonicNanoseconds()
             // FETCH_REQ for every tag, then the command that waits for them (and, for a new disk,
             // reads its partition table through this loop); all from this thread, as ublk requires.
             withQueue { q throws(UBlkError) in

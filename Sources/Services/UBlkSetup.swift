@@ -63,6 +63,7 @@ public enum UBlkSetup {
         control: inout UBlkControl, backend: inout B, config: BlockConfig, options: Options,
         log: @escaping @Sendable (String) -> Void, ready: @escaping @Sendable (UBlkExport) -> Void
     ) throws(UBlkError) -> UBlkExport {
+        let began = monotonicNanoseconds()
         // A device this driver's predecessor for the same function left behind?
         var found: UBlkABI.DeviceInfo?
         for id in UBlkControl.deviceIDs() where options.deviceID == nil || options.deviceID == id {
@@ -85,6 +86,7 @@ public enum UBlkSetup {
         }
         let info: UBlkABI.DeviceInfo
         let start: UBlkABI.Command
+        var recovered: UInt64 = 0
         if let old = found, old.state == UBlkABI.DeviceState.quiesced.rawValue {
             guard old.flags & UBlkABI.Flag.userRecovery != 0 else {
                 throw .refused("ublk device \(old.deviceID) was added without user recovery: it cannot be taken over")
@@ -94,6 +96,7 @@ public enum UBlkSetup {
             }
             log("ublk: recovering /dev/ublkb\(old.deviceID), left quiesced by pid \(old.serverPID) (its I/O is held until this driver serves it)")
             try control.startRecovery(old.deviceID, patience: options.patience)
+            recovered = monotonicNanoseconds()
             info = old
             start = .endUserRecovery
         } else {
@@ -143,8 +146,10 @@ public enum UBlkSetup {
             let queue = try UBlkQueue(deviceID: info.deviceID, queue: 0, depth: depth, bufferBytes: bytes, buffers: addresses, control: control.fd)
             let export = UBlkRequestMapping.Export(sectors: backend.size >> 9, bufferBytes: bytes, readOnly: backend.readOnly,
                                                    canFlush: backend.canFlush, canTrim: backend.canTrim, canWriteZeroes: backend.canWriteZeroes)
-            return UBlkExport(deviceID: info.deviceID, depth: depth, export: export, startCommand: start, queue: queue,
-                              buffers: buffers, log: log, ready: ready)
+            let exported = UBlkExport(deviceID: info.deviceID, depth: depth, export: export, startCommand: start, queue: queue,
+                                      buffers: buffers, log: log, ready: ready)
+            if start == .endUserRecovery { exported.letGoAfter = recovered - began }
+            return exported
         } catch {
             if start == .startDevice { try? control.delete(info.deviceID) }
             throw error

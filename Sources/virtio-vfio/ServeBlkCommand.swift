@@ -206,7 +206,7 @@ struct ServeBlkCommand: ParsableCommand {
         do {
             return try UBlkSetup.attach(control: &control, backend: &backend, config: backend.device.config, options: options,
                                         log: { printError("\(address): \($0)") }, ready: { export in
-                printError("\(address): /dev/ublkb\(export.deviceID) serving (\(export.recovered ? "recovered, with the requests the kernel held" : "added"), \(export.depth) tags of \(export.export.bufferBytes) bytes; ready \(milliseconds(monotonicNanoseconds() - started)) after attaching)")
+                printError("\(address): /dev/ublkb\(export.deviceID) serving (\(export.recovered ? "recovered, with the requests the kernel held; the previous driver let go after \(milliseconds(export.letGoAfter))" : "added"), \(export.depth) tags of \(export.export.bufferBytes) bytes; ready \(milliseconds(monotonicNanoseconds() - started)) after attaching, \(milliseconds(monotonicNanoseconds() - export.fetchedAt)) after the \(export.recovered ? "END_USER_RECOVERY" : "START_DEV") command)")
             })
         } catch { throw Failure.exit(error) }
     }
