@@ -120,6 +120,8 @@ public final class UBlkExport: BackendCompanion, @unchecked Sendable {
     func take(_ event: UBlkQueue.Event) {
         switch event {
         case .request(let tag, let descriptor):
+            // One request per tag at a time: at most `depth` arrive in a round.
+            guard arrivedCount < depth else { failure = "ublk: more requests than tags in one round"; return }
             arrived[arrivedCount] = (tag, descriptor)
             arrivedCount += 1
         case .aborted(let tag):

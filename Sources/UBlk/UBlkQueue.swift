@@ -146,7 +146,8 @@ public struct UBlkQueue: ~Copyable {
         let depth = self.depth, descriptors = UnsafeRawPointer(self.descriptors)
         return try ring.drainCompletions { (userData, result, _) throws(UBlkError) in
             if userData & Self.commandBit != 0 {
-                let command = UBlkABI.Command(rawValue: UInt32(truncatingIfNeeded: userData)) ?? .stopDevice
+                // Only what `send` wrote comes back here.
+                guard let command = UBlkABI.Command(rawValue: UInt32(truncatingIfNeeded: userData)) else { return }
                 try body(.answered(command, result))
                 return
             }
