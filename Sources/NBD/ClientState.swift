@@ -77,6 +77,8 @@ struct ClientState {
     /// be credited to a later connection.
     var generation: UInt32 = 0
     var isTCP = false
+    /// Past the server's client limit: every option is answered with why (NBD_REP_ERR_POLICY).
+    var refusing = false
     var input: ClientInput = .clientFlags
     /// False once nothing more is read: after NBD_CMD_DISC, NBD_OPT_ABORT, end of stream, or when
     /// the server is stopping. The connection closes when what is in flight is answered.

@@ -137,7 +137,8 @@ extension NBDServer where B: ~Copyable {
                                      preferredBlockSize: export.preferredBlockSize, maximumPayload: export.maximumPayload)
         if unixListenerFD >= 0, let socketPath { state.unixListener = .init(fd: unixListenerFD, path: socketPath) }
         if tcpListenerFD >= 0 { state.tcpListener = .init(fd: tcpListenerFD, port: tcpPort ?? 0) }
-        for i in 0..<clientCount {
+        // Connections being refused are not handed over: they close with this process.
+        for i in 0..<configuration.maximumClients {
             let c = clients[i]
             guard c.phase == .handshake || c.phase == .transmission else { continue }
             let phase: NBDHandoverState.Phase

@@ -165,6 +165,27 @@ public enum NBDHandshake {
         }
     }
 
+    /// Longest reason given to a refused client.
+    public static let maximumRefusalBytes = 1024
+
+    /// The answer to a client the server will not serve (past its client limit): every option is
+    /// answered NBD_REP_ERR_POLICY with `message`, which clients show ("server busy: ..."); ABORT
+    /// is acknowledged and EXPORT_NAME, which has no error reply, ends the session.
+    public static func refuse(_ option: UInt32, message: [UInt8], into out: inout ByteWriter) -> NBDOptionOutcome {
+        switch option {
+        case NBDProtocol.Option.exportName:
+            return .disconnect
+        case NBDProtocol.Option.abort:
+            reply(option, NBDProtocol.Reply.ack, into: &out)
+            return .closeAfterReplies
+        default:
+            let text = message.prefix(maximumRefusalBytes)
+            header(option, NBDProtocol.Reply.errPolicy, length: text.count, into: &out)
+            out.bytes(Array(text))
+            return .continueHaggling
+        }
+    }
+
     /// The data of NBD_OPT_INFO / NBD_OPT_GO: 32-bit name length, name, 16-bit count, 16-bit info
     /// types. Nil if the lengths do not add up exactly.
     public static func parseInfoRequest(_ data: UnsafeRawBufferPointer)

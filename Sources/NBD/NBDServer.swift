@@ -19,8 +19,17 @@ public struct NBDServerConfiguration: Sendable {
     public var unixSocketMode: UInt32 = 0o600
     /// A TCP address to listen on too (any address; the CLI only offers loopback).
     public var tcpAddress: NBDTCPAddress?
-    /// Connections served at once; more are accepted and closed at once.
+    /// Connections served at once. A client past the limit is still greeted and told why during
+    /// option haggling: every option but NBD_OPT_ABORT is answered NBD_REP_ERR_POLICY with a
+    /// message naming the limit (NBD_OPT_EXPORT_NAME, which has no error reply, is hung up on).
+    /// Up to `refusingClients` such connections are held for that at once; more are closed at once.
     public var maximumClients = 16
+    /// Connections past `maximumClients` that are told why at once (each holds a slot: buffers
+    /// like a served connection's).
+    public var refusingClients = 16
+    /// The text a refused client is given (nil: "server busy: N clients are being served, the
+    /// most this export takes; try again later").
+    public var refusalMessage: String?
     /// Requests of one connection in flight at once (read, queued in the backend, or replies
     /// waiting to be sent); the connection is not read while all are taken.
     public var requestsPerClient = 64
@@ -46,6 +55,9 @@ public struct NBDServerConfiguration: Sendable {
     public var wakeDescriptor: Int32?
     /// Connection events and errors (not called per request).
     public var log: (@Sendable (String) -> Void)?
+    /// What an operator should see whatever the verbosity: each refused connection, with the
+    /// count so far (nil: `log`).
+    public var notice: (@Sendable (String) -> Void)?
     /// Called with each reply sent: the NBD command and the time from reading its header to its
     /// reply being handed to the socket (ns). Not called for requests carried over from an
     /// earlier server. It runs on the server's thread, per request: keep it cheap.
@@ -197,6 +209,8 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     /// poll(2) set and which client each entry is (-1 listener/backend).
     let pollSet: UnsafeMutablePointer<pollfd>
     let pollOwner: UnsafeMutablePointer<Int32>
+    /// What a client past `maximumClients` is told (UTF-8).
+    let refusalMessage: [UInt8]
     /// Room for the reply headers and iovecs of one sendmsg.
     let headerScratch: UnsafeMutableRawPointer
     let vectors: UnsafeMutablePointer<iovec>
@@ -250,8 +264,9 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
                                            minimumBlockSize: minimum, preferredBlockSize: preferred, maximumPayload: maximum) {
             throw .unusableBackend(problem)
         }
-        guard configuration.maximumClients >= 1, configuration.maximumClients < 1 << 20 else {
-            throw .configuration("maximumClients must be between 1 and 2^20 - 1")
+        guard configuration.maximumClients >= 1, configuration.refusingClients >= 0,
+              configuration.maximumClients + configuration.refusingClients < 1 << 20 else {
+            throw .configuration("maximumClients (at least 1) and refusingClients together must be below 2^20")
         }
         guard configuration.requestsPerClient >= 1, configuration.requestsPerClient < 1 << 20 else {
             throw .configuration("requestsPerClient must be between 1 and 2^20 - 1")
@@ -283,8 +298,11 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
         tcpListenerFD = tcpFD
         tcpPort = port
         self.backend = backend
-        clientCount = configuration.maximumClients
+        clientCount = configuration.maximumClients + configuration.refusingClients
         depth = configuration.requestsPerClient
+        let refusal = configuration.refusalMessage
+            ?? "server busy: \(configuration.maximumClients) clients are being served, the most this export takes; try again later"
+        refusalMessage = Array(refusal.utf8.prefix(NBDHandshake.maximumRefusalBytes))
         clients = .allocate(capacity: clientCount)
         let inCapacity = ClientState.inputCapacity
         for i in 0..<clientCount {
@@ -318,10 +336,10 @@ public struct NBDServer<B: BlockBackend & ~Copyable>: ~Copyable {
     /// The path of the UNIX socket while it is listening.
     public var unixSocketPath: String? { unixListenerFD >= 0 ? socketPath : nil }
 
-    /// Connections open now (negotiating or transmitting).
+    /// Connections served now (negotiating or transmitting; not those being refused).
     public var connectedClients: Int {
         var n = 0
-        for i in 0..<clientCount where clients[i].phase == .handshake || clients[i].phase == .transmission { n += 1 }
+        for i in 0..<configuration.maximumClients where clients[i].phase == .handshake || clients[i].phase == .transmission { n += 1 }
         return n
     }
 
@@ -454,6 +472,10 @@ extension NBDServer where B: ~Copyable {
         if let log = configuration.log { log("nbd: " + message()) }
     }
 
+    func notice(_ message: @autoclosure () -> String) {
+        if let notice = configuration.notice ?? configuration.log { notice("nbd: " + message()) }
+    }
+
     // MARK: the poll set
 
     /// Listeners (owner -1), the backend's descriptor (-2), the wake descriptor (-3), then every
@@ -534,14 +556,25 @@ extension NBDServer where B: ~Copyable {
                 log("accept failed: \(e)")  // EMFILE, ECONNABORTED ...: try again next round
                 return
             }
-            guard let slot = (0..<clientCount).first(where: { clients[$0].phase == .free }) else {
+            // Served connections take the first `maximumClients` slots, refused ones the rest.
+            let limit = configuration.maximumClients
+            var refusing = false
+            var found = (0..<limit).first(where: { clients[$0].phase == .free })
+            if found == nil {
                 statistics.connectionsRefused += 1
-                log("refusing a connection: \(clientCount) clients already connected")
-                Syscall.close(fd)
-                continue
+                found = (limit..<clientCount).first(where: { clients[$0].phase == .free })
+                guard found != nil else {
+                    notice("refusing connection \(statistics.connectionsRefused): \(limit) clients are being served (the limit) and \(configuration.refusingClients) more are being told so; closed at once")
+                    Syscall.close(fd)
+                    continue
+                }
+                refusing = true
+                notice("refusing connection \(statistics.connectionsRefused): \(limit) clients are being served (the limit); it is told so during option haggling")
             }
+            let slot = found!
             if isTCP { _ = SocketSyscall.setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, 1) }
             clients[slot].open(fd: fd, isTCP: isTCP, now: now)
+            clients[slot].refusing = refusing
             activeClients += 1
             statistics.connectionsAccepted += 1
             var out = ByteWriter(UnsafeMutableRawBufferPointer(start: clients[slot].outBase, count: clients[slot].outCapacity))

@@ -175,8 +175,9 @@ extension NBDServer where B: ~Copyable {
     mutating func answerOption(_ i: Int, _ option: UInt32, _ length: UInt32, _ data: UnsafeRawBufferPointer?) {
         let c = clients[i]
         var out = ByteWriter(UnsafeMutableRawBufferPointer(start: c.outBase + c.outEnd, count: c.outCapacity - c.outEnd))
-        let outcome = NBDHandshake.respond(to: option, length: length, data: data, export: export,
-                                           clientFlags: c.clientFlags, into: &out)
+        let outcome = c.refusing
+            ? NBDHandshake.refuse(option, message: refusalMessage, into: &out)
+            : NBDHandshake.respond(to: option, length: length, data: data, export: export, clientFlags: c.clientFlags, into: &out)
         clients[i].outEnd += out.count
         clients[i].input = .optionHeader
         switch outcome {
@@ -190,7 +191,8 @@ extension NBDServer where B: ~Copyable {
         case .closeAfterReplies:
             clients[i].inputOpen = false
         case .disconnect:
-            close(i, "asked for an export that does not exist (NBD_OPT_EXPORT_NAME)")
+            close(i, c.refusing ? "refused (NBD_OPT_EXPORT_NAME cannot be answered with a reason)"
+                                : "asked for an export that does not exist (NBD_OPT_EXPORT_NAME)")
         }
     }
 

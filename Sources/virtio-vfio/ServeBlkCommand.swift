@@ -40,6 +40,10 @@ struct ServeBlkCommand: ParsableCommand {
     var tcp: String?
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .msix
     @Option(help: "Export name clients ask for.") var exportName = ""
+    @Option(help: ArgumentHelp("NBD clients served at once (1-4096); a client past the limit is told why during option haggling (NBD_REP_ERR_POLICY) and its refusal logged.", valueName: "N"))
+    var maxClients = 16
+    @Option(help: ArgumentHelp("Requests of one NBD client in flight at once (1-1024); its connection is not read while all are taken.", valueName: "N"))
+    var requestsPerClient = 64
     @Flag(help: "Serve the device as a ublk block device, /dev/ublkbN (needs the ublk_drv module).") var ublk = false
     @Option(help: ArgumentHelp("The ublk device id N (/dev/ublkbN); default: the one left by an earlier driver of this device, else the kernel's choice.", valueName: "N"))
     var ublkId: UInt32?
@@ -55,6 +59,8 @@ struct ServeBlkCommand: ParsableCommand {
         if tcp != nil && nbd == nil { throw ValidationError("--tcp is a second NBD listener: give --nbd unix:PATH too") }
         if (ublkId != nil || recover) && !ublk { throw ValidationError("--ublk-id and --recover go with --ublk") }
         if let ublkId, ublkId >= 1 << 20 { throw ValidationError("--ublk-id takes 0 to 1048575") }
+        guard (1...4096).contains(maxClients) else { throw ValidationError("--max-clients takes 1 to 4096, not \(maxClients)") }
+        guard (1...1024).contains(requestsPerClient) else { throw ValidationError("--requests-per-client takes 1 to 1024, not \(requestsPerClient)") }
         if let tcp { _ = try Self.parseTCP(tcp) }
     }
 
@@ -80,12 +86,16 @@ struct ServeBlkCommand: ParsableCommand {
         }
         var configuration = NBDServerConfiguration()
         configuration.exportName = exportName
+        configuration.maximumClients = maxClients
+        configuration.requestsPerClient = requestsPerClient
+        configuration.refusalMessage = "server busy: \(maxClients) clients are being served, the most this export takes (virtio-vfio serve blk --max-clients); try again later"
         configuration.exportDescription = "virtio-vfio \(address)"
         configuration.unixSocketPath = nbd.map { String($0.dropFirst(5)) }
         configuration.tcpAddress = try tcp.map(Self.parseTCP)
         configuration.wakeDescriptor = wake.raw
         let verbose = global.verbose
         configuration.log = { line in if verbose { printError(line) } }
+        configuration.notice = { line in printError("\(address): \(line)") }
         let monitor = try ServiceMonitor(address: address, options: monitoring)
         // The ublk export, once attached (the status runs on the serving loop's thread, as it does).
         let attached = AttachedUBlk()

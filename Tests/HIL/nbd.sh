@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # HIL test of the NBD export of virtio-blk with real clients: nbd-client + ext4 (mkfs, files with
 # checksums, fsck, remount), the kernel's virtio-blk seeing the same filesystem after restore,
-# nbdinfo, qemu-img convert/compare, fio with crc32c verification, and a garbage-sending client.
+# nbdinfo, qemu-img convert/compare, fio with crc32c verification, a garbage-sending client, and
+# 32 clients at once (all served with --max-clients 64; past the default 16, told why).
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
@@ -90,6 +91,25 @@ except socket.timeout:
 PY
 [[ $(nbdinfo --size "$uri") == 268435456 ]] && pass "the server still answers other clients" || fail "server dead after garbage"
 stop_server >/dev/null || true
+
+# 32 clients at once, each writing its own data and checking every byte it reads back: all served
+# with --max-clients 64; with the default limit (16) the other 16 are told why (NBD_REP_ERR_POLICY).
+start_server --max-clients 64 || { hil_summary nbd; exit 1; }
+out=$(timeout 120 python3 Tests/HIL/nbd-clients.py "$sock" 32 5); rc=$?
+echo "  --max-clients 64: $(tail -n 1 <<<"$out")"
+[[ $rc == 0 && $out == *"served 32 refused 0"*"wrong 0 errors 0"* ]] && pass "32 clients at once with --max-clients 64: all served, every byte verified" \
+  || fail "32 clients, --max-clients 64: exit $rc: $out"
+stop_server >/dev/null || true
+start_server || { hil_summary nbd; exit 1; }
+out=$(timeout 120 python3 Tests/HIL/nbd-clients.py "$sock" 32 5); rc=$?
+echo "  default limit: $(tail -n 1 <<<"$out")"
+told=$(grep -c "refused: 0x80000002 server busy: 16 clients are being served, the most this export takes (virtio-vfio serve blk --max-clients)" <<<"$out")
+[[ $rc == 0 && $out == *"served 16 refused 16"*"wrong 0 errors 0"* && $told == 16 ]] \
+  && pass "32 clients with the default limit: 16 served and verified, 16 told why (NBD_REP_ERR_POLICY: $(grep -m1 -o 'server busy[^;]*' <<<"$out"))" \
+  || fail "32 clients, default limit: exit $rc, $told told why: $out"
+stop_server >/dev/null 2>&1 || true
+logged=$(grep -c "refusing connection [0-9]*: 16 clients are being served (the limit); it is told so" "$work/serve.log")
+[[ $logged == 16 ]] && pass "the server logged each of the 16 refusals with its count" || fail "refusals logged: $logged; $(grep refusing "$work/serve.log" | head -n 3)"
 check "restore blk0" vfio-bind restore $BLK >/dev/null
 rm -rf "$work"
 hil_summary nbd

@@ -603,18 +603,43 @@ struct ServerTests {
         #expect(try u.read(0, 65536).data == pattern(65536, seed: 4))
     }
 
-    @Test func connectionsBeyondTheLimitAreClosed() throws {
-        let server = try RunningServer { $0.maximumClients = 2 }
+    @Test func connectionsBeyondTheLimitAreToldWhy() throws {
+        let server = try RunningServer { $0.maximumClients = 2; $0.refusingClients = 1 }
         let a = try server.connect(), b = try server.connect()
         try a.handshake()
         try b.handshake()
+        // The third is greeted and told why on every option it tries; ABORT is acknowledged.
         let c = try server.connect()
-        #expect(c.serverCloses())
-        a.close()
-        #expect(waitUntil { server.closedSoFar == 1 })
+        #expect(try c.readGreeting() == 3)
+        try c.sendClientFlags(3)
+        for option in [O.go, O.info, O.list, O.structuredReply] {
+            try c.sendOption(option, option == O.go || option == O.info ? TestClient.infoData(name: "", infos: []) : [])
+            let reply = try c.readOptionReply()
+            #expect(reply.type == R.errPolicy)
+            #expect(String(decoding: reply.data, as: UTF8.self)
+                    == "server busy: 2 clients are being served, the most this export takes; try again later")
+        }
+        // While the one refusal slot is taken, a fourth is closed at once.
         let d = try server.connect()
-        try d.handshake()
-        #expect(server.stop().connectionsRefused == 1)
+        #expect(d.serverCloses())
+        try c.sendOption(O.abort)
+        #expect(try c.readOptionReply().type == R.ack)
+        #expect(c.serverCloses())
+        // NBD_OPT_EXPORT_NAME has no error reply: a refused client asking that way is hung up on.
+        let e = try server.connect()
+        #expect(try e.readGreeting() == 3)
+        try e.sendClientFlags(3)
+        try e.sendOption(O.exportName, [])
+        #expect(e.serverCloses())
+        a.close()
+        #expect(waitUntil { server.closedSoFar == 3 })
+        let f = try server.connect()
+        try f.handshake()
+        #expect(try f.read(0, 4096).error == 0)
+        let stats = server.stop()
+        #expect(stats.connectionsRefused == 3 && stats.connectionsAccepted == 5)
+        #expect(server.log.all.contains { $0.contains("refusing connection 1: 2 clients are being served (the limit); it is told so") })
+        #expect(server.log.all.contains { $0.contains("refusing connection 2") && $0.contains("closed at once") })
     }
 
     @Test func stalledAndSilentConnectionsTimeOut() throws {
