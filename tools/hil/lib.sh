@@ -46,6 +46,43 @@ HIL_MODULES=(
 HIL_INITRAMFS_FORMAT=1
 
 hil_note() { printf 'hil: %s\n' "$*" >&2; }
+
+# The oldest QEMU the harness is known to need: q35 with kernel-irqchip=split, intel-iommu with
+# intremap and caching-mode, virtio-9p with multidevs=remap (5.0); this machine runs 7.2.
+HIL_QEMU_MINIMUM=6.0
+# Devices (and intel-iommu properties) every run uses.
+HIL_QEMU_DEVICES=(intel-iommu virtio-9p-pci virtio-rng-pci virtio-blk-pci virtio-net-pci)
+
+# hil_qemu_problem QEMU: prints "QEMU X.Y.Z" and succeeds if QEMU can run the harness's guest;
+# otherwise prints what is missing and fails.
+hil_qemu_problem() {
+  local q=$1 version devices props
+  [[ -x $q && -f $q ]] || { echo "no such executable"; return 1; }
+  version=$("$q" --version 2>/dev/null | sed -n 's/^QEMU emulator version \([0-9][0-9]*\.[0-9][0-9]*\(\.[0-9][0-9]*\)\?\).*/\1/p' | head -n 1)
+  [[ -n $version ]] || { echo "does not answer --version like qemu-system-x86_64 ('QEMU emulator version X.Y.Z')"; return 1; }
+  if [[ $(printf '%s\n%s\n' "$HIL_QEMU_MINIMUM" "$version" | sort -V | head -n 1) != "$HIL_QEMU_MINIMUM" ]]; then
+    echo "QEMU $version is older than $HIL_QEMU_MINIMUM, which the harness needs"; return 1
+  fi
+  devices=$("$q" -nodefaults -machine none -device help 2>/dev/null)
+  local d
+  for d in "${HIL_QEMU_DEVICES[@]}"; do
+    grep -q "name \"$d\"" <<<"$devices" || { echo "QEMU $version has no device $d"; return 1; }
+  done
+  props=$("$q" -nodefaults -machine none -device intel-iommu,help 2>/dev/null)
+  for d in intremap caching-mode; do
+    grep -q "^ *$d=" <<<"$props" || { echo "QEMU $version's intel-iommu has no $d property (interrupt remapping)"; return 1; }
+  done
+  echo "QEMU $version"
+}
+
+# hil_kvm_problem: succeeds if KVM can run a guest here; otherwise prints why not and fails.
+hil_kvm_problem() {
+  [[ -e /dev/kvm ]] || { echo "there is no /dev/kvm (the kvm modules are not loaded, or this is a VM without nested virtualization)"; return 1; }
+  local fd
+  { exec {fd}<>/dev/kvm; } 2>/dev/null || { echo "/dev/kvm cannot be opened for reading and writing by $(id -un) (the kvm group)"; return 1; }
+  exec {fd}>&-
+  grep -qwE 'vmx|svm' /proc/cpuinfo || { echo "/dev/kvm exists but the CPU shows neither vmx nor svm (no hardware virtualization; in a VM, nested virtualization is off)"; return 1; }
+}
 hil_die() {
   printf 'hil: error: %s\n' "$*" >&2
   exit 2
