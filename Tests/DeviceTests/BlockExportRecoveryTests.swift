@@ -59,7 +59,10 @@ struct BlockExportRecoveryTests {
         })
         #expect(record.failure == nil, "\(record.failure ?? "")")
         for cookie: UInt64 in [1, 2, 3, 10, 11, 12, 13, 14, 20, 21] {
-            #expect(record.replies[cookie]?.error == 0, "cookie \(cookie): \(record.replies[cookie].map { "error \($0.error)" } ?? "no reply")")
+            // On a failure, the fault, the mode and the server's log say what happened (seen once in CI
+            // under heavy load, not reproduced since: cookie 14 answered EIO).
+            #expect(record.replies[cookie]?.error == 0,
+                    "\(fault), \(mode): cookie \(cookie): \(record.replies[cookie].map { "error \($0.error)" } ?? "no reply"); log: \(log.suffix(30))")
         }
         #expect(record.replies[14]?.data == Array(old[(512 << 10)..<(640 << 10)]))
         #expect(record.replies[20]?.data == b)
