@@ -22,7 +22,8 @@ public enum UBlkSetup {
         /// How long a recovery waits for the previous server to let go of the device.
         public var patience: Duration = .seconds(30)
         /// A successor after a hand-over: the device is still served by the predecessor, which is
-        /// exiting; wait (up to `patience`) for the kernel to quiesce it, then recover it.
+        /// exiting; wait (up to `patience`) for the kernel to quiesce it, then recover it. (A disk
+        /// whose server died is waited for the same way, whatever this says.)
         public var afterHandover = false
         /// Marks the device as this driver's for `key` (a PCI address), so the next driver finds it.
         public var key: UInt32
@@ -73,14 +74,23 @@ public enum UBlkSetup {
                 throw .refused("ublk device \(id) exists and is not \(options.name)'s (pick another --ublk-id, or leave it out)")
             }
         }
-        if options.afterHandover, var old = found, old.state == UBlkABI.DeviceState.live.rawValue {
-            // The predecessor exits once it has told the successor to go; the kernel quiesces the
-            // device when its rings go (a few milliseconds).
+        if var old = found, old.state == UBlkABI.DeviceState.live.rawValue {
+            let pid = old.serverPID
+            let serverAlive = pid > 0 && (kill(pid, 0) == 0 || errno == EPERM)
+            if serverAlive && !options.afterHandover {
+                throw .refused("/dev/ublkb\(old.deviceID) of \(options.name) is served by pid \(pid); stop that driver first")
+            }
+            // Its server is gone (a crash), or going (the predecessor of a hand-over exits once it
+            // has told the successor to go): the kernel quiesces the disk when that server's
+            // rings are released, asynchronously. Wait for it; never take a live disk for a leftover.
             let deadline = monotonicNanoseconds() + UInt64(options.patience.nanoseconds)
             while old.state == UBlkABI.DeviceState.live.rawValue && monotonicNanoseconds() < deadline {
                 var pause = timespec(tv_sec: 0, tv_nsec: 1_000_000)
                 _ = nanosleep(&pause, nil)
                 old = try control.info(old.deviceID)
+            }
+            guard old.state != UBlkABI.DeviceState.live.rawValue else {
+                throw .refused("/dev/ublkb\(old.deviceID) of \(options.name) is still live \(options.patience) after its server (pid \(pid)) went away; the kernel did not quiesce it")
             }
             found = old
         }
@@ -101,10 +111,7 @@ public enum UBlkSetup {
             start = .endUserRecovery
         } else {
             if let old = found {
-                if old.state == UBlkABI.DeviceState.live.rawValue, old.serverPID > 0, kill(old.serverPID, 0) == 0 || errno == EPERM {
-                    throw .refused("/dev/ublkb\(old.deviceID) of \(options.name) is served by pid \(old.serverPID); stop that driver first")
-                }
-                // Stopped, or its server is gone without recovery: a leftover.
+                // Stopped (DEAD): a leftover of a driver that did not delete it.
                 log("ublk: removing the leftover ublk device \(old.deviceID) of \(options.name) (state \(old.state))")
                 try? control.stop(old.deviceID)
                 try control.delete(old.deviceID)
