@@ -150,7 +150,7 @@ public enum UBlkSetup {
                 buffers.append(b)
                 addresses.append(backend.memory(of: b).baseAddress!)
             }
-            let queue = try UBlkQueue(deviceID: info.deviceID, queue: 0, depth: depth, bufferBytes: bytes, buffers: addresses, control: control.fd)
+            let queue = try UBlkQueue(deviceID: info.deviceID, queue: 0, depth: depth, buffers: addresses, control: control.fd)
             let export = UBlkRequestMapping.Export(sectors: backend.size >> 9, bufferBytes: bytes, readOnly: backend.readOnly,
                                                    canFlush: backend.canFlush, canTrim: backend.canTrim, canWriteZeroes: backend.canWriteZeroes)
             let exported = UBlkExport(deviceID: info.deviceID, depth: depth, export: export, startCommand: start, queue: queue,

@@ -123,7 +123,7 @@ public struct UBlkControl: ~Copyable {
 }
 
 /// What this driver writes in `DeviceInfo.serverFlags` (which the kernel keeps and ignores), so
-/// the next driver for the same device finds the ublk device to recover: "VVFIO-ublk" tag in the
+/// the next driver for the same device finds the ublk device to recover: the tag "VVFI" in the
 /// upper half, the caller's key (a PCI address) in the lower.
 public enum UBlkMark {
     static let tag: UInt64 = 0x5656_4649 << 32  // "VVFI"

@@ -17,8 +17,6 @@ public struct UBlkQueue: ~Copyable {
     public let deviceID: UInt32
     public let queue: UInt16
     public let depth: Int
-    /// Bytes each tag's buffer holds (the device's max_io_buf_bytes).
-    public let bufferBytes: Int
     let character: OwnedFD
     let control: OwnedFD
     var ring: IOUring
@@ -45,8 +43,8 @@ public struct UBlkQueue: ~Copyable {
     /// Opens /dev/ublkc`deviceID` (the kernel allows one opener at a time), maps the queue's
     /// descriptors and sets up its ring. `buffers[tag]` is where the kernel copies a write's data
     /// before handing over the request, and where it takes a read's data when it is committed;
-    /// each holds `bufferBytes`.
-    public init(deviceID: UInt32, queue: UInt16, depth: Int, bufferBytes: Int, buffers: [UnsafeMutableRawPointer],
+    /// each holds the device's max_io_buf_bytes.
+    public init(deviceID: UInt32, queue: UInt16, depth: Int, buffers: [UnsafeMutableRawPointer],
                 control: borrowing OwnedFD) throws(UBlkError) {
         precondition(buffers.count == depth && depth > 0 && depth <= UBlkABI.maximumQueueDepth)
         let path = "/dev/ublkc\(deviceID)"
@@ -83,7 +81,6 @@ public struct UBlkQueue: ~Copyable {
         self.deviceID = deviceID
         self.queue = queue
         self.depth = depth
-        self.bufferBytes = bufferBytes
         self.character = character
         self.control = controlCopy
         self.ring = ring
