@@ -263,6 +263,24 @@ expect "exit 0" rc 0
 expect "warns about what it overrode" err_has "warning: refusing 0000:00:06.0: interface eth0 is up (ip link set dev eth0 down first) (ignored: --force)"
 expect "bound to vfio-pci" driver_is 0000:00:06.0 vfio-pci
 
+CASE=check
+new_tree
+vb check 00:05.0 00:06.0
+expect "exit 0" rc 0
+expect "says each can be bound" eval 'out_has "0000:00:05.0: can be bound to vfio-pci (driver now: virtio-pci" && out_has "0000:00:06.0: can be bound"'
+expect "writes nothing" unchanged
+echo '40 20 254:1 / /mnt/data rw,relatime - ext4 /dev/vda1 rw' >>"$P/self/mountinfo"
+vb check 00:05.0
+refusal 3 "refusing 0000:00:05.0: /dev/vda1 is mounted on /mnt/data"
+new_tree
+echo 0x1003 >"$S/class/net/eth0/flags"
+vb check 00:04.0 00:06.0
+refusal 3 "eth0 is up"
+vb check 00:1f.2
+refusal 3 "IOMMU group 7 also holds 0000:00:1f.0, bound to lpc_ich"
+vb check --persist 00:05.0
+expect "--persist is refused: exit 1" rc 1
+
 CASE=bind
 new_tree
 vb bind 00:05.0
