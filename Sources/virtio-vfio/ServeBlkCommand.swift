@@ -173,6 +173,9 @@ struct ServeBlkCommand: ParsableCommand {
                 throw ExitCode(Failure.ioError)
             }
         }
+        // The kept originals are closed now that the device runs on duplicates of them (held for
+        // the driver's life they were a second set of its descriptors: the soak counted them).
+        _ = consume passed
         let features = export.server.withBackend { $0.device.negotiation.accepted }
         let capacity = export.server.withBackend { $0.size }
         let control = try handover.control(address, for: export, features: features, wake: wake.raw, logger: logger, monitor: monitor)

@@ -82,6 +82,8 @@ struct ServeRngCommand: ParsableCommand {
                 feed = EntropyFeed(rng: try EntropyDevice(transport: transport, wanted: wanted, mode: irq), rate: rate, limit: bytes, sink: sink)
             } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         }
+        // The kept originals are closed now that the device runs on duplicates of them.
+        _ = consume passed
         feed.status = { fed, reads, recoveries in
             let report = ServiceReports.entropy(fed: fed, reads: reads, recoveries: recoveries)
             monitor.telemetry.publish(report.samples, summary: report.summary, deviceAnswers: true)
