@@ -5,7 +5,9 @@
 # Run: tools/hil/run -- Benchmarks/HIL/blk-vs-kernel.sh [SECONDS]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OURS=0000:00:05.0 KERNEL=0000:00:06.0
+. Tests/HIL/lib.sh # role: the device map (tools/hil/devices.map, or HIL_MAP)
+need_roles blk blk-baseline
+OURS=$(role blk) KERNEL=$(role blk-baseline)
 SECS=${1:-5}
 kdev=/dev/$(ls /sys/bus/pci/devices/$KERNEL/virtio*/block | head -n1)
 vfio-bind bind $OURS >/dev/null

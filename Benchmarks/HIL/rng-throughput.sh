@@ -4,7 +4,9 @@
 # Run: tools/hil/run -- Benchmarks/HIL/rng-throughput.sh [BYTES]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-RNG=0000:00:04.0
+. Tests/HIL/lib.sh # role: the device map (tools/hil/devices.map, or HIL_MAP)
+need_roles rng
+RNG=$(role rng)
 BYTES=${1:-8000000}
 now() { date +%s%N; }
 mbps() { awk -v b="$BYTES" -v a="$1" -v z="$2" 'BEGIN { printf "%.2f", b * 1000 / (z - a) }'; }  # MB/s

@@ -7,7 +7,9 @@
 # Run: tools/hil/run --kernel 6.12 --smp 1 -- Benchmarks/HIL/ublk-vs-kernel.sh [SECONDS] [IRQ]
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-OURS=0000:00:05.0 KERNEL=0000:00:06.0
+. Tests/HIL/lib.sh # role: the device map (tools/hil/devices.map, or HIL_MAP)
+need_roles blk blk-baseline
+OURS=$(role blk) KERNEL=$(role blk-baseline)
 SECS=${1:-5} IRQ=${2:-msix}
 BIN=${VIRTIO_VFIO:-$PWD/.build/release/virtio-vfio}
 [[ -x $BIN ]] || { echo "no $BIN: swift build -c release --product virtio-vfio" >&2; exit 2; }

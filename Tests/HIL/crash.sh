@@ -17,7 +17,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-BLK=0000:00:05.0
+need_roles blk
+BLK=$(role blk)
 REQUEST_TIMEOUT=${CRASH_REQUEST_TIMEOUT:-3}   # nbd-client -t: seconds before an unanswered request is requeued
 DEAD_TIMEOUT=60                               # how long requests wait for a new server
 work=$(mktemp -d)

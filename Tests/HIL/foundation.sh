@@ -5,7 +5,8 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
 
-RNG=0000:00:04.0 BLK=0000:00:05.0 BLK1=0000:00:06.0 NET0=0000:00:07.0 NET1=0000:00:08.0
+need_roles rng blk blk-baseline net net-peer
+RNG=$(role rng) BLK=$(role blk) BLK1=$(role blk-baseline) NET0=$(role net) NET1=$(role net-peer)
 
 # --- list: every guest virtio function with its type, before anything is bound
 list=$(virtio-vfio list --json)

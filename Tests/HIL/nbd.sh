@@ -6,7 +6,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-BLK=0000:00:05.0
+need_roles blk
+BLK=$(role blk)
 work=$(mktemp -d)
 sock=$work/nbd.sock
 uri="nbd+unix:///?socket=$sock"

@@ -4,7 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-BLK=0000:00:05.0
+need_roles blk
+BLK=$(role blk)
 nobody=(setpriv --reuid=65534 --regid=65534 --clear-groups)
 vfio-bind bind $BLK >/dev/null && pass "bound blk" || fail "bind"
 group=$(basename "$(readlink /sys/bus/pci/devices/$BLK/iommu_group)")

@@ -3,7 +3,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-RNG=0000:00:04.0
+need_roles rng
+RNG=$(role rng)
 check "kernel $(uname -r): list shows the rng" sh -c "virtio-vfio list --virtio | grep -q '$RNG .* rng '"
 check "bind rng" vfio-bind bind $RNG
 check "info rng" virtio-vfio info $RNG

@@ -4,7 +4,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-RNG=0000:00:04.0
+need_roles rng
+RNG=$(role rng)
 bin=$(ls -d .build/debug/*PackageTests.xctest 2>/dev/null | head -n1)
 if [[ -z $bin ]]; then fail "no test binary: run 'swift build --build-tests' on the host first"; hil_summary swift-hil; exit; fi
 check "bind rng for the Swift HIL tests" vfio-bind bind $RNG >/dev/null

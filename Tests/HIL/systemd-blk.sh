@@ -16,7 +16,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-BLK=${HIL_BLK:-0000:00:05.0}
+need_roles blk
+BLK=$(role blk)
 unit=virtio-vfio-blk@$BLK.service
 . Tests/HIL/systemd-lib.sh
 systemd_begin

@@ -11,7 +11,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-RNG=${HIL_RNG:-0000:00:04.0}
+need_roles rng
+RNG=$(role rng)
 unit=virtio-vfio-rng@$RNG.service
 . Tests/HIL/systemd-lib.sh
 systemd_begin

@@ -8,8 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-BLK=${HIL_BLK:-0000:00:05.0}
-BLK1=${HIL_BLK1:-0000:00:06.0}
+need_roles blk blk-baseline
+BLK=$(role blk) BLK1=$(role blk-baseline)
 work=$(mktemp -d)
 mnt=$work/mnt; mkdir -p "$mnt"
 finish() { hil_summary ublk; exit; }

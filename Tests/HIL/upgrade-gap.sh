@@ -10,7 +10,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-BLK=${HIL_BLK:-0000:00:05.0}
+need_roles blk
+BLK=$(role blk)
 ROUNDS=${GAP_ROUNDS:-5}
 BUILDS=${GAP_BUILDS:-debug=$PWD/.build/debug/virtio-vfio}
 work=$(mktemp -d)

@@ -8,7 +8,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-BLK=0000:00:05.0
+need_roles blk
+BLK=$(role blk)
 A=$PWD/.build/debug/virtio-vfio
 B=$PWD/.build-variant/debug/virtio-vfio
 work=$(mktemp -d)

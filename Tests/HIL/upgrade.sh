@@ -7,7 +7,8 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 . Tests/HIL/lib.sh
-RNG=0000:00:04.0 BLK=0000:00:05.0
+need_roles rng blk
+RNG=$(role rng) BLK=$(role blk)
 A=$PWD/.build/debug/virtio-vfio
 B=$PWD/.build-variant/debug/virtio-vfio
 work=$(mktemp -d)
