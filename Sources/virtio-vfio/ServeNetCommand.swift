@@ -44,6 +44,8 @@ struct ServeNetCommand: ParsableCommand {
     @Option(help: "Microseconds to keep polling without sleeping after a frame moved (a reply within it is seen at once; under QEMU TCG round trips take 1-2 ms).")
     var busyPoll = 2000
     @Option(help: "Longest sleep between polls when idle, in microseconds.") var maxSleep = 1000
+    @Option(help: ArgumentHelp("Frames moved each way per pass of the loop (1-1024) before the other direction and the completions get their turn; the rings' sizes (the device's queue sizes, in `info`) bound it too.", valueName: "N"))
+    var batch = 64
     @OptionGroup var handover: HandoverOptions
     @OptionGroup var monitoring: MonitorOptions
 
@@ -53,6 +55,7 @@ struct ServeNetCommand: ParsableCommand {
             throw ValidationError("--tap takes an interface name: 1 to 15 bytes, not . or .., without /, : or whitespace")
         }
         guard busyPoll >= 0, maxSleep > 0 else { throw ValidationError("--busy-poll must not be negative and --max-sleep must be positive") }
+        guard (1...1024).contains(batch) else { throw ValidationError("--batch must be 1 to 1024 frames") }
     }
 
     func run() throws {
@@ -93,6 +96,7 @@ struct ServeNetCommand: ParsableCommand {
         configuration.wakeDescriptor = wake
         configuration.busyPoll = .microseconds(busyPoll)
         configuration.maxSleep = .microseconds(maxSleep)
+        configuration.batch = batch
         configuration.log = { line in printError("\(address): \(line)") }
         configuration.publishStatus = { device, bridge in monitor.publishNet(device, bridge) }
         return configuration

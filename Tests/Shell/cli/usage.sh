@@ -45,6 +45,23 @@ for args in "${usage_errors[@]}"; do
     bad "'$args': exit $RC, stdout '$OUT', stderr: $ERR"
   fi
 done
+# ---------------------------------------------------------------- the servers' limits, refused by name
+limits=(
+  "serve net $bdf --tap t0 --batch 0|--batch must be 1 to 1024 frames"
+  "serve net $bdf --tap t0 --batch 1025|--batch must be 1 to 1024 frames"
+  "serve blk $bdf --nbd unix:/tmp/x --max-clients 0|--max-clients"
+  "serve blk $bdf --nbd unix:/tmp/x --max-clients 4097|--max-clients"
+  "serve blk $bdf --nbd unix:/tmp/x --requests-per-client 1025|--requests-per-client"
+  "serve rng $bdf --rate 0|--rate must be positive"
+)
+for entry in "${limits[@]}"; do
+  # shellcheck disable=SC2086 # a list of arguments
+  run ${entry%%|*}
+  [[ $RC == 64 && $ERR == "virtio-vfio: error: "*"${entry#*|}"* ]] && ok "'${entry%%|*}': exit 64, names ${entry#*|}" \
+    || bad "'${entry%%|*}': exit $RC: $ERR"
+done
+OUT=$(VIRTIO_VFIO_PARSE_ONLY=1 "$bin" serve net "$bdf" --tap t0 --batch 256 2>&1); RC=$?
+[[ $RC == 0 ]] && ok "serve net --batch 256 parses" || bad "serve net --batch 256: exit $RC: $OUT"
 run info
 [[ $ERR == *$'\n'"Usage: virtio-vfio info"* ]] && ok "a usage error is followed by the command's usage line" || bad "no usage line after the error: $ERR"
 run "$bdf"
