@@ -28,7 +28,7 @@ run() {
 run "$REPO/tools/test" --help
 [[ $RC == 0 ]] && ok "tools/test --help exits 0" || bad "tools/test --help exited $RC: $ERR"
 missing=()
-for s in prepare build unit shell cli bench fuzz asan variant hil hil612 systemd --no-deps --dry-run; do
+for s in prepare build unit shell cli bench fuzz asan variant hil hil612 systemd host soak --no-deps --dry-run --junit; do
   grep -qE "^ +$s( |$)" <<<"$OUT" || missing+=("$s")
 done
 ((${#missing[@]} == 0)) && ok "--help lists every stage and option" || bad "--help does not list: ${missing[*]}"
@@ -41,7 +41,9 @@ expect_plan() {
   [[ $RC == 0 && $OUT == "stages: $2" ]] && ok "tools/test ${1:-(no stage)} runs: $2" \
     || bad "tools/test --dry-run $1: exit $RC, '$OUT' (expected 'stages: $2') $ERR"
 }
-expect_plan "" "prepare build unit shell cli bench fuzz asan variant hil hil612 systemd"
+expect_plan "" "prepare build unit shell cli bench fuzz asan variant hil hil612 systemd host soak"
+expect_plan "host" "prepare build host"
+expect_plan "soak" "prepare build variant soak"
 expect_plan "unit" "prepare build unit"
 expect_plan "--no-deps unit" "unit"
 expect_plan "shell" "shell"
@@ -59,6 +61,58 @@ for args in "bogus" "unit bogus" "--frob" "UNIT"; do
   [[ $RC == 2 && $ERR == *"$what"* && $ERR == *"stages are: prepare build unit"* && -z $OUT ]] \
     && ok "tools/test $args is refused (exit 2, names it and the stages)" \
     || bad "tools/test $args: exit $RC, out '$OUT', err '$ERR'"
+done
+
+# ---------------------------------------------------------------- tools/test --junit
+run "$REPO/tools/test" --junit /nonexistent/dir/r.xml --dry-run
+[[ $RC == 2 && $ERR == *"--junit: the directory of /nonexistent/dir/r.xml does not exist"* ]] && ok "tools/test --junit into a missing directory: exit 2" \
+  || bad "tools/test --junit /nonexistent: exit $RC: $ERR"
+if [[ -x $REPO/.build/debug/virtio-vfio ]]; then
+  j=$(mktemp -d)
+  (cd "$j" && "$REPO/tools/test" --no-deps --junit r.xml cli >"$j/out" 2>&1); rc=$?
+  summary=$(python3 - "$j/r.xml" <<'PY'
+import sys, xml.etree.ElementTree as ET
+root = ET.parse(sys.argv[1]).getroot()
+suites = {s.get("name"): (len(s.findall("testcase")), s.get("failures")) for s in root.findall("testsuite")}
+print(" ".join("%s=%d/%s" % (k, v[0], v[1]) for k, v in sorted(suites.items())))
+PY
+)
+  counted=$(sed -nE 's/^total: ([0-9]+) passed, ([0-9]+) failed$/\1 \2/p' "$j/out" | awk '{ print $1 + $2 }')
+  cases=$(grep -oE '=[0-9]+/' <<<"$summary" | tr -d '=/' | awk '{ s += $1 } END { print s + 0 }')
+  [[ $rc == 0 && $summary == *"cli: Tests/Shell/cli/usage.sh="* && $summary == *"stages=1/0"* && $cases == $((counted + 1)) ]] \
+    && ok "tools/test --junit r.xml cli (relative to where it was run): a suite per script, a case per check ($counted) and one for the stage" \
+    || bad "tools/test --junit: exit $rc, suites '$summary', $cases cases for $counted checks: $(tail -n 3 "$j/out")"
+  rm -rf "$j"
+else
+  echo "skip tools/test --junit cli: no debug build ($REPO/.build/debug/virtio-vfio)"
+fi
+
+# ---------------------------------------------------------------- tools/hil/host-run (usage; this kernel has no VFIO)
+run "$REPO/tools/hil/host-run" --help
+[[ $RC == 0 && $OUT == *"--map FILE"* && $OUT == *"--junit FILE"* ]] && ok "host-run --help names --map and --junit" || bad "host-run --help: exit $RC $ERR"
+for args in "|--map FILE is required" "--map /nonexistent.map|cannot read the device map '/nonexistent.map'" \
+            "--map $REPO/tools/hil/devices.map nosuch.sh|no suite 'nosuch.sh'" "--map $REPO/tools/hil/devices.map --frob|unknown option '--frob'"; do
+  # shellcheck disable=SC2086 # a list of words
+  run "$REPO/tools/hil/host-run" ${args%%|*}
+  [[ $RC == 2 && $ERR == *"${args#*|}"* ]] && ok "host-run ${args%%|*}: exit 2, ${args#*|}" || bad "host-run ${args%%|*}: exit $RC: $ERR"
+done
+if [[ ! -e /dev/vfio/vfio ]]; then
+  run "$REPO/tools/hil/host-run" --map "$REPO/tools/hil/devices.map" --junit /tmp/never.xml
+  if ((EUID == 0)); then want="/dev/vfio/vfio is missing"; else want="run as root"; fi
+  [[ $RC == 2 && $ERR == *"refusing: "*"$want"* && ! -e /tmp/never.xml ]] && ok "host-run on a machine without VFIO refuses before touching anything: $want" \
+    || bad "host-run without VFIO: exit $RC: $ERR"
+fi
+
+# ---------------------------------------------------------------- tools/soak (usage only: no build, no guest)
+run "$REPO/tools/soak" --help
+[[ $RC == 0 && $OUT == *"--minutes N"* && $OUT == *"--short"* && -z $ERR ]] && ok "tools/soak --help exits 0 and names its options" \
+  || bad "tools/soak --help: exit $RC, err '$ERR'"
+for args in "--minutes x|--minutes wants a whole number" "--minutes 2|--minutes must be at least 3" "--clients 64|--clients must be 1-63" \
+            "--frob|unknown argument '--frob'" "--out|--out needs a directory"; do
+  # shellcheck disable=SC2086 # a list of words
+  run "$REPO/tools/soak" ${args%%|*}
+  [[ $RC == 2 && $ERR == *"${args#*|}"* && -z $OUT ]] && ok "tools/soak ${args%%|*} is refused (exit 2): ${args#*|}" \
+    || bad "tools/soak ${args%%|*}: exit $RC, out '$OUT', err '$ERR'"
 done
 
 # ---------------------------------------------------------------- tools/swift-testing-results
