@@ -83,7 +83,10 @@ public struct VirtioBlockBackend<T: Transport & ~Copyable>: ~Copyable, BlockBack
     public var canFlush: Bool { device.config.flush }
     public var canTrim: Bool { device.config.maxDiscardSectors != nil }
     public var canWriteZeroes: Bool { device.config.maxWriteZeroesSectors != nil }
-    public var minimumBlockSize: Int { BlockConfig.sectorSize }
+    /// The device's logical block (blk_size when it offers one, §5.2.4, else 512): NBD clients
+    /// are told it is the minimum, and requests not aligned to it are refused (EINVAL) before
+    /// they reach the device, which would fail them.
+    public var minimumBlockSize: Int { Int(device.config.blockSize) }
     public var preferredBlockSize: Int { max(4096, Int(device.config.blockSize)) }
     /// Not answering while a recovery is due (the device broke a queue, needs a reset or went quiet).
     public var health: BackendHealth { BackendHealth(recoveries: recoveries, answering: brokenBy == nil) }

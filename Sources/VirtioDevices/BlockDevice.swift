@@ -185,6 +185,12 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         guard bytes % BlockConfig.sectorSize == 0 else {
             throw .outOfRange("\(bytes) bytes is not a whole number of 512-byte sectors")
         }
+        // The protocol counts 512-byte sectors (§5.2.6), but a device with larger logical blocks
+        // (blk_size, §5.2.4) fails I/O that does not cover whole ones: refused here, by name.
+        let block = Int(config.blockSize)
+        guard sector % UInt64(block / BlockConfig.sectorSize) == 0, bytes % block == 0 else {
+            throw .outOfRange("sector \(sector), \(bytes) bytes: the device's logical blocks are \(block) bytes (blk_size), so I/O must start at a multiple of \(block / BlockConfig.sectorSize) sectors and cover whole \(block)-byte blocks")
+        }
         let sectors = UInt64(bytes / BlockConfig.sectorSize)
         guard sector <= config.capacitySectors, sectors <= config.capacitySectors - sector else {
             throw .outOfRange("sectors \(sector)..<\(sector &+ sectors) are past the capacity of \(config.capacitySectors) sectors")

@@ -57,6 +57,12 @@ extension DeviceCore {
         func inRange(_ first: UInt64, _ count: UInt64) -> Bool {
             first <= limit && count <= limit - first
         }
+        // A device with larger logical blocks (blk_size, as QEMU's logical_block_size) fails I/O
+        // that does not start and end on one of them, as QEMU does (virtio_blk_sect_range_ok).
+        let blockSectors = UInt64(max(512, model.block.blockSize) / 512)
+        func aligned(_ first: UInt64, _ bytes: Int) -> Bool {
+            first % blockSectors == 0 && UInt64(bytes / BlockRequest.sectorSize) % blockSectors == 0
+        }
 
         switch type {
         case BlockRequest.typeIn:
@@ -68,6 +74,7 @@ extension DeviceCore {
                 s.record("\(tag): IN of \(inData / 512) sectors at \(sector) beyond capacity \(capacity) (§5.2.6.1)")
                 return finish(BlockRequest.ioError)
             }
+            guard aligned(sector, inData) else { return finish(BlockRequest.ioError) }
             // The short-read faults: part of the data written, or all of it with a short used length.
             let written = min(inData, max(0, s.faults.shortReadDataBytes ?? inData))
             var at = sector * UInt64(BlockRequest.sectorSize)
@@ -88,6 +95,7 @@ extension DeviceCore {
                 s.record("\(tag): OUT of \(outData / 512) sectors at \(sector) beyond capacity \(capacity) (§5.2.6.1)")
                 return finish(BlockRequest.ioError)
             }
+            guard aligned(sector, outData) else { return finish(BlockRequest.ioError) }
             var at = sector * UInt64(BlockRequest.sectorSize)
             DescriptorChain.pieces(chain.readable, offset: BlockRequest.headerSize, count: outData) { p, n in
                 s.store.write(at, n, from: p)

@@ -55,6 +55,42 @@ struct BlockDeviceTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 
+    @Test func ioNotCoveringWholeLogicalBlocksIsRefusedByName() throws {
+        var model = EmulatedDevice.Model.blk(capacitySectors: 4096)
+        model.block.blockSize = 4096  // QEMU's logical_block_size=4096
+        let device = EmulatedDevice(model: model)
+        var blk = try BlockDevice(transport: EmulatedTransport(device: device))
+        #expect(blk.config.blockSize == 4096)
+        let sector = pattern(512, seed: 3), block = pattern(4096, seed: 4)
+        for (first, data) in [(UInt64(1), sector), (UInt64(0), sector), (UInt64(4), block)] {
+            do {
+                try data.withUnsafeBytes { try blk.write(sector: first, from: $0) }
+                Issue.record("a write of \(data.count) bytes at sector \(first) went to a device with 4096-byte blocks")
+            } catch BlockError.outOfRange(let why) {
+                #expect(why.contains("logical blocks are 4096 bytes") && why.contains("multiple of 8 sectors"), "\(why)")
+            }
+        }
+        #expect(device.readDisk(offset: 0, count: 8192) == [UInt8](repeating: 0, count: 8192), "nothing reached the disk")
+        try block.withUnsafeBytes { try blk.write(sector: 8, from: $0) }
+        var back = [UInt8](repeating: 0, count: 4096)
+        try back.withUnsafeMutableBytes { try blk.read(sector: 8, into: $0) }
+        #expect(back == block)
+        _ = try blk.shutdown()
+        #expect(device.violations.isEmpty, "\(device.violations)")
+    }
+
+    @Test func theEmulatorFailsIONotCoveringWholeLogicalBlocksAsQEMUDoes() throws {
+        var model = EmulatedDevice.Model.blk(capacitySectors: 4096)
+        model.block.blockSize = 4096
+        let device = EmulatedDevice(model: model)
+        // A driver that takes blk_size for 512 (it did not negotiate BLK_SIZE) sends 512 bytes.
+        var blk = try BlockDevice(transport: EmulatedTransport(device: device), wanted: BlockDevice<EmulatedTransport>.supported.subtracting(.blkBlockSize))
+        #expect(blk.config.blockSize == 512)
+        let data = pattern(512, seed: 6)
+        #expect(throws: BlockError.ioError(type: "write", sector: 1)) { try data.withUnsafeBytes { try blk.write(sector: 1, from: $0) } }
+        _ = try blk.shutdown()
+    }
+
     @Test(arguments: [UInt64(0), UInt64.max / 256])
     func absurdCapacitiesAreRefused(_ capacity: UInt64) throws {
         let device = EmulatedDevice(model: .blk(capacitySectors: capacity))

@@ -90,3 +90,29 @@ struct ShortReadTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 }
+
+/// A device with 4096-byte logical blocks (QEMU's logical_block_size=4096): the export says so
+/// (NBD minimum block size) and refuses I/O that is not aligned to it before the device sees it.
+@Suite("the NBD export of a virtio-blk with 4 KiB logical blocks", .serialized)
+struct LogicalBlockExportTests {
+    @Test func misalignedRequestsAreEINVALAndNeverReachTheDevice() throws {
+        var model = EmulatedDevice.Model.blk(capacitySectors: 8192)
+        model.block.blockSize = 4096
+        let device = EmulatedDevice(model: model)
+        let disk = (0..<(64 * 1024)).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        device.writeDisk(offset: 0, disk)
+        let backend = VirtioBlockBackend(device: try BlockDevice(transport: EmulatedTransport(device: device)))
+        #expect(backend.minimumBlockSize == 4096 && backend.preferredBlockSize == 4096)
+        let junk = [UInt8](repeating: 0xAB, count: 512)
+        let (record, _, _, _) = try serveExport(backend, batches: [
+            [.read(cookie: 1, offset: 512, length: 512), .write(cookie: 2, offset: 4096, data: junk, fua: false),
+             .read(cookie: 3, offset: 8192, length: 4096)],
+        ])
+        #expect(record.failure == nil, "\(record.failure ?? "")")
+        #expect(record.replies[1]?.error == NBDProtocol.Error.einval)
+        #expect(record.replies[2]?.error == NBDProtocol.Error.einval)
+        #expect(record.replies[3]?.error == 0 && record.replies[3]?.data == Array(disk[8192..<(3 * 4096)]))
+        #expect(device.readDisk(offset: 4096, count: 512) == Array(disk[4096..<4608]), "the refused write reached the disk")
+        #expect(device.violations.isEmpty, "\(device.violations)")
+    }
+}
