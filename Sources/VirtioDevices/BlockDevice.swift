@@ -41,8 +41,14 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
          .blkDiscard, .blkWriteZeroes, .blkMultiQueue, .ringIndirectDesc, .ringEventIdx]
     }
 
+    /// The most entries a request queue gets unless the caller asks for another limit. The
+    /// driver may use fewer than the device's maximum (§4.1.4.3: it writes `queue_size`), and each
+    /// entry here holds a slot of `maxTransfer` bytes of DMA memory: a device offering 1024-entry
+    /// queues would otherwise need 128 MiB per queue. 256 is QEMU's default and `bench blk`'s depth.
+    public static var defaultQueueSize: UInt16 { 256 }
+
     public init(transport: consuming T, wanted: Features = BlockDevice.supported, mode: CompletionMode = .poll,
-                maxTransfer: Int = 128 << 10, queueSize: UInt16? = nil, queues: Int = 1,
+                maxTransfer: Int = 128 << 10, queueSize requestedQueueSize: UInt16? = nil, queues: Int = 1,
                 completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
         guard transport.deviceType == .block else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-blk")
@@ -53,6 +59,7 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
         transport.dma.reset()
         // §5.2.5: with MQ the device has num_queues request queues; use up to `queues` of them.
         let count = max(1, min(queues, Int(config.numQueues)))
+        let queueSize = requestedQueueSize ?? Self.defaultQueueSize
         var eventfds: [Int32] = []
         if mode != .poll { eventfds = try transport.enableInterrupts(count: count) }
         try transport.setConfigVector(nil)

@@ -79,6 +79,24 @@ struct BlockDeviceTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 
+    @Test func queuesLargerThanTheDriverNeedsAreProgrammedSmaller() throws {
+        // QEMU num-queues=4,queue-size=1024: the driver writes queue_size 256 (§4.1.4.3) and
+        // sizes its DMA memory for that, unless told otherwise.
+        let device = EmulatedDevice(model: .blk(capacitySectors: 8192, queues: 4, queueSize: 1024))
+        var blk = try BlockDevice(transport: EmulatedTransport(device: device))
+        #expect(device.queueState(0)?.size == BlockDevice<EmulatedTransport>.defaultQueueSize)
+        let data = pattern(64 * 1024, seed: 8)
+        try data.withUnsafeBytes { try blk.write(sector: 16, from: $0) }
+        var back = [UInt8](repeating: 0, count: data.count)
+        try back.withUnsafeMutableBytes { try blk.read(sector: 16, into: $0) }
+        #expect(back == data)
+        _ = try blk.shutdown()
+        var small = try BlockDevice(transport: EmulatedTransport(device: device), queueSize: 64)
+        #expect(device.queueState(0)?.size == 64)
+        _ = try small.shutdown()
+        #expect(device.violations.isEmpty, "\(device.violations)")
+    }
+
     @Test func theEmulatorFailsIONotCoveringWholeLogicalBlocksAsQEMUDoes() throws {
         var model = EmulatedDevice.Model.blk(capacitySectors: 4096)
         model.block.blockSize = 4096
