@@ -84,7 +84,7 @@ fio_loop() {
   while [[ ! -e $stop ]]; do
     n=$((n + 1))
     timeout 900 fio --name=soak --filename="$mnt/fio.dat" --size=32M --rw=randwrite --bs=4k --direct=1 --ioengine=libaio \
-      --iodepth=8 --verify=crc32c --do_verify=1 --verify_fatal=1 --time_based --runtime=30 \
+      --iodepth=8 --verify=crc32c --verify_fatal=1 --verify_backlog=64 --time_based --runtime=30 \
       --output-format=json --output="$work/fio-$n.json" >/dev/null 2>&1
     echo "$n $?" >>"$work/fio.runs"
   done
@@ -114,7 +114,7 @@ sample_one() {
   local rss="" thr="" k v fd exe
   while read -r k v _; do case $k in VmRSS:) rss=$v ;; Threads:) thr=$v ;; esac; done <"/proc/$p/status" 2>/dev/null
   fd=("/proc/$p/fd/"*); exe=$(readlink "/proc/$p/exe")
-  [[ -n $rss && -n $exe ]] && echo "$(($(printf '%(%s)T') - t_start)),$(<"$work/phase"),$kind,$p,$exe,$rss,${#fd[@]},$thr" >>"$work/samples.csv"
+  [[ -n $rss && -n $thr && -n $exe ]] && echo "$(($(printf '%(%s)T') - t_start)),$(<"$work/phase"),$kind,$p,$exe,$rss,${#fd[@]},$thr" >>"$work/samples.csv"
 }
 sampler() {
   while [[ ! -e $stop ]]; do
@@ -288,6 +288,8 @@ check "restore $RNG" vfio-bind restore $RNG >/dev/null
 for n in $(awk '$2 == 0 { print $1 }' "$work/iperf.runs"); do jq -r '.end.sum_received.bytes' "$work/iperf-$n.json"; done \
   | awk '{ s += $1 } END { print s + 0 }' >"$work/iperf-bytes"
 cp "$work/samples.csv" "$work/events.csv" "$out/" 2>/dev/null
+# The blk unit's journal with monotonic times: where each restart spent its time.
+journalctl -b --no-pager -u "$unit" -o short-monotonic >"$out/blk-journal.txt" 2>/dev/null
 report=$(python3 Tests/HIL/soak-report.py --minutes "$MINUTES" --elapsed "$elapsed" --clients "$work/clients.out" \
   --fio "$work"/fio-*.json --fio-runs "$fio_runs" --iperf-bytes "$(cat "$work/iperf-bytes")" --iperf-runs "$iperf_runs" \
   --rng-bytes "$fed" --samples "$work/samples.csv" --events "$work/events.csv" --builds "R=$R" "A=$A" "B=$B"); rrc=$?

@@ -45,6 +45,10 @@ expect() {
 samples 40 3 21000; events ok; clients 32 0
 expect "a clean run passes" 0 "No problem: every event succeeded"
 expect "fio's totals are summed over its runs (notes before the JSON skipped)" 0 "5 runs; 2.0 MiB written, 2.0 MiB read back and verified"
+echo '{"jobs": [{"write": {"io_bytes": 4096}, "read": {"io_bytes": 0}}]}' >"$t/fio-2.json"
+cp "$t/fio-2.json" "$t/fio-3.json"; mv "$t/fio-1.json" "$t/fio-1.saved"; cp "$t/fio-3.json" "$t/fio-1.json"
+expect "fio runs that verified nothing fail it" 1 "fio verified nothing in 2 runs"
+mv "$t/fio-1.saved" "$t/fio-1.json"
 echo "fio: error" >"$t/fio-2.json"
 expect "fio output that is not JSON fails it" 1 "fio output fio-2.json"
 { echo "note"; cat "$t/fio-1.json"; } >"$t/fio-2.json"
