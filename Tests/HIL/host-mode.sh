@@ -29,7 +29,7 @@ EOF
 # ---- the suites from a map with other roles ----------------------------------------------------------
 suites=${HOST_MODE_SUITES:-rng.sh nbd.sh net.sh}
 # shellcheck disable=SC2086 # a list of suites
-timeout 1500 tools/hil/host-run --map "$work/swapped.map" --junit "$work/junit.xml" -- $suites >"$work/run.log" 2>&1; rc=$?
+timeout 2400 tools/hil/host-run --map "$work/swapped.map" --junit "$work/junit.xml" -- $suites >"$work/run.log" 2>&1; rc=$?
 sed 's/^/  | /' "$work/run.log" | grep -E '^\s+\| (### |FAIL|host-run:|every function|tools/hil/host-run|[0-9a-f]{4}:)' 
 [[ $rc == 0 ]] && pass "host-run --map (swapped roles) -- $suites: $(tail -n 1 "$work/run.log")" || fail "host-run exit $rc: $(tail -n 15 "$work/run.log")"
 # section SUITE: the lines host-run printed for one suite.
