@@ -28,28 +28,33 @@ run() {
 run "$REPO/tools/test" --help
 [[ $RC == 0 ]] && ok "tools/test --help exits 0" || bad "tools/test --help exited $RC: $ERR"
 missing=()
-for s in prepare build unit shell cli bench fuzz asan variant hil hil612 systemd host soak --no-deps --dry-run --junit; do
+for s in prepare build variant release unit shell cli bench fuzz asan hil hil612 systemd soak --no-deps --serial --dry-run --junit; do
   grep -qE "^ +$s( |$)" <<<"$OUT" || missing+=("$s")
 done
 ((${#missing[@]} == 0)) && ok "--help lists every stage and option" || bad "--help does not list: ${missing[*]}"
 [[ $OUT != *"==="* && -z $ERR ]] && ok "--help runs no stage" || bad "--help ran something: $OUT $ERR"
 
-# expect_plan "ARGS" "STAGES": tools/test --dry-run ARGS prints "stages: STAGES" and exits 0.
+# expect_plan "ARGS" "STAGES" ["LANES"]: tools/test --dry-run ARGS prints "stages: STAGES" (and,
+# when two lanes would run, the line "lanes: GUEST | HOST") and exits 0.
 expect_plan() {
+  local want="stages: $2"
+  [[ -n ${3:-} ]] && want+=$'\n'"$3"
   # shellcheck disable=SC2086 # ARGS is a list of words
   run "$REPO/tools/test" --dry-run $1
-  [[ $RC == 0 && $OUT == "stages: $2" ]] && ok "tools/test ${1:-(no stage)} runs: $2" \
-    || bad "tools/test --dry-run $1: exit $RC, '$OUT' (expected 'stages: $2') $ERR"
+  [[ $RC == 0 && $OUT == "$want" ]] && ok "tools/test ${1:-(no stage)} runs: $2${3:+ ($3)}" \
+    || bad "tools/test --dry-run $1: exit $RC, '$OUT' (expected '$want') $ERR"
 }
-expect_plan "" "prepare build unit shell cli bench fuzz asan variant hil hil612 systemd host soak"
-expect_plan "host" "prepare build host"
-expect_plan "soak" "prepare build variant soak"
+expect_plan "" "prepare build variant release hil hil612 systemd soak unit shell cli bench fuzz asan" \
+  "lanes: hil hil612 systemd soak | unit shell cli bench fuzz asan"
+expect_plan "--serial" "prepare build variant release unit shell cli bench fuzz asan hil hil612 systemd soak"
+expect_plan "soak" "prepare build variant release soak"
 expect_plan "unit" "prepare build unit"
 expect_plan "--no-deps unit" "unit"
 expect_plan "shell" "shell"
 expect_plan "hil" "prepare build variant hil"
-expect_plan "hil612 cli" "prepare build cli hil612"
-expect_plan "systemd" "prepare build systemd"
+expect_plan "hil612 cli" "prepare build hil612 cli" "lanes: hil612 | cli"
+expect_plan "--serial hil612 cli" "prepare build cli hil612"
+expect_plan "systemd" "prepare build release systemd"
 expect_plan "--no-deps asan shell fuzz" "shell fuzz asan"
 expect_plan "unit unit" "prepare build unit"
 
@@ -58,7 +63,7 @@ for args in "bogus" "unit bogus" "--frob" "UNIT"; do
   run "$REPO/tools/test" $args
   word=${args##* }
   if [[ $word == -* ]]; then what="unknown option '$word'"; else what="unknown stage '$word'"; fi
-  [[ $RC == 2 && $ERR == *"$what"* && $ERR == *"stages are: prepare build unit"* && -z $OUT ]] \
+  [[ $RC == 2 && $ERR == *"$what"* && $ERR == *"stages are: prepare build variant release unit"* && -z $OUT ]] \
     && ok "tools/test $args is refused (exit 2, names it and the stages)" \
     || bad "tools/test $args: exit $RC, out '$OUT', err '$ERR'"
 done
