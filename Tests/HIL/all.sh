@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
-# Every HIL test script (or the ones named: all.sh SCRIPT...), in one guest boot. Prints
+# Every HIL test script (or the ones named: all.sh SCRIPT...), in one guest boot. Each script's
+# output is printed as it is written (a script that hangs shows where); the last line is
 # "hil: N passed, N failed" over all of them.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 total_p=0 total_f=0
 scripts=("$@")
 ((${#scripts[@]})) || scripts=(Tests/HIL/foundation.sh Tests/HIL/permissions.sh Tests/HIL/rng.sh Tests/HIL/blk.sh Tests/HIL/nbd.sh Tests/HIL/upgrade.sh Tests/HIL/crash.sh Tests/HIL/upgrade-under-load.sh Tests/HIL/upgrade-gap.sh Tests/HIL/net.sh Tests/HIL/swift-hil-tests.sh Tests/Shell/vfio-bind/guest-e2e.sh)
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
 for t in "${scripts[@]}"; do
   echo "### $t"
-  out=$(VFIO_BIND_E2E=1 "$t" 2>&1); rc=$?
-  printf '%s\n' "$out"
-  line=$(grep -E '[0-9]+ passed, [0-9]+ failed' <<<"$out" | tail -n1)
+  VFIO_BIND_E2E=1 "$t" </dev/null 2>&1 | tee "$log"
+  rc=${PIPESTATUS[0]}
+  line=$(grep -E '[0-9]+ passed, [0-9]+ failed' "$log" | tail -n1)
   p=$(grep -oE '[0-9]+ passed' <<<"$line" | grep -oE '[0-9]+'); f=$(grep -oE '[0-9]+ failed' <<<"$line" | grep -oE '[0-9]+')
   if [[ -z $line ]]; then p=0 f=1; fi
   if [[ $rc != 0 && ${f:-0} == 0 ]]; then f=1; fi
