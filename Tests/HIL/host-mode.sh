@@ -63,7 +63,7 @@ mkfs.ext4 -q -F /dev/$kdev 64M && mkdir -p "$work/mnt" && mount /dev/$kdev "$wor
 expect_exit 2 "host-run refuses a map whose blk disk is mounted" tools/hil/host-run --map "$work/swapped.map"
 contains "the refusal names the mount" "$LAST_ERR" "/dev/$kdev is mounted on $work/mnt"
 umount "$work/mnt"
-peer_if=$(basename /sys/bus/pci/devices/$(role net)/virtio*/net/*)
+peer_if=$(net_if "$(role net)")
 ip link set "$peer_if" up
 expect_exit 2 "host-run refuses a map whose net-peer interface is up" tools/hil/host-run --map "$work/swapped.map"
 contains "the refusal names the interface" "$LAST_ERR" "interface $peer_if is up"
@@ -82,7 +82,7 @@ virtio-vfio serve net "$(role net)" --tap vdies0 2>/dev/null &
 for _ in $(seq 100); do [[ -S /tmp/dies.sock ]] && ip link show vdies0 >/dev/null 2>&1 && break; sleep 0.1; done
 nbd-client -unix /tmp/dies.sock /dev/nbd1 -b 4096 -N "" >/dev/null 2>&1
 ip netns add dies-A && ip link set vdies0 netns dies-A
-ip netns add dies-B && ip link set "$(basename /sys/bus/pci/devices/$(role net-peer)/virtio*/net/*)" netns dies-B
+ip netns add dies-B && ip link set "$(net_if "$(role net-peer)")" netns dies-B
 [[ -e /sys/block/nbd1/pid ]] && pass "holding blk, net, rng, /dev/nbd1 and two namespaces" || fail "could not take everything"
 [[ ${HOLD:-0} == 1 ]] && { echo "holding"; sleep 600; }
 kill -9 $$

@@ -31,6 +31,8 @@ contains() {
 }
 
 driver_of() { basename "$(readlink "/sys/bus/pci/devices/$1/driver" 2>/dev/null)" 2>/dev/null || echo none; }
+# net_if BDF: the kernel interface of a virtio-net PCI function (under its virtioN child).
+net_if() { local d; for d in /sys/bus/pci/devices/$1/virtio*/net/*; do [[ -e $d ]] && basename "$d"; done; }
 
 # role NAME: the PCI address (0000:00:05.0 form) the map gives NAME, or nothing.
 role() {

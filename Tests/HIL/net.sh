@@ -17,8 +17,6 @@ FLOOD=${NET_FLOOD_COUNT:-10000} SECONDS_IPERF=${NET_IPERF_SECONDS:-10}
 work=$(mktemp -d)
 dmesg -n 1
 
-# net_if BDF: the kernel interface of a virtio-net PCI function (under its virtioN child).
-net_if() { local d; for d in /sys/bus/pci/devices/$1/virtio*/net/*; do [[ -e $d ]] && basename "$d"; done; }
 inA() { ip netns exec A "$@"; }
 inB() { ip netns exec B "$@"; }
 # cpu_ticks PID: user + system clock ticks the process used so far (/proc/PID/stat fields 14, 15).

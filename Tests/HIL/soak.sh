@@ -53,7 +53,6 @@ for i in $(seq 1 20); do head -c $((RANDOM * 4 + i)) /dev/urandom >"$mnt/tree/fi
 check "sync" timeout 60 sync
 
 # ---- net: serve net, the namespaces, the iperf3 server ----------------------------------------------
-net_if() { local d; for d in /sys/bus/pci/devices/$1/virtio*/net/*; do [[ -e $d ]] && basename "$d"; done; }
 peer=$(net_if $PEER)
 check "bind $NET to vfio-pci" sh -c "vfio-bind bind $NET >/dev/null"
 "$R" serve net $NET --tap vtap0 --irq msix 2>"$work/net.log" &
