@@ -44,6 +44,22 @@ public struct BlockQueue: ~Copyable {
         public var rings: QueueRings { memory.rings }
     }
 
+    /// The most DMA memory `layout` can take for a queue of `size` entries and requests of up to
+    /// `maxTransfer` bytes, whatever the device's segment limits (each data segment is at least
+    /// 512 bytes: §5.2.4 `size_max` is read as 1 MiB when absent, and a smaller one only makes
+    /// more segments of a transfer that is already bounded here), with every allocation's
+    /// alignment padding. What a caller opens the device's arena with, so that queues larger than
+    /// the default get the memory they need instead of "out of DMA memory".
+    public static func memoryBound(size: UInt16, maxTransfer wanted: Int) -> Int {
+        let n = Int(size)
+        let maxTransfer = max(512, wanted / 512 * 512)
+        let perRequest = (maxTransfer + 511) / 512 + 2
+        let rings = SplitQueueLayout.descriptorTableSize(n) + SplitQueueLayout.availSize(n) + SplitQueueLayout.usedSize(n)
+        let indirect = n * perRequest * SplitQueueLayout.descriptorSize
+        let slots = n * (headerSize + 1 + maxTransfer)
+        return rings + indirect + slots + 7 * 4096
+    }
+
     /// Carves a queue of `size` entries and its request slots from `arena`: rings (and indirect
     /// tables), headers, status bytes, data. With `zeroed: false` nothing is written (adoption).
     static func layout(arena: DMAArena, size: UInt16, config: BlockConfig, features: Features,

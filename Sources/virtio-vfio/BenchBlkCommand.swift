@@ -30,7 +30,8 @@ struct BenchBlk: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
     @Option(parsing: .upToNextOption, help: "Patterns: randread, randwrite, read, write.") var pattern: [Pattern] = [.randread]
-    @Option(parsing: .upToNextOption, help: "Queue depths (1-256).") var qd: [Int] = [1, 32]
+    @Option(parsing: .upToNextOption, help: "Queue depths (1-32768; the queue is sized for the deepest, up to the device's maximum).")
+    var qd: [Int] = [1, 32]
     @Option(parsing: .upToNextOption, help: "Block sizes in bytes, multiples of 512 (e.g. 4096 131072).") var bs: [Int] = [4096]
     @Option(parsing: .upToNextOption, help: "Completion modes.") var irq: [CompletionMode] = [.poll]
     @Option(help: "Request queues, one worker thread each (VIRTIO_BLK_F_MQ); qd is per queue.") var queues = 1
@@ -47,7 +48,8 @@ struct BenchBlk: ParsableCommand {
     }
 
     func validate() throws {
-        guard qd.allSatisfy({ (1...256).contains($0) }) else { throw ValidationError("--qd values must be 1 to 256") }
+        // §2.7: a split queue has at most 32768 entries.
+        guard qd.allSatisfy({ (1...32768).contains($0) }) else { throw ValidationError("--qd values must be 1 to 32768 (the most entries a virtqueue has, virtio 1.2 §2.7)") }
         guard bs.allSatisfy({ $0 >= 512 && $0 % 512 == 0 && $0 <= 1 << 20 }) else {
             throw ValidationError("--bs values must be multiples of 512 up to 1 MiB")
         }
@@ -63,12 +65,20 @@ struct BenchBlk: ParsableCommand {
         let address = try device.address()
         var results: [Result] = []
         for mode in irq {
-            // Per queue: up to 256 slots of the largest block size, plus rings.
-            let perQueue = 256 * max(bs.max() ?? 4096, 4096) + (1 << 20)
+            // The queues are sized for the deepest --qd (a power of two, §2.7; at least the
+            // default), the device's maximum permitting; the arena for what they can take.
+            let maxTransfer = max(bs.max() ?? 4096, 4096)
+            let deepest = qd.max() ?? 1
+            let queueSize = UInt16(max(Int(BlockDevice<VirtioPCITransport>.defaultQueueSize), 1 << (Int.bitWidth - (deepest - 1).leadingZeroBitCount)))
+            let perQueue = BlockQueue.memoryBound(size: queueSize, maxTransfer: maxTransfer)
             let transport = try global.openTransport(address, dmaBytes: queues * perQueue, expecting: .block)
             var blk: BlockDevice<VirtioPCITransport>
-            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: max(bs.max() ?? 4096, 4096), queues: queues) } catch {
+            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: maxTransfer, queueSize: queueSize, queues: queues) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
+            }
+            if deepest > blk.queue.slots {
+                FileHandle.standardError.write(Data(("\(address): the device's queues take \(blk.queue.slots) requests at once; "
+                    + "deeper --qd values run at \(blk.queue.slots) (the QD column shows it)\n").utf8))
             }
             let usable = min(UInt64(span), blk.config.capacityBytes)
             do throws(VirtioError) {

@@ -97,6 +97,28 @@ struct BlockDeviceTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 
+    @Test(arguments: [(UInt16(1024), 4, 4096), (UInt16(256), 1, 128 << 10), (UInt16(32768), 1, 512)])
+    func memoryBoundHoldsWhatTheQueuesTake(size: UInt16, queues: Int, maxTransfer: Int) throws {
+        // What `bench blk --qd 1024` opens the arena with: enough for every queue at that size
+        // (QEMU queue-size=1024, num-queues=4), and not much more than the queues take.
+        let bound = BlockQueue.memoryBound(size: size, maxTransfer: maxTransfer)
+        var model = EmulatedDevice.Model.blk(capacitySectors: 8192, queues: queues, queueSize: size)
+        model.memorySize = queues * bound
+        let device = EmulatedDevice(model: model)
+        var blk = try BlockDevice(transport: EmulatedTransport(device: device), maxTransfer: maxTransfer, queueSize: size, queues: queues)
+        #expect(device.queueState(0)?.size == size)
+        #expect(blk.queue.slots == Int(size), "indirect descriptors: one request per entry")
+        #expect(device.dma.used <= queues * bound && device.dma.used * 10 >= queues * bound * 8,
+                "used \(device.dma.used) of the bound \(queues * bound)")
+        let data = pattern(min(maxTransfer, 4096), seed: 9)
+        try data.withUnsafeBytes { try blk.write(sector: 8, from: $0) }
+        var back = [UInt8](repeating: 0, count: data.count)
+        try back.withUnsafeMutableBytes { try blk.read(sector: 8, into: $0) }
+        #expect(back == data)
+        _ = try blk.shutdown()
+        #expect(device.violations.isEmpty, "\(device.violations)")
+    }
+
     @Test func theEmulatorFailsIONotCoveringWholeLogicalBlocksAsQEMUDoes() throws {
         var model = EmulatedDevice.Model.blk(capacitySectors: 4096)
         model.block.blockSize = 4096

@@ -7,7 +7,9 @@ cd "$(dirname "$0")/../.."
 total_p=0 total_f=0
 scripts=("$@")
 ((${#scripts[@]})) || scripts=(Tests/HIL/foundation.sh Tests/HIL/permissions.sh Tests/HIL/rng.sh Tests/HIL/blk.sh Tests/HIL/nbd.sh Tests/HIL/upgrade.sh Tests/HIL/crash.sh Tests/HIL/upgrade-under-load.sh Tests/HIL/upgrade-gap.sh Tests/HIL/net.sh Tests/HIL/swift-hil-tests.sh Tests/Shell/vfio-bind/guest-e2e.sh)
-log=$(mktemp)
+# The log goes to /run where it can: under systemd as init, starting a unit runs tmpfiles, which
+# empties /tmp.
+log=$(mktemp -p /run 2>/dev/null || mktemp)
 trap 'rm -f "$log"' EXIT
 for t in "${scripts[@]}"; do
   echo "### $t"

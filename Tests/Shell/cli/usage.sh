@@ -53,6 +53,8 @@ limits=(
   "serve blk $bdf --nbd unix:/tmp/x --max-clients 4097|--max-clients"
   "serve blk $bdf --nbd unix:/tmp/x --requests-per-client 1025|--requests-per-client"
   "serve rng $bdf --rate 0|--rate must be positive"
+  "bench blk $bdf --qd 1 32769|--qd values must be 1 to 32768"
+  "bench blk $bdf --qd 0|--qd values must be 1 to 32768"
 )
 for entry in "${limits[@]}"; do
   # shellcheck disable=SC2086 # a list of arguments
@@ -62,6 +64,8 @@ for entry in "${limits[@]}"; do
 done
 OUT=$(VIRTIO_VFIO_PARSE_ONLY=1 "$bin" serve net "$bdf" --tap t0 --batch 256 2>&1); RC=$?
 [[ $RC == 0 ]] && ok "serve net --batch 256 parses" || bad "serve net --batch 256: exit $RC: $OUT"
+OUT=$(VIRTIO_VFIO_PARSE_ONLY=1 "$bin" bench blk "$bdf" --qd 1 1024 32768 2>&1); RC=$?
+[[ $RC == 0 ]] && ok "bench blk --qd 1 1024 32768 parses (deeper than the default queue)" || bad "bench blk --qd 1024: exit $RC: $OUT"
 run info
 [[ $ERR == *$'\n'"Usage: virtio-vfio info"* ]] && ok "a usage error is followed by the command's usage line" || bad "no usage line after the error: $ERR"
 run "$bdf"
