@@ -99,8 +99,9 @@ struct BlockDeviceTests {
 
     @Test(arguments: [(UInt16(1024), 4, 4096), (UInt16(256), 1, 128 << 10), (UInt16(32768), 1, 512)])
     func memoryBoundHoldsWhatTheQueuesTake(size: UInt16, queues: Int, maxTransfer: Int) throws {
-        // What `bench blk --qd 1024` opens the arena with: enough for every queue at that size
-        // (QEMU queue-size=1024, num-queues=4), and not much more than the queues take.
+        // The arena `bench blk` opens for its queues: enough for every queue at the size asked
+        // (here up to QEMU's queue-size=1024 with num-queues=4, and the spec's 32768), and not
+        // much more than the queues take.
         let bound = BlockQueue.memoryBound(size: size, maxTransfer: maxTransfer)
         var model = EmulatedDevice.Model.blk(capacitySectors: 8192, queues: queues, queueSize: size)
         model.memorySize = queues * bound
