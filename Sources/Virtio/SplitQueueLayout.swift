@@ -8,6 +8,17 @@ public enum SplitQueueLayout {
     /// struct virtq_used { le16 flags; le16 idx; struct { le32 id; le32 len; } ring[N]; le16 avail_event; } (§2.7.8)
     @inlinable public static var usedAlignment: Int { 4 }
     @inlinable public static var usedElementSize: Int { 8 }
+    /// Where in its page the used ring starts: 4 bytes in, so that every 8-byte used element
+    /// (at 4 + 8i) is naturally aligned and no single write of the device crosses a page.
+    ///
+    /// The spec asks only 4-byte alignment (§2.7, "Virtqueue Part Alignment"), so this is allowed;
+    /// it is needed because QEMU before 9.0 splits a write that crosses an IOMMU page wrongly
+    /// (physmem.c, `address_space_write_cached_slow`: the part after the boundary goes to an IOVA
+    /// equal to its offset in the ring). With a page-aligned used ring of 512 or more entries,
+    /// element 511's `len` went to IOVA 0x1000: a DMAR fault, a stale length, a failed request.
+    /// QEMU 9.0's fix (47293c92) continues at the next guest-physical address instead, which is
+    /// only right for physically contiguous rings; ours are pages of a memfd.
+    @inlinable public static var usedPageOffset: Int { 4 }
 
     @inlinable public static func descriptorTableSize(_ n: Int) -> Int { descriptorSize * n }
     @inlinable public static func availSize(_ n: Int) -> Int { usedEvent(n) + 2 }
@@ -88,7 +99,9 @@ public struct SplitQueueMemory: Sendable {
         let n = Int(size)
         descriptors = try arena.allocate(SplitQueueLayout.descriptorTableSize(n), alignment: 4096, zeroed: zeroed)
         avail = try arena.allocate(SplitQueueLayout.availSize(n), alignment: 64, zeroed: zeroed)
-        used = try arena.allocate(SplitQueueLayout.usedSize(n), alignment: 4096, zeroed: zeroed)
+        // 4 bytes into a page (`usedPageOffset`): no used element crosses a page.
+        used = try arena.allocate(SplitQueueLayout.usedPageOffset + SplitQueueLayout.usedSize(n), alignment: 4096, zeroed: zeroed)
+            .slice(SplitQueueLayout.usedPageOffset, SplitQueueLayout.usedSize(n))
         indirect = indirectEntries > 0
             ? try arena.allocate(n * indirectEntries * SplitQueueLayout.descriptorSize, alignment: 4096, zeroed: zeroed) : nil
         self.size = size

@@ -54,7 +54,8 @@ public struct BlockQueue: ~Copyable {
         let n = Int(size)
         let maxTransfer = max(512, wanted / 512 * 512)
         let perRequest = (maxTransfer + 511) / 512 + 2
-        let rings = SplitQueueLayout.descriptorTableSize(n) + SplitQueueLayout.availSize(n) + SplitQueueLayout.usedSize(n)
+        let rings = SplitQueueLayout.descriptorTableSize(n) + SplitQueueLayout.availSize(n)
+            + SplitQueueLayout.usedPageOffset + SplitQueueLayout.usedSize(n)
         let indirect = n * perRequest * SplitQueueLayout.descriptorSize
         let slots = n * (headerSize + 1 + maxTransfer)
         return rings + indirect + slots + 7 * 4096

@@ -30,7 +30,7 @@ struct BenchBlk: ParsableCommand {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
     @Option(parsing: .upToNextOption, help: "Patterns: randread, randwrite, read, write.") var pattern: [Pattern] = [.randread]
-    @Option(parsing: .upToNextOption, help: "Queue depths (1-32768; values deeper than the queue run at its depth, 256 at most).")
+    @Option(parsing: .upToNextOption, help: "Queue depths (1-32768; the queues get entries for the deepest, as far as the device and 256 MiB of DMA memory allow; deeper values run at the queue's depth).")
     var qd: [Int] = [1, 32]
     @Option(parsing: .upToNextOption, help: "Block sizes in bytes, multiples of 512 (e.g. 4096 131072).") var bs: [Int] = [4096]
     @Option(parsing: .upToNextOption, help: "Completion modes.") var irq: [CompletionMode] = [.poll]
@@ -39,6 +39,9 @@ struct BenchBlk: ParsableCommand {
     @Option(help: "Bytes of the device to use, from its start.") var span: Int = 256 << 20
     @Flag(help: "Allow write patterns, which overwrite the span.") var destroyData = false
     @Flag(help: "Print results as JSON.") var json = false
+
+    /// The most DMA memory the benchmark's queues take together.
+    static let arenaLimit = 256 << 20
 
     struct Result: Encodable {
         var pattern: Pattern, qd: Int, bs: Int, irq: String, queues: Int
@@ -65,18 +68,22 @@ struct BenchBlk: ParsableCommand {
         let address = try device.address()
         var results: [Result] = []
         for mode in irq {
-            // The queues get the default size (the device's maximum permitting), and the arena
-            // what they can take. Not more than 256 entries: with 512 and 1024 (QEMU 7.2,
-            // queue-size=1024) the device wrote to IOVAs this driver never gave it (DMAR faults at
-            // 0x1000 and 0x2000) and failed some requests even at qd 1; until that is explained,
-            // deeper --qd values run at the queue's depth, and the run says so.
+            // Each queue gets entries for the deepest --qd (at least the default size; the device's
+            // maximum caps it when the queue is built), and the arena what the queues can take,
+            // held to 256 MiB: a deep queue of large blocks gives up depth, not memory.
             let maxTransfer = max(bs.max() ?? 4096, 4096)
             let deepest = qd.max() ?? 1
-            let queueSize = BlockDevice<VirtioPCITransport>.defaultQueueSize
-            let perQueue = BlockQueue.memoryBound(size: queueSize, maxTransfer: maxTransfer)
+            var queueSize = max(Int(BlockDevice<VirtioPCITransport>.defaultQueueSize),
+                                1 << (Int.bitWidth - (deepest - 1).leadingZeroBitCount))
+            queueSize = min(queueSize, SplitQueueLayout.maximumSize)
+            while queueSize > Int(BlockDevice<VirtioPCITransport>.defaultQueueSize),
+                  queues * BlockQueue.memoryBound(size: UInt16(queueSize), maxTransfer: maxTransfer) > Self.arenaLimit {
+                queueSize /= 2
+            }
+            let perQueue = BlockQueue.memoryBound(size: UInt16(queueSize), maxTransfer: maxTransfer)
             let transport = try global.openTransport(address, dmaBytes: queues * perQueue, expecting: .block)
             var blk: BlockDevice<VirtioPCITransport>
-            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: maxTransfer, queueSize: queueSize, queues: queues) } catch {
+            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: maxTransfer, queueSize: UInt16(queueSize), queues: queues) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
             }
             if deepest > blk.queue.slots {

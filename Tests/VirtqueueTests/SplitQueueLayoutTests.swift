@@ -37,6 +37,28 @@ import Virtio
         #expect(SplitQueueLayout.usedNoNotify == 1)
     }
 
+    /// No single write of the device's to the used ring may cross a page (`usedPageOffset`: QEMU
+    /// before 9.0 sends the part past the boundary to a wrong IOVA). For every queue size, the
+    /// carved used ring is 4-byte aligned (§2.7) and each 8-byte element and `avail_event` lie
+    /// within one page.
+    @Test func noUsedElementCrossesAPage() throws {
+        let bytes = 2 << 20
+        let block = UnsafeMutableRawPointer.allocate(byteCount: bytes, alignment: 4096)
+        defer { block.deallocate() }
+        let arena = DMAArena(memory: DMASlice(pointer: block, deviceAddress: 0x40000, size: bytes))
+        for shift in 0...15 {
+            arena.reset()
+            let n = 1 << shift
+            let memory = try SplitQueueMemory(arena: arena, size: UInt16(n), zeroed: false)
+            let base = Int(memory.used.deviceAddress)
+            #expect(base % SplitQueueLayout.usedAlignment == 0)
+            let page = { (offset: Int, width: Int) in (base + offset) / 4096 == (base + offset + width - 1) / 4096 }
+            let crossing = (0..<n).filter { !page(SplitQueueLayout.usedElement($0), SplitQueueLayout.usedElementSize) }
+            #expect(crossing.isEmpty, "size \(n): used elements \(crossing.prefix(4)) cross a page")
+            #expect(page(SplitQueueLayout.usedIndex, 2) && page(SplitQueueLayout.availEvent(n), 2))
+        }
+    }
+
     @Test func needsEventIsVringNeedEvent() {
         // vring_need_event(event_idx, new_idx, old): (u16)(new_idx - event_idx - 1) < (u16)(new_idx - old)
         #expect(SplitQueueLayout.needsEvent(event: 4, new: 5, old: 4))
