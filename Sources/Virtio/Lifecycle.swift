@@ -16,29 +16,66 @@ public enum Lifecycle {
         public var transitions: [Transition]
     }
 
+    /// How a reset went: how long until status read 0, and whether the function had to be reset
+    /// below virtio for it.
+    public struct ResetOutcome: Sendable, Equatable {
+        public var microseconds: Int64
+        /// The status reset did not complete within the timeout; a function-level reset
+        /// (`Transport.resetFunction`) did, and `microseconds` includes both waits.
+        public var byFunctionReset: Bool
+    }
+
     /// Resets the device: write 0 to `device_status`, then wait until it reads back 0.
-    ///
-    /// Virtio 1.2 §4.1.4.3.2: "After writing 0 to device_status, the driver MUST wait for a read of
-    /// device_status to return 0 before reinitializing the device." The wait is bounded by `timeout`;
-    /// polling starts tight and backs off to 1 ms sleeps. Returns the time it took in microseconds.
+    /// Returns the time it took in microseconds (`resetDevice` also says how).
     @discardableResult
     public static func reset<T: Transport & ~Copyable>(
         _ transport: borrowing T, timeout: Duration = .seconds(5)
     ) throws(VirtioError) -> Int64 {
+        try resetDevice(transport, timeout: timeout).microseconds
+    }
+
+    /// Resets the device: write 0 to `device_status`, then wait until it reads back 0.
+    ///
+    /// Virtio 1.2 §4.1.4.3.2: "After writing 0 to device_status, the driver MUST wait for a read of
+    /// device_status to return 0 before reinitializing the device." The wait is bounded by `timeout`;
+    /// polling starts tight and backs off to 1 ms sleeps. A device that does not get there is
+    /// reset below virtio when the transport can (a PCIe FLR through VFIO), and waited for again:
+    /// the function reset clears the status too, so the same rule decides when it is done.
+    public static func resetDevice<T: Transport & ~Copyable>(
+        _ transport: borrowing T, timeout: Duration = .seconds(5)
+    ) throws(VirtioError) -> ResetOutcome {
         let clock = ContinuousClock()
         let start = clock.now
         transport.writeStatus([])
+        if case .readZero = waitForZero(transport, timeout: timeout) {
+            return ResetOutcome(microseconds: microseconds(clock.now - start), byFunctionReset: false)
+        }
+        guard transport.canResetFunction else {
+            throw .resetTimeout(lastStatus: transport.readStatus().rawValue, waitedMicroseconds: microseconds(clock.now - start),
+                                afterFunctionReset: false)
+        }
+        try transport.resetFunction()
+        if case .stillReads(let status) = waitForZero(transport, timeout: timeout) {
+            throw .resetTimeout(lastStatus: status.rawValue, waitedMicroseconds: microseconds(clock.now - start),
+                                afterFunctionReset: true)
+        }
+        return ResetOutcome(microseconds: microseconds(clock.now - start), byFunctionReset: true)
+    }
+
+    private enum Wait { case readZero, stillReads(DeviceStatus) }
+
+    /// Polls `device_status` until it reads 0 or `timeout` passes: tight at first (most devices
+    /// finish at once), then sleeps backing off to 1 ms.
+    private static func waitForZero<T: Transport & ~Copyable>(_ transport: borrowing T, timeout: Duration) -> Wait {
+        let clock = ContinuousClock()
+        let start = clock.now
         var pause = Duration.microseconds(1)
         var polls = 0
         while true {
             let status = transport.readStatus()
-            if status.rawValue == 0 { return microseconds(clock.now - start) }
-            let waited = clock.now - start
-            if waited > timeout {
-                throw .resetTimeout(lastStatus: status.rawValue, waitedMicroseconds: microseconds(waited))
-            }
+            if status.rawValue == 0 { return .readZero }
+            if clock.now - start > timeout { return .stillReads(status) }
             polls += 1
-            // Most devices finish at once; spin a little, then sleep with backoff up to 1 ms.
             if polls > 64 {
                 sleep(pause)
                 pause = min(pause * 2, .milliseconds(1))

@@ -11,6 +11,13 @@ public protocol Transport: ~Copyable {
     func readStatus() -> DeviceStatus
     /// Writes `device_status`. Writing 0 starts a reset (§2.4).
     func writeStatus(_ status: DeviceStatus)
+    /// Whether the function can be reset below virtio: PCI, VFIO reports a reset method for it
+    /// (FLR, PM or bus reset, `VFIO_DEVICE_FLAGS_RESET`); the emulator, its model has one.
+    var canResetFunction: Bool { get }
+    /// Resets the whole function below virtio (PCI: `VFIO_DEVICE_RESET`; vfio-pci restores the
+    /// config space and MSI-X routing). The last way back for a device whose status reset does
+    /// not complete; afterwards `device_status` reads 0 on a working device.
+    func resetFunction() throws(VirtioError)
     /// All 64 offered feature bits (`device_feature` through `device_feature_select` 0 and 1).
     func readDeviceFeatures() -> Features
     /// Writes all 64 accepted feature bits (`driver_feature` through `driver_feature_select`).

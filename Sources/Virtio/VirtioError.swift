@@ -1,7 +1,10 @@
 /// Errors of the device lifecycle. Each says what the device did and leaves it recoverable by reset.
 public enum VirtioError: Error, Equatable, CustomStringConvertible {
-    /// Status did not read back 0 after a reset within the timeout (§4.1.4.3.2).
-    case resetTimeout(lastStatus: UInt8, waitedMicroseconds: Int64)
+    /// Status did not read back 0 after a reset within the timeout (§4.1.4.3.2), and then not
+    /// after a function-level reset either (`afterFunctionReset`) or the function has none.
+    case resetTimeout(lastStatus: UInt8, waitedMicroseconds: Int64, afterFunctionReset: Bool)
+    /// A function-level reset (`Transport.resetFunction`) was not possible or failed.
+    case functionReset(String)
     /// The device does not offer VERSION_1: it is a legacy device this driver does not drive.
     case legacyOnly(offered: UInt64)
     /// The device cleared FEATURES_OK: it refused the accepted subset (§3.1.1 step 6).
@@ -24,8 +27,13 @@ public enum VirtioError: Error, Equatable, CustomStringConvertible {
 
     public var description: String {
         switch self {
-        case .resetTimeout(let status, let waited):
-            return "device status still reads \(DeviceStatus(rawValue: status)) \(waited) µs after writing 0 (reset did not complete); the device is unresponsive: try 'virtio-vfio reset' again, or a function-level reset by unbinding and rebinding it"
+        case .resetTimeout(let status, let waited, let afterFunctionReset):
+            let what = afterFunctionReset
+                ? "after writing 0 and after a function-level reset (VFIO_DEVICE_RESET)"
+                : "after writing 0, and the function has no reset below virtio (VFIO reports no FLR, PM or bus reset)"
+            return "device status still reads \(DeviceStatus(rawValue: status)) \(waited) µs \(what): the device is unresponsive; it needs a power cycle or a hot-unplug and rescan of the function"
+        case .functionReset(let why):
+            return "function-level reset: \(why)"
         case .legacyOnly(let offered):
             return "device does not offer VERSION_1 (offered 0x\(String(offered, radix: 16))): a legacy-only device; use a modern device (QEMU: disable-legacy=on)"
         case .featuresRejected(let offered, let accepted, let status):

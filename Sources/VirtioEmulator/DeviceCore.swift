@@ -20,6 +20,7 @@ final class DeviceCore: @unchecked Sendable {
         var pendingResetReads: Int?
         var configGeneration: UInt8 = 0
         var resets = 0
+        var functionResets = 0
         /// Writes of queue_enable (one per enabled queue) and of config_msix_vector, counted so
         /// tests can tell that an adopting driver did not program a running queue again.
         var queueEnableWrites = 0
@@ -114,6 +115,17 @@ final class DeviceCore: @unchecked Sendable {
         s.net.deviceReset()
         defer { s.worker = nil }
         return s.worker
+    }
+
+    /// A function-level reset: the whole function starts over, whatever its status logic was
+    /// doing (a reset that never completed included); faults are ended, as on new hardware.
+    func resetFunction() {
+        let stopped = state.withLock { s -> Worker? in
+            s.faults = EmulatedDevice.Faults()
+            s.functionResets += 1
+            return completeReset(&s)
+        }
+        stopped?.stopAndJoin()
     }
 
     func writeStatus(_ new: DeviceStatus) {

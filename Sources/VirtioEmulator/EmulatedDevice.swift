@@ -40,6 +40,8 @@ public final class EmulatedDevice: Sendable {
     public var driverFeatures: Features { core.state.withLock { $0.driverFeatures } }
     /// Completed resets.
     public var resetCount: Int { core.state.withLock { $0.resets } }
+    /// Function-level resets (`resetFunction()`).
+    public var functionResetCount: Int { core.state.withLock { $0.functionResets } }
     /// How many times a driver wrote queue_enable (enabled a queue), over all queues and resets.
     public var queueEnableWrites: Int { core.state.withLock { $0.queueEnableWrites } }
     /// How many times a driver wrote config_msix_vector.
@@ -53,6 +55,12 @@ public final class EmulatedDevice: Sendable {
 
     public func readStatus() -> DeviceStatus { core.readStatus() }
     public func writeStatus(_ new: DeviceStatus) { core.writeStatus(new) }
+    /// A function-level reset, for a model with `functionLevelReset` (a PCIe FLR): the device
+    /// starts over whatever its status logic was doing, and its faults end.
+    public func resetFunction() throws(VirtioError) {
+        guard model.functionLevelReset else { throw .functionReset("the device has no function-level reset") }
+        core.resetFunction()
+    }
     public func readDeviceFeatures() -> Features { model.offeredFeatures }
     public func writeDriverFeatures(_ features: Features) { core.writeDriverFeatures(features) }
     public func queueCount() -> Int { model.queueMaxSizes.count }

@@ -14,6 +14,8 @@ public struct EmulatedTransport: Transport {
     public var deviceType: DeviceType { device.model.type }
     public func readStatus() -> DeviceStatus { device.readStatus() }
     public func writeStatus(_ status: DeviceStatus) { device.writeStatus(status) }
+    public var canResetFunction: Bool { device.model.functionLevelReset }
+    public func resetFunction() throws(VirtioError) { try device.resetFunction() }
     public func readDeviceFeatures() -> Features { device.readDeviceFeatures() }
     public func writeDriverFeatures(_ features: Features) { device.writeDriverFeatures(features) }
     public func queueCount() -> Int { device.queueCount() }

@@ -28,6 +28,10 @@ extension EmulatedDevice {
         /// device only looks at a queue after an available buffer notification (spec 2.7.13.4),
         /// so a driver that forgets to notify hangs here as it would on hardware.
         public var pollsRings = false
+        /// The function has a reset below virtio (a PCIe FLR, as QEMU's virtio-pci devices behind a
+        /// PCIe port): `resetFunction()` resets it whatever its status logic does. Off by
+        /// default, as on a device on the root bus.
+        public var functionLevelReset = false
 
         public init(type: DeviceType, offeredFeatures: Features, queueMaxSizes: [UInt16]) {
             self.type = type

@@ -202,6 +202,16 @@ public struct VirtioPCITransport: ~Copyable, Transport {
 
     public func readStatus() -> DeviceStatus { DeviceStatus(rawValue: common.status()) }
     public func writeStatus(_ status: DeviceStatus) { common.setStatus(status.rawValue) }
+    /// VFIO reports a reset method for the function (FLR, PM or a bus reset only it sits on).
+    public var canResetFunction: Bool { deviceInfo.supportsReset }
+    public func resetFunction() throws(VirtioError) {
+        guard canResetFunction else {
+            throw .functionReset("VFIO reports no reset method for \(function.address) (no FLR, PM or bus reset)")
+        }
+        // vfio-pci saves and restores the config space (BARs, command, MSI-X) around the reset,
+        // so the mappings and interrupt routing stay valid; the virtio state is gone (§2.4).
+        do { try session.device.functionReset() } catch { throw .functionReset("\(error)") }
+    }
     public func readDeviceFeatures() -> Features { Features(rawValue: common.deviceFeatures()) }
     public func writeDriverFeatures(_ features: Features) { common.setDriverFeatures(features.rawValue) }
     public func queueCount() -> Int { Int(common.numQueues()) }

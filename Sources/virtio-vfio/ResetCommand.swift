@@ -12,7 +12,10 @@ struct ResetCommand: ParsableCommand {
             Each cycle writes 0 to device_status and waits until it reads 0 (virtio 1.2 §4.1.4.3.2), \
             then sets ACKNOWLEDGE and DRIVER, accepts VERSION_1 and ACCESS_PLATFORM (plus --feature \
             bits the device offers), sets FEATURES_OK and checks the device kept it (§3.1.1). After \
-            the last cycle the device is reset again, so it is left clean for the next driver.
+            the last cycle the device is reset again, so it is left clean for the next driver. A \
+            status reset that does not complete in --timeout-ms is followed by a function-level \
+            reset (VFIO_DEVICE_RESET: FLR, PM or bus reset) where VFIO reports one, and the cycle \
+            says so; --function does that reset first, on purpose.
             """)
 
     @OptionGroup var global: GlobalOptions
@@ -26,6 +29,8 @@ struct ResetCommand: ParsableCommand {
     var alternate: [String] = []
     @Flag(help: "Leave the device negotiated (FEATURES_OK) after the last cycle instead of reset, so 'info' shows the set.")
     var keep = false
+    @Flag(help: "First reset the whole function below virtio (VFIO_DEVICE_RESET) and check status reads 0; refused (exit 69) where VFIO reports no reset method.")
+    var function = false
     @Option(help: ArgumentHelp("Reset only queue N of a running device (VIRTIO_F_RING_RESET, spec 2.6.1) instead.", valueName: "N"))
     var queue: Int?
     @Flag(help: "Print only the summary, not every cycle.") var quiet = false
@@ -33,6 +38,7 @@ struct ResetCommand: ParsableCommand {
     func validate() throws {
         guard cycles >= 1 else { throw ValidationError("--cycles must be at least 1") }
         guard timeoutMilliseconds >= 1 else { throw ValidationError("--timeout-ms must be at least 1") }
+        guard !(function && queue != nil) else { throw ValidationError("--function resets the whole function, --queue one queue: give one of them") }
     }
 
     func run() throws {
@@ -48,16 +54,35 @@ struct ResetCommand: ParsableCommand {
         let clock = ContinuousClock()
         var cycleTimes: [Int64] = []
         print("\(address): virtio-\(transport.deviceType), status before: \(transport.readStatus())")
+        if function {
+            guard transport.canResetFunction else {
+                let why = VirtioError.functionReset("VFIO reports no reset method for it (no FLR, PM or bus reset; "
+                    + "QEMU gives a virtio-pci device an FLR when it sits behind a PCIe port)")
+                printError("virtio-vfio: error: \(VirtioPCIError.virtio(address, why))")
+                throw ExitCode(Failure.unavailable)
+            }
+            let start = clock.now
+            do throws(VirtioError) {
+                try transport.resetFunction()
+                guard transport.readStatus().rawValue == 0 else {
+                    throw VirtioError.functionReset("status reads \(transport.readStatus()) after VFIO_DEVICE_RESET, not 0")
+                }
+            } catch {
+                throw Failure.exit(VirtioPCIError.virtio(address, error))
+            }
+            print("function reset (VFIO_DEVICE_RESET): status reads 0 after \(microseconds(clock.now - start)) µs")
+        }
         do {
             for cycle in 1...cycles {
                 let start = clock.now
-                let resetMicroseconds = try Lifecycle.reset(transport, timeout: timeout)
+                let reset = try Lifecycle.resetDevice(transport, timeout: timeout)
                 let negotiation = try Lifecycle.negotiate(transport, wanted: cycle % 2 == 1 ? wanted.union(alternating) : wanted)
                 let total = microseconds(clock.now - start)
                 cycleTimes.append(total)
                 if !quiet {
                     let steps = negotiation.transitions.map { "\($0.wrote) -> \($0.readBack)" }
-                    print("cycle \(cycle)/\(cycles): wrote 0 -> read 0 after \(resetMicroseconds) µs; "
+                    let how = reset.byFunctionReset ? "did not read 0 in \(timeoutMilliseconds) ms, read 0 after a function-level reset (VFIO_DEVICE_RESET)" : "read 0"
+                    print("cycle \(cycle)/\(cycles): wrote 0 -> \(how) after \(reset.microseconds) µs; "
                           + steps.joined(separator: "; ")
                           + "; accepted 0x\(String(negotiation.accepted.rawValue, radix: 16)) [\(negotiation.accepted.names(for: transport.deviceType).joined(separator: " "))]; \(total) µs")
                 }

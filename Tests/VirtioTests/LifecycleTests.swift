@@ -46,9 +46,36 @@ struct LifecycleTests {
         faults.resetNeverCompletes = true
         d.faults = faults
         #expect { try Lifecycle.reset(t, timeout: .milliseconds(20)) } throws: { error in
-            guard case .resetTimeout(let last, let waited)? = error as? VirtioError else { return false }
-            return last == DeviceStatus([.acknowledge, .driver, .featuresOK]).rawValue && waited >= 20_000
+            guard case .resetTimeout(let last, let waited, let afterFunctionReset)? = error as? VirtioError else { return false }
+            return last == DeviceStatus([.acknowledge, .driver, .featuresOK]).rawValue && waited >= 20_000 && !afterFunctionReset
         }
+        #expect(d.functionResetCount == 0)
+        #expect("\(VirtioError.resetTimeout(lastStatus: 1, waitedMicroseconds: 5, afterFunctionReset: false))"
+            .contains("the function has no reset below virtio"))
+    }
+
+    /// A status reset that never completes on a function with a reset below virtio (a PCIe FLR):
+    /// the function is reset, status reads 0, and the device negotiates and runs again.
+    @Test func aResetThatNeverCompletesIsFinishedByAFunctionReset() throws {
+        var model = EmulatedDevice.Model.rng
+        model.functionLevelReset = true
+        let (d, t) = device(model)
+        try Lifecycle.reset(t)
+        _ = try Lifecycle.negotiate(t, wanted: [])
+        try Lifecycle.driverOK(t)
+        var faults = EmulatedDevice.Faults()
+        faults.resetNeverCompletes = true
+        d.faults = faults
+        let outcome = try Lifecycle.resetDevice(t, timeout: .milliseconds(20))
+        #expect(outcome.byFunctionReset && outcome.microseconds >= 20_000)
+        #expect(t.readStatus().rawValue == 0 && d.functionResetCount == 1)
+        _ = try Lifecycle.negotiate(t, wanted: [])
+        try Lifecycle.driverOK(t)
+        #expect(t.readStatus() == [.acknowledge, .driver, .featuresOK, .driverOK])
+        #expect(d.violations.isEmpty)
+        // A status reset that completes does not touch the function.
+        #expect(try !Lifecycle.resetDevice(t).byFunctionReset)
+        #expect(d.functionResetCount == 1)
     }
 
     @Test func refusesALegacyOnlyDeviceAndMarksItFailed() throws {

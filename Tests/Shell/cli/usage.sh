@@ -31,6 +31,7 @@ usage_errors=(
   "blk $bdf id"                                 # arguments in the wrong place
   "reset $bdf --cycles 0"                       # a ValidationError from validate()
   "reset $bdf --cycles many"                    # a value of the wrong type
+  "reset $bdf --function --queue 0"             # two kinds of reset at once
   "serve net $bdf --tap a:b"                    # validate() of a serve command
   "serve blk $bdf --nbd unix:/tmp/x --mode 2"   # a raw mode value
   "upgrade $bdf --binary /bin/true --mode bogus"
