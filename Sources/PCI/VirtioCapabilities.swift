@@ -133,7 +133,8 @@ public struct VirtioPCICapabilities: Sendable, Equatable {
         func required(_ type: StructureType) throws(PCIError) -> Structure {
             if let structure = chosen[type] { return structure }
             if let problem = firstProblem[type] { throw .malformedVirtioCapability(problem) }
-            throw .malformedVirtioCapability("no \(type.name) configuration capability: not a modern (virtio 1.x) virtio-pci device")
+            throw .malformedVirtioCapability("no \(type.name) configuration capability: not a modern (virtio 1.x) virtio-pci device "
+                                             + "but a legacy-only one, which this driver does not drive (§4.1.2; QEMU: disable-modern=off)")
         }
         self.common = try required(.common)
         self.notify = try required(.notify)
