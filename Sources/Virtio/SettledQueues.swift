@@ -33,13 +33,10 @@ extension Adoption {
             let arena = transport.dma
             let r = state.rings
             guard arena.contains(deviceAddress: r.descriptors, length: SplitQueueLayout.descriptorTableSize(n)),
-                  arena.contains(deviceAddress: r.driver, length: SplitQueueLayout.availSize(n)),
-                  arena.contains(deviceAddress: r.device, length: SplitQueueLayout.usedSize(n)) else {
+                  let avail = arena.pointer(deviceAddress: r.driver, length: SplitQueueLayout.availSize(n)),
+                  let used = arena.pointer(deviceAddress: r.device, length: SplitQueueLayout.usedSize(n)) else {
                 throw .adoption(queue: i, "rings at \(describe(r)) are not all inside this driver's DMA memory")
             }
-            let base = arena.memory
-            let avail = base.pointer + Int(r.driver - base.deviceAddress)
-            let used = base.pointer + Int(r.device - base.deviceAddress)
             // avail.idx is the dead driver's last publication; nothing writes it any more.
             let availIndex = UInt16(littleEndian: CVirtioShim_mmio_read16(avail + SplitQueueLayout.availIndex))
             var usedIndex: UInt16

@@ -256,15 +256,15 @@ public struct SplitQueue: ~Copyable {
         if indirect, let table = memory.indirect {
             // One indirect table per head: entries chained 0..count-1 (§2.7.5.3.1: the driver MUST
             // NOT set VIRTQ_DESC_F_INDIRECT in an indirect table's descriptors).
-            let entries = table.slice(SplitQueueLayout.descriptor(Int(head) * memory.indirectEntries),
-                                      SplitQueueLayout.descriptorTableSize(memory.indirectEntries))
+            let offset = Int(head) * memory.indirectStride
+            let entries = table.pointer + offset
             for (i, s) in segments.enumerated() {
                 var flags: UInt16 = s.deviceWritable ? SplitQueueLayout.flagWrite : 0
                 if i + 1 < count { flags |= SplitQueueLayout.flagNext }
-                storeDescriptor(entries.pointer, i, address: s.address, length: s.length, flags: flags,
+                storeDescriptor(entries, i, address: s.address, length: s.length, flags: flags,
                                 next: UInt16(truncatingIfNeeded: i + 1))
             }
-            storeDescriptor(descriptors, Int(head), address: entries.deviceAddress,
+            storeDescriptor(descriptors, Int(head), address: table.deviceAddress(at: offset),
                             length: UInt32(SplitQueueLayout.descriptorTableSize(count)),
                             flags: SplitQueueLayout.flagIndirect, next: 0)
             freeHead = nextFree[Int(head)]

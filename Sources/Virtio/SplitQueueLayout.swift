@@ -89,9 +89,11 @@ public struct SplitQueueMemory: Sendable {
     public let descriptors: DMASlice
     public let avail: DMASlice
     public let used: DMASlice
-    /// `size` tables of `indirectEntries` descriptors each, or nil.
+    /// `size` tables of `indirectEntries` descriptors each, `indirectStride` bytes apart (each one
+    /// range for the device, `DMAArena.elementStride`), or nil.
     public let indirect: DMASlice?
     public let indirectEntries: Int
+    public let indirectStride: Int
 
     /// Carves the rings (and indirect tables) from `arena`. With `zeroed: false` nothing is
     /// written: the same layout is recomputed over the rings of a running queue to adopt it.
@@ -102,8 +104,9 @@ public struct SplitQueueMemory: Sendable {
         // 4 bytes into a page (`usedPageOffset`): no used element crosses a page.
         used = try arena.allocate(SplitQueueLayout.usedPageOffset + SplitQueueLayout.usedSize(n), alignment: 4096, zeroed: zeroed)
             .slice(SplitQueueLayout.usedPageOffset, SplitQueueLayout.usedSize(n))
+        indirectStride = arena.elementStride(indirectEntries * SplitQueueLayout.descriptorSize)
         indirect = indirectEntries > 0
-            ? try arena.allocate(n * indirectEntries * SplitQueueLayout.descriptorSize, alignment: 4096, zeroed: zeroed) : nil
+            ? try arena.allocate(n * indirectStride, alignment: 4096, element: indirectStride, zeroed: zeroed) : nil
         self.size = size
         self.indirectEntries = indirectEntries
     }

@@ -15,6 +15,9 @@ public enum VirtioError: Error, Equatable, CustomStringConvertible {
     case missingFeature(String)
     /// The device's arena of DMA memory is too small for what was asked.
     case outOfDMAMemory(requested: Int, available: Int)
+    /// A buffer the device must see as one range is larger than (or does not divide) the
+    /// segments of memory that is contiguous for it only in pieces (no IOMMU: its hugepages).
+    case notContiguous(requested: Int, segment: Int)
     /// Setting up a queue failed (bad size from the device, vector refused, queue missing...).
     case queueSetup(queue: Int, String)
     /// The device broke the virtqueue protocol; the queue is unusable until a reset (spec 2.7).
@@ -42,6 +45,8 @@ public enum VirtioError: Error, Equatable, CustomStringConvertible {
             return "device reported \(DeviceStatus(rawValue: status)) during \(during); it needs a reset ('virtio-vfio reset BDF')"
         case .missingFeature(let name):
             return "device does not offer \(name), which this driver requires"
+        case .notContiguous(let requested, let segment):
+            return "a \(requested)-byte DMA buffer cannot be contiguous for the device: without an IOMMU its memory is contiguous only in \(segment)-byte pages (use smaller transfers)"
         case .outOfDMAMemory(let requested, let available):
             return "out of DMA memory: \(requested) bytes requested, \(available) left in the device's arena"
         case .queueSetup(let queue, let why):

@@ -15,6 +15,8 @@ public struct BlockQueue: ~Copyable {
     let data: DMASlice
     public let slots: Int
     public let maxTransfer: Int
+    /// Bytes from one data slot to the next (`Layout.slotStride`).
+    let slotStride: Int
     let segmentBytes: Int
     /// Room for one request's segments, filled by `resubmit`.
     let segments: FixedArray<BufferSegment>
@@ -38,6 +40,9 @@ public struct BlockQueue: ~Copyable {
         let data: DMASlice
         let slots: Int
         let maxTransfer: Int
+        /// Bytes between data slots: `maxTransfer`, or more where each slot must stay inside
+        /// one page of memory the device sees in pieces (`DMAArena.elementStride`).
+        let slotStride: Int
         let segmentBytes: Int
         let perRequest: Int
 
@@ -75,14 +80,15 @@ public struct BlockQueue: ~Copyable {
         // Without indirect descriptors every request takes `perRequest` ring entries.
         let slots = indirect ? Int(size) : max(1, Int(size) / perRequest)
         let memory = try SplitQueueMemory(arena: arena, size: size, indirectEntries: indirect ? perRequest : 0, zeroed: zeroed)
-        let headers = try arena.allocate(slots * BlockQueue.headerSize, alignment: 64, zeroed: zeroed)
-        let statuses = try arena.allocate(slots, alignment: 64, zeroed: zeroed)
+        let headers = try arena.allocate(slots * BlockQueue.headerSize, alignment: 64, element: BlockQueue.headerSize, zeroed: zeroed)
+        let statuses = try arena.allocate(slots, alignment: 64, element: 1, zeroed: zeroed)
         // Data buffers are never zeroed: each is written (from a client, or by the device) before
         // it is read, and a read's data is used only when the device reports all of it written
         // (`complete`). Zeroing 16 MiB of slots cost about 450 ms of a reset-mode upgrade under TCG.
-        let data = try arena.allocate(slots * maxTransfer, alignment: 4096, zeroed: false)
+        let slotStride = arena.elementStride(maxTransfer)
+        let data = try arena.allocate(slots * slotStride, alignment: 4096, element: slotStride, zeroed: false)
         return Layout(size: size, memory: memory, headers: headers, statuses: statuses, data: data, slots: slots,
-                      maxTransfer: maxTransfer, segmentBytes: segmentBytes, perRequest: perRequest)
+                      maxTransfer: maxTransfer, slotStride: slotStride, segmentBytes: segmentBytes, perRequest: perRequest)
     }
 
     /// Builds queue `index` on `transport`: rings and slots from its DMA arena, then enables it.
@@ -162,6 +168,7 @@ public struct BlockQueue: ~Copyable {
         self.data = layout.data
         self.slots = layout.slots
         self.maxTransfer = layout.maxTransfer
+        self.slotStride = layout.slotStride
         self.segmentBytes = layout.segmentBytes
         self.segments = FixedArray(repeating: BufferSegment(address: 0, length: 0, deviceWritable: false),
                                    count: layout.perRequest)
@@ -175,7 +182,7 @@ public struct BlockQueue: ~Copyable {
     /// A slot's data buffer (CPU view).
     public func buffer(_ slot: Int) -> UnsafeMutableRawBufferPointer {
         precondition(slot >= 0 && slot < slots, "slot \(slot) out of range")
-        return UnsafeMutableRawBufferPointer(start: data.pointer + slot * maxTransfer, count: maxTransfer)
+        return UnsafeMutableRawBufferPointer(start: data.pointer + slot * slotStride, count: maxTransfer)
     }
 
     /// A free slot, or nil if every slot has a request in flight.
@@ -238,19 +245,19 @@ public struct BlockQueue: ~Copyable {
         // A status the device never writes must not read as OK.
         (statuses.pointer + slot).storeBytes(of: 0xFF, as: UInt8.self)
         var n = 0
-        segments[n] = BufferSegment(address: headers.deviceAddress + UInt64(slot * BlockQueue.headerSize),
+        segments[n] = BufferSegment(address: headers.deviceAddress(at: slot * BlockQueue.headerSize),
                                     length: UInt32(BlockQueue.headerSize), deviceWritable: false)
         n += 1
         let deviceWrites = type == BlockRequestType.read.rawValue || type == BlockRequestType.getID.rawValue
         var offset = 0
         while offset < bytes {
             let length = min(segmentBytes, bytes - offset)
-            segments[n] = BufferSegment(address: data.deviceAddress + UInt64(slot * maxTransfer + offset),
+            segments[n] = BufferSegment(address: data.deviceAddress(at: slot * slotStride + offset),
                                         length: UInt32(length), deviceWritable: deviceWrites)
             n += 1
             offset += length
         }
-        segments[n] = BufferSegment(address: statuses.deviceAddress + UInt64(slot), length: 1, deviceWritable: true)
+        segments[n] = BufferSegment(address: statuses.deviceAddress(at: slot), length: 1, deviceWritable: true)
         n += 1
         return try queue.add(UnsafeBufferPointer(rebasing: segments.unsafeElements[..<n]), token: UInt64(slot))
     }

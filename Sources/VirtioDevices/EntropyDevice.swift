@@ -9,6 +9,8 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     public var transport: T
     public let negotiation: Lifecycle.Negotiation
     public let bufferSize: Int
+    /// Bytes from one buffer to the next (`DMAArena.elementStride(bufferSize)`).
+    let bufferStride: Int
     public let mode: CompletionMode
     var queue: SplitQueue
     /// Buffer slots not posted to the device (completed, waiting to be posted again).
@@ -100,7 +102,8 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     /// `zeroed: false` nothing is written (adoption recomputes a running queue's layout).
     static func layout(arena: DMAArena, size: UInt16, bufferSize: Int, zeroed: Bool) throws(VirtioError) -> (SplitQueueMemory, DMASlice) {
         let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
-        let buffers = try arena.allocate(Int(size) * bufferSize, alignment: 4096, zeroed: zeroed)
+        let stride = arena.elementStride(bufferSize)
+        let buffers = try arena.allocate(Int(size) * stride, alignment: 4096, element: stride, zeroed: zeroed)
         return (memory, buffers)
     }
 
@@ -112,6 +115,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         self.queue = queue
         self.buffers = buffers
         self.bufferSize = bufferSize
+        self.bufferStride = transport.dma.elementStride(bufferSize)
         self.mode = mode
         self.negotiation = negotiation
         self.transport = transport
@@ -199,13 +203,13 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
                 if status.contains(.deviceNeedsReset) { throw .deviceFailed(status: status.rawValue, during: "reads (DEVICE_NEEDS_RESET)") }
                 throw error
             }
-            let base = buffers.pointer, size = bufferSize
+            let base = buffers.pointer, stride = bufferStride
             var handed = 0
             var done = 0
             _ = try queue.drainUsed { token, length in
                 // The queue checked length against the buffer's size; the token is our slot number.
                 let n = min(Int(length), remaining - handed)
-                if n > 0 { body(UnsafeRawBufferPointer(start: base + Int(token) * size, count: n)) }
+                if n > 0 { body(UnsafeRawBufferPointer(start: base + Int(token) * stride, count: n)) }
                 handed += n
                 done += 1
                 idle.push(Int(token))
@@ -219,8 +223,9 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
 
     /// Posts every idle buffer slot as one device-writable buffer and tells the device.
     static func post(_ idle: inout SlotStack, to queue: inout SplitQueue, buffers: DMASlice, bufferSize: Int) throws(VirtioError) {
+        let stride = buffers.size / max(1, Int(queue.size))
         while let slot = idle.pop() {
-            var segment = BufferSegment(address: buffers.deviceAddress + UInt64(slot * bufferSize),
+            var segment = BufferSegment(address: buffers.deviceAddress(at: slot * stride),
                                         length: UInt32(bufferSize), deviceWritable: true)
             let added = try withUnsafePointer(to: &segment) { (p) throws(VirtioError) in
                 try queue.add(UnsafeBufferPointer(start: p, count: 1), token: UInt64(slot))

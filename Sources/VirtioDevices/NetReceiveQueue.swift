@@ -40,9 +40,9 @@ public struct NetReceiveQueue: ~Copyable {
     /// are never zeroed: the device writes them before a used length says so.
     static func layout(arena: DMAArena, size: UInt16, bufferSize: Int, zeroed: Bool) throws(VirtioError)
         -> (memory: SplitQueueMemory, buffers: DMASlice, stride: Int) {
-        let stride = (bufferSize + 63) / 64 * 64
+        let stride = arena.elementStride((bufferSize + 63) / 64 * 64)
         let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
-        let buffers = try arena.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
+        let buffers = try arena.allocate(Int(size) * stride, alignment: 4096, element: stride, zeroed: false)
         return (memory, buffers, stride)
     }
 
@@ -109,7 +109,7 @@ public struct NetReceiveQueue: ~Copyable {
     /// Posts every idle buffer (device-writable, §5.1.6.3) and tells the device once.
     mutating func post() throws(VirtioError) {
         while let slot = idle.pop() {
-            var segment = BufferSegment(address: buffers.deviceAddress + UInt64(slot * stride),
+            var segment = BufferSegment(address: buffers.deviceAddress(at: slot * stride),
                                         length: UInt32(bufferSize), deviceWritable: true)
             let added = try withUnsafePointer(to: &segment) { (p) throws(VirtioError) in
                 try queue.add(UnsafeBufferPointer(start: p, count: 1), token: UInt64(slot))

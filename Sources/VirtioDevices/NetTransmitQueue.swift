@@ -16,9 +16,9 @@ public struct NetTransmitQueue: ~Copyable {
     /// successor recomputes the previous driver's layout exactly. Slots are written before use.
     static func layout(arena: DMAArena, size: UInt16, config: NetConfig, zeroed: Bool) throws(VirtioError)
         -> (memory: SplitQueueMemory, slots: DMASlice, stride: Int) {
-        let stride = (NetHeader.size + config.maxFrameBytes + 63) / 64 * 64
+        let stride = arena.elementStride((NetHeader.size + config.maxFrameBytes + 63) / 64 * 64)
         let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
-        let slots = try arena.allocate(Int(size) * stride, alignment: 4096, zeroed: false)
+        let slots = try arena.allocate(Int(size) * stride, alignment: 4096, element: stride, zeroed: false)
         return (memory, slots, stride)
     }
 
@@ -77,7 +77,7 @@ public struct NetTransmitQueue: ~Copyable {
         h.numBuffers = 0
         h.store(to: p)
         if frame.count > 0 { (p + NetHeader.size).copyMemory(from: frame.baseAddress!, byteCount: frame.count) }
-        var segment = BufferSegment(address: slots.deviceAddress + UInt64(slot * stride),
+        var segment = BufferSegment(address: slots.deviceAddress(at: slot * stride),
                                     length: UInt32(NetHeader.size + frame.count), deviceWritable: false)
         let added = try withUnsafePointer(to: &segment) { (p) throws(VirtioError) in
             try queue.add(UnsafeBufferPointer(start: p, count: 1), token: UInt64(slot))

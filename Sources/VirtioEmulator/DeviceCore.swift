@@ -57,7 +57,7 @@ final class DeviceCore: @unchecked Sendable {
     init(model: Model) {
         precondition(model.queueMaxSizes.count <= Int(UInt16.max), "too many queues")
         self.model = model
-        memory = DeviceMemory(size: model.memorySize, deviceBase: model.memoryBase)
+        memory = DeviceMemory(size: model.memorySize, deviceBase: model.memoryBase, segmentSize: model.memorySegmentSize)
         notify = NotifySlots(count: model.queueMaxSizes.count)
         state = Mutex(State(
             queues: Array(repeating: nil, count: model.queueMaxSizes.count),
@@ -291,7 +291,7 @@ final class DeviceCore: @unchecked Sendable {
                                   rings: QueueRings(descriptors: 0, driver: 0, device: 0),
                                   msixVector: noMSIXVector, doorbell: doorbell)
             }
-            func bus(_ p: UnsafeMutableRawPointer) -> UInt64 { memory.deviceBase + UInt64(p - memory.cpuBase) }
+            func bus(_ p: UnsafeMutableRawPointer) -> UInt64 { memory.busAddress(ofOffset: p - memory.cpuBase) }
             return QueueState(size: q.size, enabled: true,
                               rings: QueueRings(descriptors: bus(q.descriptors), driver: bus(q.avail), device: bus(q.used)),
                               msixVector: q.vector.map { UInt16($0) } ?? noMSIXVector, doorbell: doorbell)
@@ -388,7 +388,10 @@ final class DeviceCore: @unchecked Sendable {
     }
 
     var memoryRange: String {
-        "0x\(hex(memory.deviceBase))-0x\(hex(memory.deviceBase + UInt64(memory.size) - 1))"
+        guard let segments = memory.segments else {
+            return "0x\(hex(memory.deviceBase))-0x\(hex(memory.deviceBase + UInt64(memory.size) - 1))"
+        }
+        return "\(segments.count) segments of \(segments.size) bytes from 0x\(hex(memory.deviceBase))"
     }
 }
 

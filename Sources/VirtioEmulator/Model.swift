@@ -13,6 +13,11 @@ extension EmulatedDevice {
         public var memorySize: Int = 4 << 20
         /// The bus address the device sees the block at; deliberately not the CPU address.
         public var memoryBase: UInt64 = 0x4000_0000
+        /// Memory the device sees in pieces, as physical memory without an IOMMU: with a
+        /// segment size (a power of two from 4 KiB), each segment of the block is at its own bus
+        /// address, in reverse order and with a gap after each, so one range for the CPU is
+        /// never one for the device and any access across a segment is refused. nil: one range.
+        public var memorySegmentSize: Int?
         /// MSI-X vectors the device has; nil: one per queue plus one for configuration changes.
         public var interruptVectors: Int?
         /// Seed of the entropy device's generator (SplitMix64): same seed, same bytes.
