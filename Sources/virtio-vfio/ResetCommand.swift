@@ -64,8 +64,9 @@ struct ResetCommand: ParsableCommand {
             let start = clock.now
             do throws(VirtioError) {
                 try transport.resetFunction()
-                guard transport.readStatus().rawValue == 0 else {
-                    throw VirtioError.functionReset("status reads \(transport.readStatus()) after VFIO_DEVICE_RESET, not 0")
+                let status = transport.readStatus()
+                guard status.rawValue == 0 else {
+                    throw VirtioError.functionReset("status reads \(status) after VFIO_DEVICE_RESET, not 0")
                 }
             } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
