@@ -19,7 +19,16 @@ public struct VFIOGroup: ~Copyable {
         let raw: Int32
         switch Syscall.open(path, O_RDWR) {
         case .success(let f): raw = f
-        case .failure(let e): throw .open(path: path, errno: e.rawValue)
+        case .failure(let e):
+            // VFIO's unsafe no-IOMMU mode names the group noiommu-N: the device would reach all
+            // memory with physical addresses, which this driver does not do (it maps IOVAs).
+            let noiommu = "\(devDirectory)/noiommu-\(number)"
+            if e.rawValue == ENOENT, case .success = Syscall.access(noiommu, F_OK) {
+                throw .unavailable("IOMMU group \(number) is a VFIO no-IOMMU group (\(noiommu)): the device has no IOMMU "
+                                   + "and would use physical addresses; this driver drives devices behind an IOMMU only "
+                                   + "(boot with intel_iommu=on or amd_iommu=on, or give the VM a virtual IOMMU)")
+            }
+            throw .open(path: path, errno: e.rawValue)
         }
         let fd = OwnedFD(adopting: raw)
         let flags = try VFIOGroup.status(fd.raw, path: path)

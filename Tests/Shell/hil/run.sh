@@ -2,7 +2,8 @@
 # tools/hil/run's choice of emulator and accelerator, checked before anything boots: --accel kvm
 # refused in one line where KVM cannot work (this machine), --accel auto falling back to TCG with
 # the reason, --qemu refused by name when missing, too old, or without a device or intel-iommu
-# property the harness uses (fake qemu-system-x86_64 scripts stand in for such builds).
+# property the harness uses (fake qemu-system-x86_64 scripts stand in for such builds); --noiommu
+# refused where it cannot work.
 #
 # Usage: Tests/Shell/hil/run.sh     prints "hil-options: N passed, N failed"; exit 1 on failure
 set -uo pipefail
@@ -66,6 +67,15 @@ good=$(fake good 9.1.0 "$all" "intremap caching-mode")
 [[ $(hil_qemu_problem "$good") == "QEMU 9.1.0" ]] && ok "a QEMU with everything the harness uses passes the check" || bad "good fake: $(hil_qemu_problem "$good")"
 [[ $(hil_qemu_problem "$(command -v qemu-system-x86_64)") == "QEMU "* ]] && ok "this machine's QEMU passes: $(hil_qemu_problem "$(command -v qemu-system-x86_64)")" \
   || bad "this machine's QEMU: $(hil_qemu_problem "$(command -v qemu-system-x86_64)")"
+
+# --noiommu (a guest without an IOMMU, VFIO in no-IOMMU mode): only with the 6.1 kernel it
+# builds vfio.ko for, and not with the matrix's iommu_platform devices; refused before anything.
+run --noiommu --kernel 6.12 -- true
+[[ $RC == 2 && $ERR == "hil: error: --noiommu builds vfio.ko for the 6.1 guest kernel only, not '6.12'" ]] \
+  && ok "--noiommu with kernel 6.12 is refused by name" || bad "--noiommu --kernel 6.12: exit $RC: $ERR"
+run --noiommu --matrix -- true
+[[ $RC == 2 && $ERR == *"--noiommu and --matrix do not go together"* ]] \
+  && ok "--noiommu with --matrix is refused" || bad "--noiommu --matrix: exit $RC: $ERR"
 
 echo "hil-options: $passed passed, $failed failed"
 ((failed == 0))
