@@ -270,7 +270,7 @@ rng_stop
 ip netns exec B kill "$(cat "$work/iperf3.pid")" 2>/dev/null
 netpid=$(cat "$work/pid.net"); kill -TERM "$netpid"; timeout 30 tail --pid="$netpid" -f /dev/null
 ip netns del A; ip netns del B
-fed=$(grep -oE 'fed [0-9]+ bytes' "$work/rng.log" | awk '{ s += $2 } END { print s + 0 }')
+fed=$(grep -oE 'fed [0-9]+ bytes' "$work/rng.log" | awk '{ s += $2 } END { printf "%.0f\n", s }')
 ((fed > 0)) && pass "serve rng fed $fed bytes to the kernel pool over $(grep -c 'fed ' "$work/rng.log") runs" || fail "rng: $(tail -n 3 "$work/rng.log")"
 (cd "$mnt" && timeout 120 sha256sum --quiet -c "$work/sums") && pass "the file tree's checksums match" || fail "checksums differ"
 check "umount" timeout 60 umount "$mnt"
@@ -285,7 +285,7 @@ check "restore $RNG" vfio-bind restore $RNG >/dev/null
 
 # ---- the report ----------------------------------------------------------------------------------------
 for n in $(awk '$2 == 0 { print $1 }' "$work/iperf.runs"); do jq -r '.end.sum_received.bytes' "$work/iperf-$n.json"; done \
-  | awk '{ s += $1 } END { print s + 0 }' >"$work/iperf-bytes"
+  | awk '{ s += $1 } END { printf "%.0f\n", s }' >"$work/iperf-bytes"
 cp "$work/samples.csv" "$work/events.csv" "$out/" 2>/dev/null
 # The blk unit's journal with monotonic times: where each restart spent its time.
 journalctl -b --no-pager -u "$unit" -o short-monotonic >"$out/blk-journal.txt" 2>/dev/null
