@@ -287,6 +287,8 @@ check "restore $RNG" vfio-bind restore $RNG >/dev/null
 for n in $(awk '$2 == 0 { print $1 }' "$work/iperf.runs"); do jq -r '.end.sum_received.bytes' "$work/iperf-$n.json"; done \
   | awk '{ s += $1 } END { printf "%.0f\n", s }' >"$work/iperf-bytes"
 cp "$work/samples.csv" "$work/events.csv" "$out/" 2>/dev/null
+# The report's other inputs too, so that a report that fails can be made again from them.
+mkdir -p "$out/raw" && cp "$work/clients.out" "$work/iperf-bytes" "$work"/fio-*.json "$out/raw/" 2>/dev/null
 # The blk unit's journal with monotonic times: where each restart spent its time.
 journalctl -b --no-pager -u "$unit" -o short-monotonic >"$out/blk-journal.txt" 2>/dev/null
 report=$(python3 Tests/HIL/soak-report.py --minutes "$MINUTES" --elapsed "$elapsed" --clients "$work/clients.out" \
