@@ -82,10 +82,10 @@ public struct DMASlice: @unchecked Sendable, Equatable {
     /// The sub-slice `[offset, offset + size)`.
     public func slice(_ offset: Int, _ size: Int) -> DMASlice {
         precondition(offset >= 0 && size >= 0 && offset + size <= self.size, "DMA slice outside its parent")
-        guard segments != nil else {
+        guard let segments else {
             return DMASlice(pointer: pointer + offset, deviceAddress: deviceAddress + UInt64(offset), size: size)
         }
-        return DMASlice(pointer: pointer + offset, size: size, segments: segments!, memoryOffset: memoryOffset + offset)
+        return DMASlice(pointer: pointer + offset, size: size, segments: segments, memoryOffset: memoryOffset + offset)
     }
 }
 
@@ -130,7 +130,7 @@ public final class DMAArena: @unchecked Sendable {
             guard unit <= segments.size, element == nil || segments.size % unit == 0 else {
                 throw .notContiguous(requested: unit, segment: segments.size)
             }
-            start = align(used, max(alignment, element.map { _ in unit } ?? 1))
+            start = align(used, element == nil ? alignment : max(alignment, unit))
             // A single piece that would cross a segment starts at the next one instead.
             if element == nil, size > 0, start >> segments.shift != (start + size - 1) >> segments.shift {
                 start = align(start, segments.size)

@@ -51,7 +51,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         try Lifecycle.driverOK(transport)
         var idle = SlotStack(filledTo: Int(size))
         // Post every buffer (spec 5.4.6: the driver supplies device-writable buffers).
-        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: transport.dma.elementStride(bufferSize))
         self.init(transport: transport, negotiation: negotiation, queue: queue, idle: idle, buffers: buffers,
                   bufferSize: bufferSize, mode: mode, eventfd: eventfd, completionTimeout: completionTimeout)
     }
@@ -93,7 +93,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         let eventfd = mode == .poll ? nil : try transport.enableInterrupts(count: 1).first
         var idle = SlotStack(filledTo: Int(size))
         // The device is live (DRIVER_OK, §3.1.1), so buffers may be made available at once (§5.4.6).
-        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: transport.dma.elementStride(bufferSize))
         self.init(transport: transport, negotiation: negotiation, queue: queue, idle: idle, buffers: buffers,
                   bufferSize: bufferSize, mode: mode, eventfd: eventfd, completionTimeout: completionTimeout)
     }
@@ -186,13 +186,13 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         _ = try transport.enableQueue(0, size: queue.size, rings: queue.rings, vector: mode == .poll ? nil : 0)
         queue.suppressInterrupts()
         try Lifecycle.driverOK(transport)
-        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: bufferStride)
         recoveries += 1
     }
 
     mutating func readSome(_ remaining: inout Int, _ body: (UnsafeRawBufferPointer) -> Void) throws(VirtioError) {
         // Buffers left unposted (by `queueSnapshot`) go to the device first, or the wait would not end.
-        if remaining > 0 && idle.count > 0 { try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize) }
+        if remaining > 0 && idle.count > 0 { try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: bufferStride) }
         while remaining > 0 {
             // DEVICE_NEEDS_RESET (§2.1.2) is checked when the device goes quiet, not per request:
             // a status read is an MMIO exit on real hardware.
@@ -217,13 +217,13 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             remaining -= handed
             bytesRead += handed
             completions += done
-            try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+            try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: bufferStride)
         }
     }
 
     /// Posts every idle buffer slot as one device-writable buffer and tells the device.
-    static func post(_ idle: inout SlotStack, to queue: inout SplitQueue, buffers: DMASlice, bufferSize: Int) throws(VirtioError) {
-        let stride = buffers.size / max(1, Int(queue.size))
+    /// `stride`: bytes from one buffer to the next (`DMAArena.elementStride(bufferSize)`).
+    static func post(_ idle: inout SlotStack, to queue: inout SplitQueue, buffers: DMASlice, bufferSize: Int, stride: Int) throws(VirtioError) {
         while let slot = idle.pop() {
             var segment = BufferSegment(address: buffers.deviceAddress(at: slot * stride),
                                         length: UInt32(bufferSize), deviceWritable: true)
@@ -252,7 +252,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
         old.cancelAll { slot in idle.push(Int(slot)); reclaimed += 1 }
         _ = try transport.enableQueue(0, size: queue.size, rings: queue.rings, vector: mode == .poll ? nil : 0)
         queue.suppressInterrupts()
-        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize)
+        try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: bufferStride)
         return reclaimed
     }
 
