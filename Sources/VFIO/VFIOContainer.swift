@@ -9,8 +9,9 @@ public struct VFIOContainer: ~Copyable {
     public static let path = "/dev/vfio/vfio"
     let fd: OwnedFD
 
-    /// Opens the container and checks the API version and that type1v2 IOMMU is supported.
-    public init(path: String = VFIOContainer.path) throws(VFIOError) {
+    /// Opens the container and checks the API version and that type1v2 IOMMU is supported (with
+    /// `noIOMMU`: VFIO's unsafe no-IOMMU mode instead).
+    public init(path: String = VFIOContainer.path, noIOMMU: Bool = false) throws(VFIOError) {
         let raw: Int32
         switch Syscall.open(path, O_RDWR) {
         case .success(let f): raw = f
@@ -19,6 +20,16 @@ public struct VFIOContainer: ~Copyable {
         let fd = OwnedFD(adopting: raw)
         let version = try VFIOContainer.call(fd.raw, CVirtioShim_VFIO_GET_API_VERSION, "VFIO_GET_API_VERSION")
         guard version == Int(VFIO_API_VERSION) else { throw .apiVersion(version) }
+        if noIOMMU {
+            let unsafe = try VFIOContainer.call(fd.raw, CVirtioShim_VFIO_CHECK_EXTENSION, "VFIO_CHECK_EXTENSION",
+                                                value: UInt(VFIO_NOIOMMU_IOMMU))
+            guard unsafe == 1 else {
+                throw .unavailable("the VFIO container does not offer no-IOMMU mode: the vfio module needs "
+                                   + "CONFIG_VFIO_NOIOMMU and enable_unsafe_noiommu_mode=1")
+            }
+            self.fd = fd
+            return
+        }
         let type1v2 = try VFIOContainer.call(fd.raw, CVirtioShim_VFIO_CHECK_EXTENSION, "VFIO_CHECK_EXTENSION",
                                              value: UInt(VFIO_TYPE1v2_IOMMU))
         guard type1v2 == 1 else {
@@ -34,9 +45,11 @@ public struct VFIOContainer: ~Copyable {
 
     public var rawDescriptor: Int32 { fd.raw }
 
-    /// Selects the type1v2 IOMMU. Valid once at least one group is attached.
-    public func setIOMMU() throws(VFIOError) {
-        _ = try VFIOContainer.call(fd.raw, CVirtioShim_VFIO_SET_IOMMU, "VFIO_SET_IOMMU", value: UInt(VFIO_TYPE1v2_IOMMU))
+    /// Selects the type1v2 IOMMU (with `noIOMMU`: no IOMMU at all, VFIO_NOIOMMU_IOMMU). Valid once
+    /// at least one group is attached.
+    public func setIOMMU(noIOMMU: Bool = false) throws(VFIOError) {
+        _ = try VFIOContainer.call(fd.raw, CVirtioShim_VFIO_SET_IOMMU, "VFIO_SET_IOMMU",
+                                   value: UInt(noIOMMU ? VFIO_NOIOMMU_IOMMU : VFIO_TYPE1v2_IOMMU))
     }
 
     /// IOMMU page sizes and usable IOVA ranges.

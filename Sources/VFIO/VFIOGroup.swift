@@ -6,29 +6,33 @@ import Syscalls
 import PCI
 
 /// `/dev/vfio/N`: an IOMMU group, the unit of isolation. All its devices belong to one owner.
+/// `/dev/vfio/noiommu-N` in VFIO's unsafe no-IOMMU mode: a group of one device without an IOMMU.
 public struct VFIOGroup: ~Copyable {
     public let number: Int
     let fd: OwnedFD
+    /// The group has no IOMMU (`/dev/vfio/noiommu-N`): its device uses physical addresses.
+    public let isNoIOMMU: Bool
 
-    public var path: String { "/dev/vfio/\(number)" }
+    public var path: String { isNoIOMMU ? "/dev/vfio/noiommu-\(number)" : "/dev/vfio/\(number)" }
     public var rawDescriptor: Int32 { fd.raw }
 
     /// Opens the group node and checks that it is viable (every member bound to vfio-pci or unbound).
     public init(number: Int, devDirectory: String = "/dev/vfio") throws(VFIOError) {
-        let path = "\(devDirectory)/\(number)"
+        var path = "\(devDirectory)/\(number)"
+        var noIOMMU = false
+        // VFIO's unsafe no-IOMMU mode names the group noiommu-N (the device has no IOMMU).
+        let unsafe = "\(devDirectory)/noiommu-\(number)"
+        if case .failure(let e) = Syscall.access(path, F_OK), e.rawValue == ENOENT, case .success = Syscall.access(unsafe, F_OK) {
+            path = unsafe
+            noIOMMU = true
+        }
         let raw: Int32
         switch Syscall.open(path, O_RDWR) {
         case .success(let f): raw = f
-        case .failure(let e):
-            // VFIO's unsafe no-IOMMU mode names the group noiommu-N: the device would reach all
-            // memory with physical addresses, which this driver does not do (it maps IOVAs).
-            let noiommu = "\(devDirectory)/noiommu-\(number)"
-            if e.rawValue == ENOENT, case .success = Syscall.access(noiommu, F_OK) {
-                throw .unavailable("IOMMU group \(number) is a VFIO no-IOMMU group (\(noiommu)): the device has no IOMMU "
-                                   + "and would use physical addresses; this driver drives devices behind an IOMMU only "
-                                   + "(boot with intel_iommu=on or amd_iommu=on, or give the VM a virtual IOMMU)")
-            }
-            throw .open(path: path, errno: e.rawValue)
+        case .failure(let e) where noIOMMU && (e.rawValue == EPERM || e.rawValue == EACCES):
+            throw .unavailable("\(path): a VFIO no-IOMMU group opens only with CAP_SYS_RAWIO (run as root): "
+                               + "the device reaches all memory by physical address")
+        case .failure(let e): throw .open(path: path, errno: e.rawValue)
         }
         let fd = OwnedFD(adopting: raw)
         let flags = try VFIOGroup.status(fd.raw, path: path)
@@ -37,12 +41,14 @@ public struct VFIOGroup: ~Copyable {
         }
         self.fd = fd
         self.number = number
+        self.isNoIOMMU = noIOMMU
     }
 
     /// Adopts a group fd received from a previous driver instance.
-    public init(adopting fd: consuming OwnedFD, number: Int) {
+    public init(adopting fd: consuming OwnedFD, number: Int, noIOMMU: Bool = false) {
         self.fd = fd
         self.number = number
+        self.isNoIOMMU = noIOMMU
     }
 
     /// `VFIO_GROUP_GET_STATUS` flags.

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import CVirtioShim
 import Syscalls
 import PCI
@@ -10,25 +13,28 @@ public struct VFIOSession: ~Copyable {
     public let device: VFIODevice
     public let group: VFIOGroup
     public let container: VFIOContainer
-    public let iommu: IOMMUInfo
+    /// The IOMMU's page sizes and IOVA ranges; nil in VFIO's unsafe no-IOMMU mode, where the
+    /// device uses physical addresses (DMA memory then comes from hugepages, `allocateDMA`).
+    public let iommu: IOMMUInfo?
     /// Hands out device addresses inside the IOVA ranges the IOMMU reports.
     public internal(set) var iovaAllocator: IOVAAllocator
 
-    /// Opens `function`, which must be bound to vfio-pci: container, viable group, type1v2 IOMMU, device.
+    /// Opens `function`, which must be bound to vfio-pci: container, viable group, type1v2 IOMMU
+    /// (or none, for a no-IOMMU group), device.
     public init(function: PCIFunction, sysfs: SysfsPCI = SysfsPCI()) throws(VFIOError) {
         try VFIOAvailability.check(sysfs: sysfs)
         let groupNumber = try VFIOAvailability.boundGroup(of: function)
-        let container = try VFIOContainer()
         let group = try VFIOGroup(number: groupNumber)
+        let container = try VFIOContainer(noIOMMU: group.isNoIOMMU)
         try group.attach(to: container)
-        try container.setIOMMU()
-        let iommu = try container.iommuInfo()
+        try container.setIOMMU(noIOMMU: group.isNoIOMMU)
+        let iommu = group.isNoIOMMU ? nil : try container.iommuInfo()
         let device = try group.openDevice(function.address)
         self.device = device
         self.group = group
         self.container = container
         self.iommu = iommu
-        self.iovaAllocator = IOVAAllocator(ranges: iommu.iovaRanges, alignment: iommu.minimumPageSize)
+        self.iovaAllocator = IOVAAllocator(ranges: iommu?.iovaRanges ?? [], alignment: iommu?.minimumPageSize ?? 4096)
     }
 }
 
@@ -42,7 +48,13 @@ extension VFIOSession {
                 device: consuming OwnedFD, address: PCIAddress,
                 reservedIOVA: [(iova: UInt64, size: UInt64)]) throws(VFIOError) {
         let container = VFIOContainer(adopting: container)
-        let group = VFIOGroup(adopting: group, number: groupNumber)
+        // A no-IOMMU group has only its noiommu-N node (VFIOGroup.init): no IOMMU info to ask for.
+        var noIOMMU = false
+        if case .failure = Syscall.access("/dev/vfio/\(groupNumber)", F_OK),
+           case .success = Syscall.access("/dev/vfio/noiommu-\(groupNumber)", F_OK) {
+            noIOMMU = true
+        }
+        let group = VFIOGroup(adopting: group, number: groupNumber, noIOMMU: noIOMMU)
         let device = VFIODevice(adopting: device, address: address)
         let status = try group.status()
         guard status & UInt32(VFIO_GROUP_FLAGS_VIABLE) != 0 else {
@@ -51,10 +63,10 @@ extension VFIOSession {
         guard status & UInt32(VFIO_GROUP_FLAGS_CONTAINER_SET) != 0 else {
             throw .handover("group \(groupNumber) handed over without a container")
         }
-        let iommu = try container.iommuInfo()
+        let iommu = noIOMMU ? nil : try container.iommuInfo()
         _ = try device.info()
-        var allocator = IOVAAllocator(ranges: iommu.iovaRanges, alignment: iommu.minimumPageSize)
-        for range in reservedIOVA { try allocator.reserve(range.iova, size: range.size) }
+        var allocator = IOVAAllocator(ranges: iommu?.iovaRanges ?? [], alignment: iommu?.minimumPageSize ?? 4096)
+        if iommu != nil { for range in reservedIOVA { try allocator.reserve(range.iova, size: range.size) } }
         self.device = device
         self.group = group
         self.container = container

@@ -9,6 +9,8 @@ public enum VirtioPCIError: Error, CustomStringConvertible {
     case virtio(PCIAddress, VirtioError)
     /// The function is not a virtio device.
     case notVirtio(PCIFunction)
+    /// The device offers ACCESS_PLATFORM and the function is in a VFIO no-IOMMU group.
+    case needsIOMMU(PCIAddress)
     /// A capability could not be mapped although it validated against the BAR sizes.
     case mapping(PCIAddress, String)
 
@@ -20,6 +22,10 @@ public enum VirtioPCIError: Error, CustomStringConvertible {
         case .notVirtio(let f):
             return "\(f.address) (\(f.ids)) is not a virtio device (vendor 1af4, device 1000-107f); 'virtio-vfio list' shows which functions are"
         case .mapping(let address, let why): return "\(address): \(why)"
+        case .needsIOMMU(let address):
+            return "\(address): the device offers ACCESS_PLATFORM (§6.1): it expects the platform to translate its DMA, and "
+                + "this function is in a VFIO no-IOMMU group, where it would get physical addresses; drive it behind an IOMMU "
+                + "(intel_iommu=on), or use a device without ACCESS_PLATFORM (QEMU: iommu_platform=off)"
         }
     }
 }

@@ -66,7 +66,7 @@ public struct VirtioPCITransport: ~Copyable, Transport {
                                       reservedIOVA: [(iova, UInt64(size))])
         } catch { throw .vfio(error) }
         let buffer: DMABuffer
-        do { buffer = try VFIOSession.adoptDMA(memfd: memory, iova: iova, size: size) } catch { throw .vfio(error) }
+        do { buffer = try VFIOSession.adoptDMA(memfd: memory, iova: iova, size: size, noIOMMU: session.iommu == nil) } catch { throw .vfio(error) }
         try self.init(function: function, type: type, session: session, dmaBuffer: buffer)
         self.interrupts.adopt(interrupts.release())
     }
@@ -143,8 +143,20 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         var deviceWindow: MMIOWindow?
         if let device = capabilities.device { deviceWindow = try Self.window(device, maximum: 4096, in: bars, address) }
 
+        if session.iommu == nil, dmaBuffer != nil,
+           Features(rawValue: CommonConfigRegisters(mmio: commonWindow).deviceFeatures()).contains(.accessPlatform) {
+            // §6.1: a device offering ACCESS_PLATFORM expects its addresses translated by the
+            // platform (an IOMMU); without one it gets physical addresses it did not ask for.
+            throw .needsIOMMU(address)
+        }
         if let buffer = dmaBuffer {
-            self.dma = DMAArena(memory: DMASlice(pointer: buffer.base, deviceAddress: buffer.iova, size: buffer.size))
+            if let table = buffer.pageAddresses {
+                // No IOMMU: the device sees the memory hugepage by hugepage, by physical address.
+                let segments = DMASegments(addresses: UnsafePointer(table), count: buffer.pageCount, shift: buffer.pageShift)
+                self.dma = DMAArena(memory: DMASlice(pointer: buffer.base, size: buffer.size, segments: segments))
+            } else {
+                self.dma = DMAArena(memory: DMASlice(pointer: buffer.base, deviceAddress: buffer.iova, size: buffer.size))
+            }
             self.dmaMemoryDescriptor = buffer.memfd.raw
             self.dmaBuffer = .some(buffer)
         } else {

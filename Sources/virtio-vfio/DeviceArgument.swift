@@ -26,6 +26,11 @@ extension GlobalOptions {
         if let type, transport.deviceType != type {
             throw Failure.exit(ValidationError("\(address) is virtio-\(transport.deviceType), not virtio-\(type)"))
         }
+        if dmaBytes > 0, transport.session.iommu == nil {
+            // As the kernel taints itself when a no-IOMMU group is opened: say it once, every time.
+            printError("\(address): driven without an IOMMU (VFIO no-IOMMU mode): the device reaches memory by physical "
+                       + "address and nothing stops it from reaching any of it")
+        }
         if announceLeftover {
             // A status other than 0 means a driver before this one did not shut the device down
             // (it crashed or was killed): the seed's third use of reset brings it back.

@@ -56,7 +56,7 @@ enum Failure {
             case .pci(let p): return code(for: p)
             case .vfio(let v): return code(for: v)
             case .virtio: return protocolError
-            case .notVirtio: return unavailable
+            case .notVirtio, .needsIOMMU: return unavailable
             case .mapping: return ioError
             }
         case let e as PCIError:

@@ -33,6 +33,8 @@ struct InfoCommand: ParsableCommand {
         var driverVersion: String
         var iommuGroup: Int?
         var vfioReset: Bool
+        /// VFIO's unsafe no-IOMMU mode: no IOVA ranges, the device uses physical addresses.
+        var noIOMMU: Bool
         var iovaRanges: [[UInt64]]
         var iommuPageSizes: UInt64
         var regions: [Region]
@@ -114,8 +116,9 @@ struct InfoCommand: ParsableCommand {
             driverVersion: DriverVersion.string,
             iommuGroup: t.function.iommuGroup,
             vfioReset: t.deviceInfo.supportsReset,
-            iovaRanges: t.session.iommu.iovaRanges.map { [$0.start, $0.end] },
-            iommuPageSizes: t.session.iommu.pageSizes,
+            noIOMMU: t.session.iommu == nil,
+            iovaRanges: (t.session.iommu?.iovaRanges ?? []).map { [$0.start, $0.end] },
+            iommuPageSizes: t.session.iommu?.pageSizes ?? 0,
             regions: t.regions.filter { $0.size > 0 }.map {
                 Report.Region(index: $0.index, name: VFIORegionIndex.name($0.index), size: $0.size, flags: $0.flagNames)
             },
@@ -138,8 +141,13 @@ struct InfoCommand: ParsableCommand {
 
     static func printText(_ r: Report) {
         print("\(r.address): virtio-\(r.virtioType), IOMMU group \(r.iommuGroup.map(String.init) ?? "-"), driver virtio-vfio \(r.driverVersion)")
-        print("VFIO: device reset \(r.vfioReset ? "supported" : "not supported"); IOMMU page sizes 0x\(String(r.iommuPageSizes, radix: 16)); IOVA ranges "
-              + r.iovaRanges.map { "0x\(String($0[0], radix: 16))-0x\(String($0[1], radix: 16))" }.joined(separator: ", "))
+        if r.noIOMMU {
+            print("VFIO: device reset \(r.vfioReset ? "supported" : "not supported"); NO IOMMU (VFIO no-IOMMU mode): the device "
+                  + "reaches memory by physical address, unprotected; DMA memory is hugepages (the kernel is tainted)")
+        } else {
+            print("VFIO: device reset \(r.vfioReset ? "supported" : "not supported"); IOMMU page sizes 0x\(String(r.iommuPageSizes, radix: 16)); IOVA ranges "
+                  + r.iovaRanges.map { "0x\(String($0[0], radix: 16))-0x\(String($0[1], radix: 16))" }.joined(separator: ", "))
+        }
         print("Regions:")
         for region in r.regions {
             print("  \(region.name.padding(6))  size 0x\(String(region.size, radix: 16).padding(8))  \(region.flags.joined(separator: ","))")
