@@ -17,11 +17,13 @@
 
 # Host packages the harness and the guest tests need (the guest runs the host's
 # binaries over 9p). rngtest comes from rng-tools5 (rng-tools conflicts with it);
-# jq builds `vfio-bind status --json`.
+# jq builds `vfio-bind status --json`; gcc-12, make and binutils build the
+# no-IOMMU vfio.ko (tools/hil/vfio-noiommu, tools/hil/run --noiommu).
 HIL_HOST_PACKAGES=(
   qemu-system-x86 busybox-static pciutils libpci-dev cpio xz-utils zstd kmod
   nbd-client qemu-utils libnbd-bin fio e2fsprogs iperf3 rng-tools5 iproute2
   iputils-ping jq systemd curl
+  gcc-12 make binutils
 )
 
 # Modules packed into the initramfs and insmod'ed by the guest /init, in this
