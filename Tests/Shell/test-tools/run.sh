@@ -28,7 +28,7 @@ run() {
 run "$REPO/tools/test" --help
 [[ $RC == 0 ]] && ok "tools/test --help exits 0" || bad "tools/test --help exited $RC: $ERR"
 missing=()
-for s in prepare build variant release unit shell cli bench fuzz asan hil hil612 matrix noiommu systemd soak --no-deps --serial --dry-run --junit; do
+for s in prepare build variant release unit shell cli bench fuzz asan hil612 noiommu hil matrix systemd soak --no-deps --serial --dry-run --junit; do
   grep -qE "^ +$s( |$)" <<<"$OUT" || missing+=("$s")
 done
 ((${#missing[@]} == 0)) && ok "--help lists every stage and option" || bad "--help does not list: ${missing[*]}"
@@ -44,9 +44,9 @@ expect_plan() {
   [[ $RC == 0 && $OUT == "$want" ]] && ok "tools/test ${1:-(no stage)} runs: $2${3:+ ($3)}" \
     || bad "tools/test --dry-run $1: exit $RC, '$OUT' (expected '$want') $ERR"
 }
-expect_plan "" "prepare build variant release hil hil612 matrix noiommu systemd soak unit shell cli bench fuzz asan" \
-  "lanes: hil hil612 matrix noiommu systemd soak | unit shell cli bench fuzz asan"
-expect_plan "--serial" "prepare build variant release unit shell cli bench fuzz asan hil hil612 matrix noiommu systemd soak"
+expect_plan "" "prepare build variant release hil612 noiommu hil matrix systemd soak unit shell cli bench fuzz asan" \
+  "lanes: hil612 noiommu hil matrix systemd soak | unit shell cli bench fuzz asan"
+expect_plan "--serial" "prepare build variant release unit shell cli bench fuzz asan hil612 noiommu hil matrix systemd soak"
 expect_plan "soak" "prepare build variant release soak"
 expect_plan "unit" "prepare build unit"
 expect_plan "--no-deps unit" "unit"
