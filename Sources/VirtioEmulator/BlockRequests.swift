@@ -21,7 +21,7 @@ enum BlockRequest {
 }
 
 extension DeviceCore {
-    func serveBlock(_ q: SplitQueueDevice, _ s: inout State) -> UInt32 {
+    func serveBlock(_ q: QueueDevice, _ s: inout State) -> UInt32 {
         let chain = q.chain
         // Built only when a violation is recorded: a string per request would allocate on every request.
         var tag: String { "queue \(q.index): blk request at head \(chain.head)" }

@@ -27,7 +27,7 @@ final class DeviceCore: @unchecked Sendable {
         var configVectorWrites = 0
         var violations: [Violation] = []
         var faults = EmulatedDevice.Faults()
-        var queues: [SplitQueueDevice?]
+        var queues: [QueueDevice?]
         var statistics: [EmulatedDevice.QueueStatistics]
         var vectors: [InterruptVector] = []
         var configVector: Int?
@@ -218,20 +218,27 @@ final class DeviceCore: @unchecked Sendable {
             guard s.queues[index] == nil else {
                 throw refuse("already enabled: only a device or queue reset disables it (§4.1.4.3.2)")
             }
-            if s.driverFeatures.contains(.ringPacked) {
+            let packed = s.driverFeatures.contains(.ringPacked)
+            if packed && model.type == .net {
                 // An emulator limitation, not a driver fault: no violation.
-                throw .queueSetup(queue: index, "VIRTIO_F_RING_PACKED negotiated; the emulator implements split virtqueues only")
+                throw .queueSetup(queue: index, "VIRTIO_F_RING_PACKED negotiated; the emulator's virtio-net receive path uses split virtqueues only")
             }
             let maximum = model.queueMaxSizes[index]
             guard maximum != 0 else { throw refuse("unavailable: queue_size reads 0 (§4.1.4.3.2)") }
-            guard size != 0 else { throw refuse("size 0 (§2.7)") }
+            guard size != 0 else { throw refuse("size 0 (§2.7, §2.8)") }
             guard size <= maximum else { throw refuse("size \(size) exceeds the maximum \(maximum) (§4.1.4.3)") }
-            guard size & (size &- 1) == 0 else { throw refuse("size \(size) is not a power of 2, as a split ring needs (§2.7)") }
+            // §2.8: a packed ring's size need not be a power of 2; a split ring's must (§2.7).
+            guard packed || size & (size &- 1) == 0 else { throw refuse("size \(size) is not a power of 2, as a split ring needs (§2.7)") }
 
-            // §2.7.1: each part aligned (descriptor table 16, available ring 2, used ring 4) and,
-            // as for any DMA, inside memory the device can reach.
+            // §2.7.1 / §2.8.10.1: each part aligned (split: descriptor table 16, available ring 2,
+            // used ring 4; packed: descriptor ring 16, each event structure 4) and, as for any
+            // DMA, inside memory the device can reach.
             let n = Int(size)
-            let parts: [(String, UInt64, Int, UInt64)] = [
+            let parts: [(String, UInt64, Int, UInt64)] = packed ? [
+                ("descriptor ring", rings.descriptors, PackedQueueLayout.ringSize(n), UInt64(PackedQueueLayout.descriptorAlignment)),
+                ("driver event suppression", rings.driver, PackedQueueLayout.eventSize, UInt64(PackedQueueLayout.eventAlignment)),
+                ("device event suppression", rings.device, PackedQueueLayout.eventSize, UInt64(PackedQueueLayout.eventAlignment)),
+            ] : [
                 ("descriptor table", rings.descriptors, SplitQueueLayout.descriptorTableSize(n), UInt64(SplitQueueLayout.descriptorAlignment)),
                 ("available ring", rings.driver, SplitQueueLayout.availSize(n), UInt64(SplitQueueLayout.availAlignment)),
                 ("used ring", rings.device, SplitQueueLayout.usedSize(n), UInt64(SplitQueueLayout.usedAlignment)),
@@ -239,7 +246,7 @@ final class DeviceCore: @unchecked Sendable {
             var pointers: [UnsafeMutableRawPointer] = []
             for (name, address, length, alignment) in parts {
                 guard address % alignment == 0 else {
-                    throw refuse("\(name) at 0x\(hex(address)) is not \(alignment)-byte aligned (§2.7.1)")
+                    throw refuse("\(name) at 0x\(hex(address)) is not \(alignment)-byte aligned (\(packed ? "§2.8.10.1" : "§2.7.1"))")
                 }
                 guard let p = memory.translate(address, length) else {
                     throw refuse("\(name): DMA to unmapped address 0x\(hex(address)) (\(length) bytes) outside device memory \(memoryRange)")
@@ -254,8 +261,15 @@ final class DeviceCore: @unchecked Sendable {
                     }
                 }
             }
-            // §2.7.10.1: the driver MUST initialize flags in the used ring to 0.
-            guard Ring.load16(pointers[2] + SplitQueueLayout.usedFlags) == 0 else { throw refuse("used ring flags not initialised to 0 (§2.7.10.1)") }
+            if packed {
+                // §2.8.13: the descriptor ring is zero-initialized, so nothing in it is available yet.
+                for i in 0..<n where Ring.load16(pointers[0] + PackedQueueLayout.descriptor(i) + PackedQueueLayout.descriptorFlags) != 0 {
+                    throw refuse("descriptor ring not zero-initialized: descriptor \(i) has flags set (§2.8.13)")
+                }
+            } else {
+                // §2.7.10.1: the driver MUST initialize flags in the used ring to 0.
+                guard Ring.load16(pointers[2] + SplitQueueLayout.usedFlags) == 0 else { throw refuse("used ring flags not initialised to 0 (§2.7.10.1)") }
+            }
 
             var routed: Int?
             if let vector, vector != noMSIXVector {
@@ -267,8 +281,11 @@ final class DeviceCore: @unchecked Sendable {
             }
             notify.clear(index)
             s.queueEnableWrites += 1
-            s.queues[index] = SplitQueueDevice(index: index, size: size, descriptors: pointers[0], avail: pointers[1],
-                                               used: pointers[2], vector: routed)
+            s.queues[index] = packed
+                ? PackedQueueDevice(index: index, size: size, ring: pointers[0], driverEvent: pointers[1],
+                                    deviceEvent: pointers[2], vector: routed)
+                : SplitQueueDevice(index: index, size: size, descriptors: pointers[0], avail: pointers[1],
+                                   used: pointers[2], vector: routed)
             s.statistics[index] = .init()
             if let worker = s.worker {
                 worker.kick()
@@ -292,8 +309,15 @@ final class DeviceCore: @unchecked Sendable {
                                   msixVector: noMSIXVector, doorbell: doorbell)
             }
             func bus(_ p: UnsafeMutableRawPointer) -> UInt64 { memory.busAddress(ofOffset: p - memory.cpuBase) }
-            return QueueState(size: q.size, enabled: true,
-                              rings: QueueRings(descriptors: bus(q.descriptors), driver: bus(q.avail), device: bus(q.used)),
+            let rings: QueueRings
+            if let packed = q as? PackedQueueDevice {
+                rings = QueueRings(descriptors: bus(packed.ring), driver: bus(packed.driverEvent), device: bus(packed.deviceEvent))
+            } else if let split = q as? SplitQueueDevice {
+                rings = QueueRings(descriptors: bus(split.descriptors), driver: bus(split.avail), device: bus(split.used))
+            } else {
+                rings = QueueRings(descriptors: 0, driver: 0, device: 0)
+            }
+            return QueueState(size: q.size, enabled: true, rings: rings,
                               msixVector: q.vector.map { UInt16($0) } ?? noMSIXVector, doorbell: doorbell)
         }
     }
@@ -367,7 +391,7 @@ final class DeviceCore: @unchecked Sendable {
     }
 
     /// A used buffer notification: ISR bit 0, then the queue's vector if it has one.
-    func queueInterrupt(_ q: SplitQueueDevice, _ s: inout State) {
+    func queueInterrupt(_ q: QueueDevice, _ s: inout State) {
         s.isr |= 1
         s.statistics[q.index].interrupts += 1
         if let v = q.vector, v < s.vectors.count { s.vectors[v].signal() }

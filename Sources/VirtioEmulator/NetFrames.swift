@@ -26,7 +26,7 @@ extension DeviceCore {
     }
 
     /// Serves one chain of transmitq or controlq (receiveq is `receiveNetFrames`).
-    func serveNet(_ q: SplitQueueDevice, _ s: inout State) -> UInt32 {
+    func serveNet(_ q: QueueDevice, _ s: inout State) -> UInt32 {
         switch netRole(q.index, s) {
         case .transmit: return serveNetTransmit(q, &s)
         case .control: return serveNetControl(q, &s)
@@ -37,7 +37,7 @@ extension DeviceCore {
     }
 
     /// Spec 5.1.6.2: header and frame device-readable; the device writes nothing (len 0).
-    private func serveNetTransmit(_ q: SplitQueueDevice, _ s: inout State) -> UInt32 {
+    private func serveNetTransmit(_ q: QueueDevice, _ s: inout State) -> UInt32 {
         let chain = q.chain
         var tag: String { "queue \(q.index): transmit chain at head \(chain.head)" }
         if chain.writableLength > 0 {
@@ -74,7 +74,7 @@ extension DeviceCore {
     }
 
     /// Spec 5.1.6.5: `{ u8 class; u8 command; u8 data[]; }` readable, `u8 ack` writable.
-    private func serveNetControl(_ q: SplitQueueDevice, _ s: inout State) -> UInt32 {
+    private func serveNetControl(_ q: QueueDevice, _ s: inout State) -> UInt32 {
         let chain = q.chain
         var tag: String { "queue \(q.index): control command at head \(chain.head)" }
         guard chain.writableLength >= 1 else {

@@ -29,13 +29,17 @@ extension DeviceCore {
             }
             // A net receive queue is used when frames arrive, notified or not (NetFrames.swift).
             if model.type == .net && netRole(i, s) == .receive {
-                if i == 0 && receiveNetFrames(q, &s) { worked = true }
+                if i == 0, let q = q as? SplitQueueDevice, receiveNetFrames(q, &s) { worked = true }
                 if s.status.contains(.deviceNeedsReset) { break }
                 continue
             }
             guard look else { continue }
             q.rescan = false
-            if process(q, &s) { worked = true }
+            if let split = q as? SplitQueueDevice {
+                if process(split, &s) { worked = true }
+            } else if let packed = q as? PackedQueueDevice {
+                if processPacked(packed, &s) { worked = true }
+            }
             if s.status.contains(.deviceNeedsReset) { break }
         }
         return worked
@@ -142,7 +146,7 @@ extension DeviceCore {
     }
 
     /// The driver broke the ring: record it, stop using the queue, ask for a reset (spec 2.1.2).
-    func fail(_ q: SplitQueueDevice, _ rule: String, _ s: inout State) {
+    func fail(_ q: QueueDevice, _ rule: String, _ s: inout State) {
         s.record("queue \(q.index): \(rule)")
         q.failure = rule
         needsReset(&s)
@@ -226,7 +230,7 @@ extension DeviceCore {
     }
 
     /// Serves one request by device type; returns the bytes written to its writable part.
-    private func serve(_ q: SplitQueueDevice, _ s: inout State) -> UInt32 {
+    func serve(_ q: QueueDevice, _ s: inout State) -> UInt32 {
         switch model.type {
         case .entropy: return serveEntropy(q, &s)
         case .block: return serveBlock(q, &s)
@@ -237,7 +241,7 @@ extension DeviceCore {
 
     /// Spec 5.4.6: fill the device-writable buffer with random bytes (all of it, or at most
     /// `entropyBytesPerRequest`); len is the number written.
-    private func serveEntropy(_ q: SplitQueueDevice, _ s: inout State) -> UInt32 {
+    private func serveEntropy(_ q: QueueDevice, _ s: inout State) -> UInt32 {
         let chain = q.chain
         if chain.readableLength > 0 {
             s.record("queue \(q.index): entropy request with \(chain.readableLength) device-readable bytes; the driver MUST NOT place device-readable buffers (§5.4.6.1)")

@@ -10,34 +10,22 @@ import Virtio
 /// it validates, orders and refuses is its own), but not of the byte layout: that is pinned
 /// against the spec's numbers by `SplitQueueLayoutTests`, so a wrong offset fails there instead of
 /// being agreed on by both sides.
-final class SplitQueueDevice {
-    let index: Int
-    let size: UInt16
+final class SplitQueueDevice: QueueDevice {
     let descriptors: UnsafeMutableRawPointer
     let avail: UnsafeMutableRawPointer
     let used: UnsafeMutableRawPointer
-    /// MSI-X vector for used buffer notifications, nil for none.
-    let vector: Int?
 
     /// Next available ring entry the device will take.
     var lastAvail: UInt16 = 0
     /// Next used ring entry the device will write (published as used `idx`).
     var usedIdx: UInt16 = 0
-    /// Why the device stopped using this queue (it then has DEVICE_NEEDS_RESET set).
-    var failure: String?
-    /// Work left over from a bounded pass: look again without waiting for a notification.
-    var rescan = false
-    /// Scratch for the chain being served.
-    var chain = DescriptorChain()
 
     init(index: Int, size: UInt16, descriptors: UnsafeMutableRawPointer, avail: UnsafeMutableRawPointer,
          used: UnsafeMutableRawPointer, vector: Int?) {
-        self.index = index
-        self.size = size
         self.descriptors = descriptors
         self.avail = avail
         self.used = used
-        self.vector = vector
+        super.init(index: index, size: size, vector: vector)
     }
 
     @inline(__always) private func slot(_ i: UInt16) -> Int { Int(i & (size &- 1)) }
