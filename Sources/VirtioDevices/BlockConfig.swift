@@ -26,6 +26,8 @@ public struct BlockConfig: Sendable, Equatable {
     /// Always in 512-byte sectors, whatever the block size (§5.2.4).
     public var capacitySectors: UInt64
     public var sizeMax: UInt32?
+    /// The segment size used when the device offers SIZE_MAX with `size_max` 0 (Linux: a page).
+    public static let sizeMaxWhenZero: UInt32 = 4096
     public var segMax: UInt32?
     public var blockSize: UInt32
     public var numQueues: UInt16
@@ -73,7 +75,7 @@ public struct BlockConfig: Sendable, Equatable {
             }
             return UInt16(truncatingIfNeeded: v)
         }
-        let raw = try Lifecycle.readConfig(transport) { () throws(VirtioError) in
+        var raw = try Lifecycle.readConfig(transport) { () throws(VirtioError) in
             (capacity: UInt64(try u32(Offset.capacity)) | UInt64(try u32(Offset.capacity + 4)) << 32,
              sizeMax: features.contains(.blkSizeMax) ? try u32(Offset.sizeMax) : nil,
              segMax: features.contains(.blkSegMax) ? try u32(Offset.segMax) : nil,
@@ -88,6 +90,11 @@ public struct BlockConfig: Sendable, Equatable {
         guard raw.capacity > 0 else { throw bad("capacity 0: the device has no storage") }
         guard raw.capacity <= BlockConfig.maxCapacitySectors else { throw bad("capacity \(raw.capacity) sectors is larger than 8 EiB") }
         if let segMax = raw.segMax, segMax == 0 { throw bad("seg_max 0: no request could carry data") }
+        // size_max 0 with VIRTIO_BLK_F_SIZE_MAX offered states no usable limit: qemu-storage-daemon's
+        // vhost-user-blk export reports exactly that. Linux's block layer raises any segment limit
+        // below a page to the page (blk_queue_max_segment_size), so such a device works with
+        // 4 KiB segments; so does it here. A limit of 1-511 bytes, below one sector, is refused.
+        if raw.sizeMax == 0 { raw.sizeMax = BlockConfig.sizeMaxWhenZero }
         if let sizeMax = raw.sizeMax, sizeMax < 512 { throw bad("size_max \(sizeMax) is below one sector") }
         guard raw.blockSize >= 512, raw.blockSize <= 1 << 16, raw.blockSize & (raw.blockSize - 1) == 0 else {
             throw bad("blk_size \(raw.blockSize) is not a power of two between 512 and 64 KiB")

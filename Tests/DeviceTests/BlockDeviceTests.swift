@@ -138,6 +138,29 @@ struct BlockDeviceTests {
         #expect { _ = try BlockDevice(transport: EmulatedTransport(device: device)) } throws: { "\($0)".contains("capacity") }
     }
 
+    /// qemu-storage-daemon's vhost-user-blk offers SIZE_MAX with size_max 0 (HIL
+    /// `vhost-user-blk.sh`): read as Linux does, 4 KiB segments; a limit below a sector is refused.
+    @Test func sizeMaxZeroMeansPageSegmentsAndBelowASectorIsRefused() throws {
+        var model = EmulatedDevice.Model.blk(capacitySectors: 4096)
+        model.block.sizeMax = 0
+        model.block.segMax = 4
+        model.offeredFeatures.insert(Features(bit: 1))  // SIZE_MAX
+        let device = EmulatedDevice(model: model)
+        var blk = try BlockDevice(transport: EmulatedTransport(device: device))
+        #expect(blk.config.sizeMax == 4096 && blk.queue.maxTransfer == 16384)  // 4 segments of 4 KiB
+        let data = (0..<40960).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        try data.withUnsafeBytes { try blk.write(sector: 3, from: $0) }
+        var back = [UInt8](repeating: 0, count: data.count)
+        try back.withUnsafeMutableBytes { try blk.read(sector: 3, into: $0) }
+        #expect(back == data)
+        _ = try blk.shutdown()
+        #expect(device.violations.isEmpty, "\(device.violations)")
+        model.block.sizeMax = 511
+        #expect { _ = try BlockDevice(transport: EmulatedTransport(device: EmulatedDevice(model: model))) } throws: {
+            "\($0)".contains("size_max 511 is below one sector")
+        }
+    }
+
     @Test func segMaxZeroIsRefused() throws {
         var model = EmulatedDevice.Model.blk(capacitySectors: 100)
         model.block.segMax = 0
