@@ -139,14 +139,7 @@ public struct PackedQueue: ~Copyable {
         if let brokenReason { throw brokenReason }
         let count = segments.count
         guard count > 0 else { throw .queueSetup(queue: index, "a request needs at least one buffer") }
-        var sawWritable = false
-        var writableSum: UInt64 = 0
-        for s in segments {
-            if s.deviceWritable { sawWritable = true; writableSum += UInt64(s.length) } else if sawWritable {
-                throw .queueSetup(queue: index, "device-readable buffers must come before device-writable ones (§2.8.17)")
-            }
-        }
-        let writable = UInt32(clamping: writableSum)
+        let writable = try BufferSegment.writableBytes(segments, queue: index, section: "§2.8.17")
         let indirect = useIndirect && count > 1 && count <= memory.indirectEntries
         let needed = indirect ? 1 : count
         guard needed <= freeCount, freeIDs > 0 else {
@@ -350,8 +343,10 @@ public struct PackedQueue: ~Copyable {
     /// pending, in which case the caller must consume them instead of sleeping.
     public mutating func armInterrupts() -> Bool {
         if eventIndex {
-            // §2.8.10: an event for the descriptor at the next used position, in its lap; the
-            // offset and wrap before the flags that make the device read them.
+            // §2.8.10: an event for the descriptor at the next used position, in its lap. The
+            // offset and wrap are stored before the flags that make the device read them; the
+            // write barrier orders the two stores (§2.8.14: `desc` is valid only with
+            // RING_EVENT_FLAGS_DESC, so the device must not see the flag before the offset).
             (driverEvent + PackedQueueLayout.eventDescriptor).storeBytes(
                 of: PackedQueueLayout.eventOffsetWrap(nextUsed, wrap: usedWrap).littleEndian, as: UInt16.self)
             CVirtioShim_barrier_write()

@@ -13,6 +13,25 @@ public struct BufferSegment: Sendable, Equatable {
     }
 }
 
+extension BufferSegment {
+    /// The device-writable bytes of a request's `segments`, checking that no device-readable
+    /// segment follows a device-writable one (§2.7.4.2 split, §2.8.17 packed: `section` names the
+    /// rule in the error). Summed in 64 bits: a request can describe more than 4 GiB of writable
+    /// memory, and a used length (32 bits) can never exceed that, so the sum saturates at
+    /// UInt32.max. Shared by both queue formats' `add`.
+    @inline(__always)
+    static func writableBytes(_ segments: UnsafeBufferPointer<BufferSegment>, queue: Int, section: StaticString) throws(VirtioError) -> UInt32 {
+        var sawWritable = false
+        var writableSum: UInt64 = 0
+        for s in segments {
+            if s.deviceWritable { sawWritable = true; writableSum += UInt64(s.length) } else if sawWritable {
+                throw .queueSetup(queue: queue, "device-readable buffers must come before device-writable ones (\(section))")
+            }
+        }
+        return UInt32(clamping: writableSum)
+    }
+}
+
 /// The driver side of a split virtqueue (virtio 1.2 §2.7).
 ///
 /// Ownership: the rings live in device-visible memory the device may scribble on at any time, so
@@ -233,16 +252,7 @@ public struct SplitQueue: ~Copyable {
         if let brokenReason { throw brokenReason }
         let count = segments.count
         guard count > 0 else { throw .queueSetup(queue: index, "a request needs at least one buffer") }
-        var sawWritable = false
-        // Summed in 64 bits: a chain can describe more than 4 GiB of writable memory, and a used
-        // length (32 bits) can never exceed that, so the sum saturates at UInt32.max.
-        var writableSum: UInt64 = 0
-        for s in segments {
-            if s.deviceWritable { sawWritable = true; writableSum += UInt64(s.length) } else if sawWritable {
-                throw .queueSetup(queue: index, "device-readable buffers must come before device-writable ones (§2.7.4.2)")
-            }
-        }
-        let writable = UInt32(clamping: writableSum)
+        let writable = try BufferSegment.writableBytes(segments, queue: index, section: "§2.7.4.2")
         let indirect = useIndirect && count > 1 && count <= memory.indirectEntries
         let needed = indirect ? 1 : count
         guard needed <= freeCount else {
