@@ -1,4 +1,4 @@
-// The ring benchmark's core: requests through a `SplitQueue` against the in-process emulator,
+// The ring benchmark's core: requests through a `Virtqueue` (split or packed) against the in-process emulator,
 // every completion checked, the driver's work counted (docs/PERFORMANCE.md).
 //
 // Two tools use it and so measure the same code: the `virtio-vfio-ring-bench` executable (the
@@ -23,6 +23,8 @@ public struct RingBenchOptions: Sendable {
     public var batch = 32
     /// rng: bytes per buffer. blk: data bytes per request (a multiple of 512).
     public var bufferSize = 64
+    /// The virtqueue format: split (§2.7) or packed (§2.8, RING_PACKED offered by the emulator).
+    public var ring: RingFormat = .split
     public var eventIndex = true
     public var indirect = true
     /// Compare every completed buffer with what the device must have written.
@@ -53,7 +55,7 @@ public enum RingBenchFailure: Error, CustomStringConvertible {
     }
 }
 
-/// The driver side of the benchmark: one split queue on an `EmulatedDevice` whose worker thread
+/// The driver side of the benchmark: one queue (split or packed) on an `EmulatedDevice` whose worker thread
 /// serves it. Each round pops buffer slots, adds one request per slot and publishes
 /// (`ringBenchSubmit`), spins until the used ring moves, drains it (`ringBenchComplete`), then checks
 /// every completion and returns its slot (`check`). Only the two `ringBench*` functions are the
@@ -67,7 +69,7 @@ public struct RingBench: ~Copyable {
     let transport: EmulatedTransport
     /// The features the driver and the emulated device agreed on.
     public let negotiated: Features
-    var queue: SplitQueue
+    var queue: Virtqueue
     /// Buffer slots: rng `[buffer]`; blk `[data | header 16 | status 1]`, `stride` bytes apart.
     let slots: DMASlice
     let stride: Int
@@ -124,14 +126,16 @@ public struct RingBench: ~Copyable {
             model = .blk(capacitySectors: RingBench.blkCapacitySectors, queueSize: options.queueSize)
         }
         let indirectEntries = options.indirect && options.device == .blk ? 4 : 0
+        if options.ring == .packed { model.offeredFeatures.insert(.ringPacked) }
         model.memorySize = n * stride + n * (16 + 8 + 2 + 4 * 16) + (1 << 20)
         let device = EmulatedDevice(model: model)
         let transport = EmulatedTransport(device: device)
         var wanted: Features = []
         if options.eventIndex { wanted.insert(.ringEventIdx) }
         if options.indirect { wanted.insert(.ringIndirectDesc) }
+        if options.ring == .packed { wanted.insert(.ringPacked) }
 
-        let queue: SplitQueue
+        let queue: Virtqueue
         let slots: DMASlice
         let negotiation: Lifecycle.Negotiation
         // The device thread starts in enableQueue and inherits this thread's CPU mask: give it
@@ -145,11 +149,12 @@ public struct RingBench: ~Copyable {
             try Lifecycle.reset(transport)
             negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
             transport.dma.reset()
-            let memory = try SplitQueueMemory(arena: transport.dma, size: options.queueSize, indirectEntries: indirectEntries)
+            let memory = try QueueMemory(RingFormat(negotiation.accepted), arena: transport.dma, size: options.queueSize,
+                                         indirectEntries: indirectEntries)
             slots = try transport.dma.allocate(n * stride, alignment: 4096)
             try transport.setConfigVector(nil)
             let doorbell = try transport.enableQueue(0, size: options.queueSize, rings: memory.rings, vector: nil)
-            var q = SplitQueue(index: 0, memory: memory, features: negotiation.accepted, doorbell: doorbell)
+            var q = Virtqueue(index: 0, memory: memory, features: negotiation.accepted, doorbell: doorbell)
             q.suppressInterrupts()
             try Lifecycle.driverOK(transport)
             queue = q

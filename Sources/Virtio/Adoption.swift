@@ -23,6 +23,8 @@ public enum Adoption {
             throw .adoption(queue: nil, "the device runs with features 0x\(String(accepted.rawValue, radix: 16)), "
                             + "the handed-over state says 0x\(String(features.rawValue, radix: 16))")
         }
+        // Before anything about the queues: a packed ring is not adopted live (`Virtqueue`).
+        guard !accepted.contains(.ringPacked) else { throw Virtqueue.packedAdoption(queue: nil) }
         let offered = transport.readDeviceFeatures()
         guard features.isSubset(of: offered) else {
             throw .adoption(queue: nil, "features 0x\(String(features.subtracting(offered).rawValue, radix: 16)) "

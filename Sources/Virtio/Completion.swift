@@ -60,7 +60,7 @@ public struct CompletionWaiter: Sendable {
 
     /// Returns once `queue` has used buffers; throws if the device stays silent past `timeout`.
     @discardableResult
-    public func wait(for queue: inout SplitQueue) throws(VirtioError) -> Wake {
+    public func wait(for queue: inout Virtqueue) throws(VirtioError) -> Wake {
         if queue.hasUsed() { return .ready }
         let clock = ContinuousClock()
         let start = clock.now
@@ -76,7 +76,7 @@ public struct CompletionWaiter: Sendable {
         }
     }
 
-    func spin(queue: inout SplitQueue, until deadline: ContinuousClock.Instant, clock: ContinuousClock) throws(VirtioError) {
+    func spin(queue: inout Virtqueue, until deadline: ContinuousClock.Instant, clock: ContinuousClock) throws(VirtioError) {
         var checks = 0
         while !queue.hasUsed() {
             checks += 1
@@ -87,7 +87,7 @@ public struct CompletionWaiter: Sendable {
         }
     }
 
-    func sleep(queue: inout SplitQueue, start: ContinuousClock.Instant, clock: ContinuousClock) throws(VirtioError) -> Wake {
+    func sleep(queue: inout Virtqueue, start: ContinuousClock.Instant, clock: ContinuousClock) throws(VirtioError) -> Wake {
         guard let eventfd else { preconditionFailure("interrupt mode without an eventfd") }
         while true {
             // Arm, then re-check: a completion that raced the arming is seen here (spec 2.7.7.1).

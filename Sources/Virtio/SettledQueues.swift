@@ -20,6 +20,8 @@ extension Adoption {
         _ transport: borrowing T, queues indices: Range<Int>, settle: Duration
     ) throws(VirtioError) -> [QueueSnapshot] {
         let deadline = monotonicNanoseconds() &+ UInt64(max(0, settle.nanoseconds))
+        // The rings below are read as split rings (§2.7); a packed one is taken over by reset.
+        guard !transport.readDriverFeatures().contains(.ringPacked) else { throw Virtqueue.packedAdoption(queue: nil) }
         var snapshots: [QueueSnapshot] = []
         for i in indices {
             guard let state = transport.queueState(i) else {

@@ -47,14 +47,17 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
     /// queues would otherwise need 128 MiB per queue. 256 is QEMU's default and `bench blk`'s depth.
     public static var defaultQueueSize: UInt16 { 256 }
 
-    public init(transport: consuming T, wanted: Features = BlockDevice.supported, mode: CompletionMode = .poll,
+    /// `ring`: the virtqueue format to ask for (RING_PACKED when offered, by default).
+    public init(transport: consuming T, wanted: Features = BlockDevice.supported, ring: RingPreference = .auto,
+                mode: CompletionMode = .poll,
                 maxTransfer: Int = 128 << 10, queueSize requestedQueueSize: UInt16? = nil, queues: Int = 1,
                 completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
         guard transport.deviceType == .block else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-blk")
         }
         try Lifecycle.reset(transport)
-        let negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
+        let negotiation = try Lifecycle.negotiate(transport, wanted: ring.features(wanted))
+        _ = try ring.format(negotiation)
         let config = try BlockConfig(reading: transport, features: negotiation.accepted)
         transport.dma.reset()
         // §5.2.5: with MQ the device has num_queues request queues; use up to `queues` of them.
@@ -174,7 +177,7 @@ public struct BlockDevice<T: Transport & ~Copyable>: ~Copyable {
             guard worker.queue.isIdle else {
                 throw .adoption(queue: worker.queue.index, "\(worker.queue.inFlight) requests in flight (or the queue is broken); complete them before handing over")
             }
-            result.append(worker.queue.snapshot)
+            result.append(try worker.queue.snapshot())
         }
         return (result, carried)
     }

@@ -9,7 +9,7 @@ import Virtio
 /// (§5.2.6.1). The slot number is the request's token. Nothing here allocates per request.
 public struct BlockQueue: ~Copyable {
     public let index: Int
-    var queue: SplitQueue
+    var queue: Virtqueue
     let headers: DMASlice
     let statuses: DMASlice
     let data: DMASlice
@@ -34,7 +34,7 @@ public struct BlockQueue: ~Copyable {
     /// can recompute a running queue's layout and compare it with the device's.
     public struct Layout: Sendable {
         public let size: UInt16
-        public let memory: SplitQueueMemory
+        public let memory: QueueMemory
         let headers: DMASlice
         let statuses: DMASlice
         let data: DMASlice
@@ -59,6 +59,7 @@ public struct BlockQueue: ~Copyable {
         let n = Int(size)
         let maxTransfer = max(512, wanted / 512 * 512)
         let perRequest = (maxTransfer + 511) / 512 + 2
+        // The split ring's parts; a packed ring of the same size takes less (§2.8.10).
         let rings = SplitQueueLayout.descriptorTableSize(n) + SplitQueueLayout.availSize(n)
             + SplitQueueLayout.usedPageOffset + SplitQueueLayout.usedSize(n)
         let indirect = n * perRequest * SplitQueueLayout.descriptorSize
@@ -79,7 +80,7 @@ public struct BlockQueue: ~Copyable {
         let indirect = features.contains(.ringIndirectDesc) && perRequest > 1
         // Without indirect descriptors every request takes `perRequest` ring entries.
         let slots = indirect ? Int(size) : max(1, Int(size) / perRequest)
-        let memory = try SplitQueueMemory(arena: arena, size: size, indirectEntries: indirect ? perRequest : 0, zeroed: zeroed)
+        let memory = try QueueMemory(RingFormat(features), arena: arena, size: size, indirectEntries: indirect ? perRequest : 0, zeroed: zeroed)
         let headers = try arena.allocate(slots * BlockQueue.headerSize, alignment: 64, element: BlockQueue.headerSize, zeroed: zeroed)
         let statuses = try arena.allocate(slots, alignment: 64, element: 1, zeroed: zeroed)
         // Data buffers are never zeroed: each is written (from a client, or by the device) before
@@ -102,7 +103,7 @@ public struct BlockQueue: ~Copyable {
                                            config: config, features: features, maxTransfer: wanted, zeroed: true)
         let doorbell = try transport.enableQueue(index, size: layout.size, rings: layout.rings, vector: vector)
         self.init(index: index, layout: layout,
-                  queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+                  queue: Virtqueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
                   mode: mode, eventfd: eventfd, completionTimeout: completionTimeout)
     }
 
@@ -116,9 +117,7 @@ public struct BlockQueue: ~Copyable {
     /// Their completions are collected by the next `complete`; their slots are not idle.
     init(adopting snapshot: QueueSnapshot, carried records: [PendingRequest?], layout: Layout, features: Features,
          doorbell: Doorbell, mode: CompletionMode, eventfd: Int32?, completionTimeout: Duration) throws(VirtioError) {
-        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
-                                   outstanding: snapshot.outstanding)
+        let queue = try Virtqueue(adopting: layout.memory, features: features, doorbell: doorbell, snapshot: snapshot)
         self.init(index: snapshot.index, layout: layout, queue: queue, mode: mode, eventfd: eventfd,
                   completionTimeout: completionTimeout, busy: records.map { $0 != nil })
         for (slot, record) in records.enumerated() { if let record { pending[slot] = record } }
@@ -158,7 +157,7 @@ public struct BlockQueue: ~Copyable {
     }
 
     /// What both paths share: the slots' private state over `layout`, interrupts suppressed.
-    init(index: Int, layout: Layout, queue: consuming SplitQueue, mode: CompletionMode, eventfd: Int32?,
+    init(index: Int, layout: Layout, queue: consuming Virtqueue, mode: CompletionMode, eventfd: Int32?,
          completionTimeout: Duration, busy: [Bool] = []) {
         queue.suppressInterrupts()
         self.index = index
@@ -192,8 +191,8 @@ public struct BlockQueue: ~Copyable {
     public var inFlight: Int { queue.inFlight }
     /// No request in flight: the queue can be handed to a successor (`snapshot`).
     public var isIdle: Bool { queue.isIdle }
-    /// The queue's rings and indices for a successor; valid only when `isIdle`.
-    public var snapshot: QueueSnapshot { queue.snapshot }
+    /// The queue's rings and indices for a successor; only when `isIdle` (refused for packed rings).
+    public func snapshot() throws(VirtioError) -> QueueSnapshot { try queue.idleSnapshot() }
 
     /// The queue with its requests in flight, for a successor that carries them on
     /// (`init(adopting:carried:...)`): the snapshot (token = slot) and this driver's record of each.

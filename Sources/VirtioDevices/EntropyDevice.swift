@@ -12,7 +12,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     /// Bytes from one buffer to the next (`DMAArena.elementStride(bufferSize)`).
     let bufferStride: Int
     public let mode: CompletionMode
-    var queue: SplitQueue
+    var queue: Virtqueue
     /// Buffer slots not posted to the device (completed, waiting to be posted again).
     var idle: SlotStack
     let buffers: DMASlice
@@ -24,29 +24,30 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
     public private(set) var wakes = WakeCounts()
 
     /// Resets the device, negotiates `wanted` (what the device offers of it, plus VERSION_1 and
-    /// ACCESS_PLATFORM), builds the queue with `bufferSize`-byte buffers and sets DRIVER_OK
-    /// (spec 3.1.1 steps 1-8).
-    public init(transport: consuming T, wanted: Features = [], mode: CompletionMode = .poll,
+    /// ACCESS_PLATFORM, and RING_PACKED as `ring` says), builds the queue in the negotiated
+    /// format with `bufferSize`-byte buffers and sets DRIVER_OK (spec 3.1.1 steps 1-8).
+    public init(transport: consuming T, wanted: Features = [], ring: RingPreference = .auto, mode: CompletionMode = .poll,
                 bufferSize: Int = 4096, queueSize: UInt16? = nil,
                 completionTimeout: Duration = .seconds(10)) throws(VirtioError) {
         guard transport.deviceType == .entropy else {
             throw .queueSetup(queue: 0, "device is virtio-\(transport.deviceType), not virtio-rng")
         }
         try Lifecycle.reset(transport)
-        let negotiation = try Lifecycle.negotiate(transport, wanted: wanted)
+        let negotiation = try Lifecycle.negotiate(transport, wanted: ring.features(wanted))
+        let format = try ring.format(negotiation)
         let maximum = transport.queueMaxSize(0)
         guard maximum > 0 else { throw .queueSetup(queue: 0, "the device reports no request queue") }
         // The largest power of two not above the device's maximum (or the size asked for).
         let size = SplitQueueLayout.queueSize(maximum: maximum, limit: queueSize)
         transport.dma.reset()
-        let (memory, buffers) = try EntropyDevice.layout(arena: transport.dma, size: size, bufferSize: bufferSize, zeroed: true)
+        let (memory, buffers) = try EntropyDevice.layout(arena: transport.dma, size: size, format: format, bufferSize: bufferSize, zeroed: true)
         var eventfd: Int32?
         if mode != .poll {
             eventfd = try transport.enableInterrupts(count: 1).first
         }
         try transport.setConfigVector(nil)
         let doorbell = try transport.enableQueue(0, size: size, rings: memory.rings, vector: mode == .poll ? nil : 0)
-        var queue = SplitQueue(index: 0, memory: memory, features: negotiation.accepted, doorbell: doorbell)
+        var queue = Virtqueue(index: 0, memory: memory, features: negotiation.accepted, doorbell: doorbell)
         queue.suppressInterrupts()
         try Lifecycle.driverOK(transport)
         var idle = SlotStack(filledTo: Int(size))
@@ -78,15 +79,14 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             throw .adoption(queue: 0, "this version would use \(size) entries (queue size \(queueSize.map(String.init) ?? "-")), the device runs \(snapshot.size)")
         }
         transport.dma.reset()
-        let memory: SplitQueueMemory, buffers: DMASlice
+        let memory: QueueMemory, buffers: DMASlice
         do {
-            (memory, buffers) = try EntropyDevice.layout(arena: transport.dma, size: size, bufferSize: bufferSize, zeroed: false)
+            (memory, buffers) = try EntropyDevice.layout(arena: transport.dma, size: size, format: RingFormat(features), bufferSize: bufferSize, zeroed: false)
         } catch {
             throw .adoption(queue: 0, "this version's layout does not fit the DMA memory (\(error))")
         }
         try Adoption.checkLayout(memory.rings, snapshot)
-        var queue = try SplitQueue(adopting: memory, features: features, doorbell: doorbell, index: 0,
-                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+        var queue = try Virtqueue(adopting: memory, features: features, doorbell: doorbell, snapshot: snapshot)
         queue.suppressInterrupts()
         // MSI-X: new eventfds for this process; queue_msix_vector is still programmed and is not
         // written again, nor is queue_enable (§4.1.4.3.2).
@@ -100,15 +100,16 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
 
     /// The queue's rings and the buffers, carved from `arena` in one order for both paths; with
     /// `zeroed: false` nothing is written (adoption recomputes a running queue's layout).
-    static func layout(arena: DMAArena, size: UInt16, bufferSize: Int, zeroed: Bool) throws(VirtioError) -> (SplitQueueMemory, DMASlice) {
-        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+    static func layout(arena: DMAArena, size: UInt16, format: RingFormat, bufferSize: Int,
+                       zeroed: Bool) throws(VirtioError) -> (QueueMemory, DMASlice) {
+        let memory = try QueueMemory(format, arena: arena, size: size, zeroed: zeroed)
         let stride = arena.elementStride(bufferSize)
         let buffers = try arena.allocate(Int(size) * stride, alignment: 4096, element: stride, zeroed: zeroed)
         return (memory, buffers)
     }
 
     /// What both paths share: the fields.
-    init(transport: consuming T, negotiation: Lifecycle.Negotiation, queue: consuming SplitQueue, idle: consuming SlotStack,
+    init(transport: consuming T, negotiation: Lifecycle.Negotiation, queue: consuming Virtqueue, idle: consuming SlotStack,
          buffers: DMASlice, bufferSize: Int, mode: CompletionMode, eventfd: Int32?, completionTimeout: Duration) {
         self.idle = idle
         self.waiter = CompletionWaiter(mode: mode, eventfd: eventfd, timeout: completionTimeout)
@@ -131,7 +132,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             _ = try queue.drainUsed { token, _ in idle.push(Int(token)) }
         }
         guard queue.isIdle else { throw .adoption(queue: 0, "the queue is broken: \(queue.brokenReason.map { "\($0)" } ?? "")") }
-        return queue.snapshot
+        return try queue.idleSnapshot()
     }
 
     /// Gives the transport back with the device still running (live upgrade): no reset, nothing
@@ -206,6 +207,13 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             let base = buffers.pointer, stride = bufferStride
             var handed = 0
             var done = 0
+            // What was handed out counts even when the drain then stops on a bad completion: a
+            // recovery must not ask for those bytes again.
+            defer {
+                remaining -= handed
+                bytesRead += handed
+                completions += done
+            }
             _ = try queue.drainUsed { token, length in
                 // The queue checked length against the buffer's size; the token is our slot number.
                 let n = min(Int(length), remaining - handed)
@@ -214,16 +222,13 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
                 done += 1
                 idle.push(Int(token))
             }
-            remaining -= handed
-            bytesRead += handed
-            completions += done
             try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: bufferStride)
         }
     }
 
     /// Posts every idle buffer slot as one device-writable buffer and tells the device.
     /// `stride`: bytes from one buffer to the next (`DMAArena.elementStride(bufferSize)`).
-    static func post(_ idle: inout SlotStack, to queue: inout SplitQueue, buffers: DMASlice, bufferSize: Int, stride: Int) throws(VirtioError) {
+    static func post(_ idle: inout SlotStack, to queue: inout Virtqueue, buffers: DMASlice, bufferSize: Int, stride: Int) throws(VirtioError) {
         while let slot = idle.pop() {
             var segment = BufferSegment(address: buffers.deviceAddress(at: slot * stride),
                                         length: UInt32(bufferSize), deviceWritable: true)
@@ -243,13 +248,11 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             throw .missingFeature("RING_RESET (negotiate it with --feature RING_RESET)")
         }
         try transport.resetQueue(0, timeout: timeout)
-        // After the queue reset the device uses none of its buffers: reclaim them all, then build
-        // the queue again on the same (zeroed) memory. The doorbell does not move (queue_notify_off
-        // is fixed), so the new queue keeps it.
-        var old = SplitQueue(index: 0, memory: queue.memory, features: negotiation.accepted, doorbell: queue.doorbell)
-        swap(&old, &queue)
+        // After the queue reset the device uses none of its buffers: reclaim them all, which
+        // leaves the queue as new on the same (zeroed) memory. The doorbell does not move
+        // (queue_notify_off is fixed), so the queue keeps it.
         var reclaimed = 0
-        old.cancelAll { slot in idle.push(Int(slot)); reclaimed += 1 }
+        queue.reclaimAll { slot in idle.push(Int(slot)); reclaimed += 1 }
         _ = try transport.enableQueue(0, size: queue.size, rings: queue.rings, vector: mode == .poll ? nil : 0)
         queue.suppressInterrupts()
         try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: bufferStride)

@@ -6,7 +6,7 @@ import Virtio
 /// Commands are rare (configuration), so each is waited for by polling, bounded by `timeout`.
 public struct NetControlQueue: ~Copyable {
     public let index: Int
-    var queue: SplitQueue
+    var queue: Virtqueue
     /// Command bytes (readable) and the ack byte (writable), apart so neither shares a line.
     let command: DMASlice
     let ack: DMASlice
@@ -22,9 +22,9 @@ public struct NetControlQueue: ~Copyable {
 
     /// The rings, then the command bytes and the ack byte, in the order both initialisers
     /// allocate them (so a successor recomputes the previous driver's layout exactly).
-    static func layout(arena: DMAArena, size: UInt16, zeroed: Bool) throws(VirtioError)
-        -> (memory: SplitQueueMemory, command: DMASlice, ack: DMASlice) {
-        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+    static func layout(arena: DMAArena, size: UInt16, format: RingFormat, zeroed: Bool) throws(VirtioError)
+        -> (memory: QueueMemory, command: DMASlice, ack: DMASlice) {
+        let memory = try QueueMemory(format, arena: arena, size: size, zeroed: zeroed)
         let command = try arena.allocate(NetControlQueue.commandBytes, alignment: 64, zeroed: zeroed)
         let ack = try arena.allocate(1, alignment: 64, zeroed: zeroed)
         return (memory, command, ack)
@@ -34,9 +34,9 @@ public struct NetControlQueue: ~Copyable {
         let maximum = transport.queueMaxSize(index)
         guard maximum > 0 else { throw .queueSetup(queue: index, "the device reports no control queue (size 0)") }
         let size = SplitQueueLayout.queueSize(maximum: maximum, limit: 8)
-        let layout = try NetControlQueue.layout(arena: transport.dma, size: size, zeroed: true)
+        let layout = try NetControlQueue.layout(arena: transport.dma, size: size, format: RingFormat(features), zeroed: true)
         let doorbell = try transport.enableQueue(index, size: size, rings: layout.memory.rings, vector: nil)
-        self.init(queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+        self.init(queue: Virtqueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
                   command: layout.command, ack: layout.ack, timeout: timeout)
     }
 
@@ -44,15 +44,14 @@ public struct NetControlQueue: ~Copyable {
     /// one at a time, so a handed-over control queue is idle.
     init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
                                    doorbell: Doorbell, timeout: Duration) throws(VirtioError) {
-        let layout = try NetControlQueue.layout(arena: transport.dma, size: snapshot.size, zeroed: false)
+        let layout = try NetControlQueue.layout(arena: transport.dma, size: snapshot.size, format: RingFormat(features), zeroed: false)
         try Adoption.checkLayout(layout.memory.rings, snapshot)
-        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex)
+        let queue = try Virtqueue(adopting: layout.memory, features: features, doorbell: doorbell, snapshot: snapshot)
         self.init(queue: queue, command: layout.command, ack: layout.ack, timeout: timeout)
     }
 
     /// What both initialisers end with; interrupts start suppressed (commands are polled).
-    init(queue: consuming SplitQueue, command: DMASlice, ack: DMASlice, timeout: Duration) {
+    init(queue: consuming Virtqueue, command: DMASlice, ack: DMASlice, timeout: Duration) {
         self.index = queue.index
         self.queue = queue
         self.queue.suppressInterrupts()

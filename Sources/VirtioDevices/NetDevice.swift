@@ -212,7 +212,7 @@ public struct NetDevice<T: Transport & ~Copyable>: ~Copyable {
             guard control.queue.queue.isIdle else {
                 throw .adoption(queue: control.queue.index, "a control command is outstanding")
             }
-            result.append(control.queue.queue.snapshot)
+            result.append(try control.queue.queue.idleSnapshot())
         }
         return result
     }

@@ -10,7 +10,7 @@ import Virtio
 /// allocated with the queue). Nothing here allocates per frame.
 public struct NetReceiveQueue: ~Copyable {
     public let index: Int
-    var queue: SplitQueue
+    var queue: Virtqueue
     let buffers: DMASlice
     /// Bytes each posted buffer offers the device.
     public let bufferSize: Int
@@ -38,10 +38,10 @@ public struct NetReceiveQueue: ~Copyable {
     /// rings, then `size` buffers of `bufferSize` bytes on 64-byte strides): a successor that
     /// adopts the queue recomputes exactly the layout the previous driver built. Receive buffers
     /// are never zeroed: the device writes them before a used length says so.
-    static func layout(arena: DMAArena, size: UInt16, bufferSize: Int, zeroed: Bool) throws(VirtioError)
-        -> (memory: SplitQueueMemory, buffers: DMASlice, stride: Int) {
+    static func layout(arena: DMAArena, size: UInt16, format: RingFormat, bufferSize: Int, zeroed: Bool) throws(VirtioError)
+        -> (memory: QueueMemory, buffers: DMASlice, stride: Int) {
         let stride = arena.elementStride((bufferSize + 63) / 64 * 64)
-        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+        let memory = try QueueMemory(format, arena: arena, size: size, zeroed: zeroed)
         let buffers = try arena.allocate(Int(size) * stride, alignment: 4096, element: stride, zeroed: false)
         return (memory, buffers, stride)
     }
@@ -50,9 +50,9 @@ public struct NetReceiveQueue: ~Copyable {
     /// from its DMA arena, and enables it. Nothing is posted until `post()` (after DRIVER_OK).
     init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, size: UInt16, features: Features,
                                    config: NetConfig, bufferSize: Int, vector: UInt16?) throws(VirtioError) {
-        let layout = try NetReceiveQueue.layout(arena: transport.dma, size: size, bufferSize: bufferSize, zeroed: true)
+        let layout = try NetReceiveQueue.layout(arena: transport.dma, size: size, format: RingFormat(features), bufferSize: bufferSize, zeroed: true)
         let doorbell = try transport.enableQueue(index, size: size, rings: layout.memory.rings, vector: vector)
-        self.init(queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+        self.init(queue: Virtqueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
                   buffers: layout.buffers, stride: layout.stride, bufferSize: bufferSize, features: features,
                   config: config, idle: SlotStack(filledTo: Int(size)))
     }
@@ -65,19 +65,17 @@ public struct NetReceiveQueue: ~Copyable {
     /// delivered by the next `receive`. Slots not outstanding are idle and posted by `post()`.
     init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
                                    config: NetConfig, bufferSize: Int, doorbell: Doorbell) throws(VirtioError) {
-        let layout = try NetReceiveQueue.layout(arena: transport.dma, size: snapshot.size, bufferSize: bufferSize, zeroed: false)
+        let layout = try NetReceiveQueue.layout(arena: transport.dma, size: snapshot.size, format: RingFormat(features), bufferSize: bufferSize, zeroed: false)
         try Adoption.checkLayout(layout.memory.rings, snapshot)
         let idle = try SlotStack(idleBesides: snapshot, writableBytes: UInt32(bufferSize), kind: "receive buffer")
-        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
-                                   outstanding: snapshot.outstanding)
+        let queue = try Virtqueue(adopting: layout.memory, features: features, doorbell: doorbell, snapshot: snapshot)
         self.init(queue: queue, buffers: layout.buffers, stride: layout.stride, bufferSize: bufferSize, features: features,
                   config: config, idle: idle)
     }
 
     /// What both initialisers end with; interrupts start suppressed (the caller polls, or arms
     /// them before it sleeps).
-    init(queue: consuming SplitQueue, buffers: DMASlice, stride: Int, bufferSize: Int, features: Features,
+    init(queue: consuming Virtqueue, buffers: DMASlice, stride: Int, bufferSize: Int, features: Features,
          config: NetConfig, idle: consuming SlotStack) {
         let size = Int(queue.size)
         self.index = queue.index

@@ -6,7 +6,7 @@ import Virtio
 /// it. Nothing here allocates per frame.
 public struct NetTransmitQueue: ~Copyable {
     public let index: Int
-    var queue: SplitQueue
+    var queue: Virtqueue
     let slots: DMASlice
     let stride: Int
     var idle: SlotStack
@@ -14,19 +14,19 @@ public struct NetTransmitQueue: ~Copyable {
     /// Where queue memory goes in the DMA arena, in the order both initialisers allocate it (the
     /// rings, then one slot per entry for a header and a whole frame, on 64-byte strides), so a
     /// successor recomputes the previous driver's layout exactly. Slots are written before use.
-    static func layout(arena: DMAArena, size: UInt16, config: NetConfig, zeroed: Bool) throws(VirtioError)
-        -> (memory: SplitQueueMemory, slots: DMASlice, stride: Int) {
+    static func layout(arena: DMAArena, size: UInt16, format: RingFormat, config: NetConfig, zeroed: Bool) throws(VirtioError)
+        -> (memory: QueueMemory, slots: DMASlice, stride: Int) {
         let stride = arena.elementStride((NetHeader.size + config.maxFrameBytes + 63) / 64 * 64)
-        let memory = try SplitQueueMemory(arena: arena, size: size, zeroed: zeroed)
+        let memory = try QueueMemory(format, arena: arena, size: size, zeroed: zeroed)
         let slots = try arena.allocate(Int(size) * stride, alignment: 4096, element: stride, zeroed: false)
         return (memory, slots, stride)
     }
 
     init<T: Transport & ~Copyable>(index: Int, transport: borrowing T, size: UInt16, features: Features,
                                    config: NetConfig, vector: UInt16?) throws(VirtioError) {
-        let layout = try NetTransmitQueue.layout(arena: transport.dma, size: size, config: config, zeroed: true)
+        let layout = try NetTransmitQueue.layout(arena: transport.dma, size: size, format: RingFormat(features), config: config, zeroed: true)
         let doorbell = try transport.enableQueue(index, size: size, rings: layout.memory.rings, vector: vector)
-        self.init(queue: SplitQueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
+        self.init(queue: Virtqueue(index: index, memory: layout.memory, features: features, doorbell: doorbell),
                   slots: layout.slots, stride: layout.stride, idle: SlotStack(filledTo: Int(size)))
     }
 
@@ -35,17 +35,15 @@ public struct NetTransmitQueue: ~Copyable {
     /// slot, nothing device-writable) stay in flight and are reclaimed when the device uses them.
     init<T: Transport & ~Copyable>(adopting snapshot: QueueSnapshot, transport: borrowing T, features: Features,
                                    config: NetConfig, doorbell: Doorbell) throws(VirtioError) {
-        let layout = try NetTransmitQueue.layout(arena: transport.dma, size: snapshot.size, config: config, zeroed: false)
+        let layout = try NetTransmitQueue.layout(arena: transport.dma, size: snapshot.size, format: RingFormat(features), config: config, zeroed: false)
         try Adoption.checkLayout(layout.memory.rings, snapshot)
         let idle = try SlotStack(idleBesides: snapshot, writableBytes: 0, kind: "transmit")
-        let queue = try SplitQueue(adopting: layout.memory, features: features, doorbell: doorbell, index: snapshot.index,
-                                   availIndex: snapshot.availIndex, usedIndex: snapshot.usedIndex,
-                                   outstanding: snapshot.outstanding)
+        let queue = try Virtqueue(adopting: layout.memory, features: features, doorbell: doorbell, snapshot: snapshot)
         self.init(queue: queue, slots: layout.slots, stride: layout.stride, idle: idle)
     }
 
     /// What both initialisers end with; interrupts start suppressed.
-    init(queue: consuming SplitQueue, slots: DMASlice, stride: Int, idle: consuming SlotStack) {
+    init(queue: consuming Virtqueue, slots: DMASlice, stride: Int, idle: consuming SlotStack) {
         self.index = queue.index
         self.queue = queue
         self.queue.suppressInterrupts()

@@ -7,6 +7,7 @@ import RingBenchmark
 import Virtio
 
 extension RingBenchDevice: ExpressibleByArgument {}
+extension RingFormat: ExpressibleByArgument {}
 
 @main
 struct RingBenchCommand: ParsableCommand {
@@ -29,6 +30,7 @@ struct RingBenchCommand: ParsableCommand {
     @Option(help: "Requests added and published together; the round waits for all of them.") var batch = 32
     @Option(help: "Queue size (a power of 2).") var queueSize: UInt16 = 256
     @Option(help: "Emulated device: rng or blk.") var device: RingBenchDevice = .rng
+    @Option(help: "Virtqueue format: split or packed (the emulated device then offers RING_PACKED).") var ring: RingFormat = .split
     @Option(help: "rng: bytes per buffer; blk: data bytes per IN request (a multiple of 512). Default 64 (rng), 512 (blk).")
     var bufferSize: Int?
     @Flag(inversion: .prefixedNo, help: "Negotiate VIRTIO_F_EVENT_IDX.") var eventIdx = true
@@ -50,6 +52,7 @@ struct RingBenchCommand: ParsableCommand {
     func run() throws {
         var options = RingBenchOptions()
         options.device = device
+        options.ring = ring
         options.queueSize = queueSize
         options.batch = batch
         options.bufferSize = bufferSize ?? (device == .blk ? 512 : 64)
@@ -82,7 +85,7 @@ struct RingBenchCommand: ParsableCommand {
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         let n = Double(requests)
         func per(_ x: Int) -> String { fixed(Double(x) / n, 3) }
-        print("ring bench: \(device), queue \(queueSize), batch \(batch), \(options.bufferSize)-byte buffers, features [\(features)], \(placement)")
+        print("ring bench: \(device), \(ring) ring, queue \(queueSize), batch \(batch), \(options.bufferSize)-byte buffers, features [\(features)], \(placement)")
         print("\(completed) requests in \(fixed(seconds, 3)) s: \(Int((n / seconds).rounded())) requests/s, "
               + "\(fixed(seconds / n * 1e9, 0)) ns/request; all completed once, "
               + (verify ? "data verified" : "data not verified"))

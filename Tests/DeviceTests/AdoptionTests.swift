@@ -92,7 +92,7 @@ struct AdoptionTests {
         #expect(device.readDisk(offset: 2000 * 512, count: second.count) == second)
         #expect(device.readDisk(offset: 10 * 512, count: first.count) == first)
         // The indices went on from the handed-over ones.
-        #expect(blk.queue.snapshot.usedIndex &- snapshots[0].usedIndex > 0)
+        #expect(try blk.queue.snapshot().usedIndex &- snapshots[0].usedIndex > 0)
         #expect(device.resetCount == resets, "adoption reset the device")
         #expect(device.queueEnableWrites == enables, "adoption wrote queue_enable again")
         #expect(device.configVectorWrites == configVectors, "adoption wrote config_msix_vector again")
