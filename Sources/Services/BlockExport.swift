@@ -79,7 +79,8 @@ public struct BlockExport<T: HandoverTransport & ~Copyable>: ~Copyable, Upgradab
 extension BlockExport where T: ~Copyable {
     /// The successor's `adopt` step: the device adopted (live) or reset, then the NBD listeners
     /// and connections handed over. Received sockets not adopted are closed; nothing leaks.
-    public static func adopt(_ transport: consuming T, _ successor: inout Successor, wanted: Features, mode: CompletionMode,
+    public static func adopt(_ transport: consuming T, _ successor: inout Successor, wanted: Features, ring: RingPreference = .auto,
+                             mode: CompletionMode,
                              configuration: NBDServerConfiguration,
                              log: @escaping @Sendable (String) -> Void) throws(UpgradeError) -> Self {
         var sockets = successor.descriptors.takeAll(.listener)
@@ -90,11 +91,11 @@ extension BlockExport where T: ~Copyable {
             throw successor.decline("serve blk state: \(error)", touched: false)
         }
         let carried = state.backend?.carried ?? []
-        let blk = try successor.bringUp(transport, wanted: wanted, vectors: mode.vectorPerQueue(successor.record.queues.count),
+        let blk = try successor.bringUp(transport, wanted: ring.features(wanted), vectors: mode.vectorPerQueue(successor.record.queues.count),
             adopt: { t, features, queues, verified throws(VirtioError) in
                 try BlockDevice(adopting: t, features: features, queues: queues, mode: mode, verified: verified, carried: carried)
             },
-            start: { t throws(VirtioError) in try BlockDevice(transport: t, wanted: wanted, mode: mode) })
+            start: { t throws(VirtioError) in try BlockDevice(transport: t, wanted: wanted, ring: ring, mode: mode) })
         let backend: VirtioBlockBackend<T>
         do throws(BackendError) {
             if let handed = state.backend {

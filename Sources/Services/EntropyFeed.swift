@@ -118,14 +118,15 @@ public struct EntropyFeed<T: HandoverTransport & ~Copyable>: ~Copyable, Upgradab
 
 extension EntropyFeed where T: ~Copyable {
     /// The successor's `adopt` step: the rng adopted as it runs (live) or reset and rebuilt.
-    public static func adopt(_ transport: consuming T, _ successor: inout Successor, wanted: Features, mode: CompletionMode,
+    public static func adopt(_ transport: consuming T, _ successor: inout Successor, wanted: Features, ring: RingPreference = .auto,
+                             mode: CompletionMode,
                              rate: Int, limit: Int, sink: @escaping (UnsafeRawBufferPointer) throws -> Void) throws(UpgradeError) -> Self {
-        let rng = try successor.bringUp(transport, wanted: wanted, vectors: mode.vectorPerQueue(successor.record.queues.count),
+        let rng = try successor.bringUp(transport, wanted: ring.features(wanted), vectors: mode.vectorPerQueue(successor.record.queues.count),
             adopt: { t, features, queues, verified throws(VirtioError) in
                 guard queues.count == 1 else { throw VirtioError.adoption(queue: nil, "\(queues.count) queues handed over, virtio-rng has 1") }
                 return try EntropyDevice(adopting: t, features: features, queue: queues[0], mode: mode, verified: verified)
             },
-            start: { t throws(VirtioError) in try EntropyDevice(transport: t, wanted: wanted, mode: mode) })
+            start: { t throws(VirtioError) in try EntropyDevice(transport: t, wanted: wanted, ring: ring, mode: mode) })
         return EntropyFeed(rng: rng, rate: rate, limit: limit, sink: sink)
     }
 }

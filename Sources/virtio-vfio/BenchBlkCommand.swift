@@ -29,6 +29,7 @@ struct BenchBlk: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
+    @OptionGroup var ring: RingOption
     @Option(parsing: .upToNextOption, help: "Patterns: randread, randwrite, read, write.") var pattern: [Pattern] = [.randread]
     @Option(parsing: .upToNextOption, help: "Queue depths (1-32768; the queues get entries for the deepest, as far as the device and 256 MiB of DMA memory allow; deeper values run at the queue's depth).")
     var qd: [Int] = [1, 32]
@@ -44,14 +45,14 @@ struct BenchBlk: ParsableCommand {
     static let arenaLimit = 256 << 20
 
     struct Result: Encodable {
-        var pattern: Pattern, qd: Int, bs: Int, irq: String, queues: Int
+        var pattern: Pattern, qd: Int, bs: Int, irq: String, queues: Int, ring: String
         var iops: Double, mbPerSecond: Double, requests: Int, errors: Int
         var p50us: Double, p99us: Double, p999us: Double, maxus: Double
         var interrupts: Int, polled: Int
     }
 
     func validate() throws {
-        // §2.7: a split queue has at most 32768 entries.
+        // §2.7, §2.8: a queue of either format has at most 32768 entries.
         guard qd.allSatisfy({ (1...32768).contains($0) }) else { throw ValidationError("--qd values must be 1 to 32768 (the most entries a virtqueue has, virtio 1.2 §2.7)") }
         guard bs.allSatisfy({ $0 >= 512 && $0 % 512 == 0 && $0 <= 1 << 20 }) else {
             throw ValidationError("--bs values must be multiples of 512 up to 1 MiB")
@@ -83,7 +84,7 @@ struct BenchBlk: ParsableCommand {
             let perQueue = BlockQueue.memoryBound(size: UInt16(queueSize), maxTransfer: maxTransfer)
             let transport = try global.openTransport(address, dmaBytes: queues * perQueue, expecting: .block)
             var blk: BlockDevice<VirtioPCITransport>
-            do { blk = try BlockDevice(transport: transport, mode: mode, maxTransfer: maxTransfer, queueSize: UInt16(queueSize), queues: queues) } catch {
+            do { blk = try BlockDevice(transport: transport, ring: ring.ring, mode: mode, maxTransfer: maxTransfer, queueSize: UInt16(queueSize), queues: queues) } catch {
                 throw Failure.exit(VirtioPCIError.virtio(address, error))
             }
             if deepest > blk.queue.slots {
@@ -106,9 +107,9 @@ struct BenchBlk: ParsableCommand {
             }
         }
         if json { try JSONOutput.print(results); return }
-        printTable(header: ["PATTERN", "QUEUES", "QD", "BS", "IRQ", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "ERRORS"],
+        printTable(header: ["PATTERN", "RING", "QUEUES", "QD", "BS", "IRQ", "IOPS", "MB/s", "p50 µs", "p99 µs", "p99.9 µs", "max µs", "ERRORS"],
                    rows: results.map { r in
-                       [r.pattern.rawValue, "\(r.queues)", "\(r.qd)", "\(r.bs)", r.irq, format2(r.iops), format2(r.mbPerSecond),
+                       [r.pattern.rawValue, r.ring, "\(r.queues)", "\(r.qd)", "\(r.bs)", r.irq, format2(r.iops), format2(r.mbPerSecond),
                         format2(r.p50us), format2(r.p99us), format2(r.p999us), format2(r.maxus), "\(r.errors)"]
                    })
     }
@@ -141,6 +142,7 @@ struct BenchBlk: ParsableCommand {
         printProgress("")
         func us(_ p: Double) -> Double { Double(total.histogram.valueAtPercentile(p)) / 1000 }
         return Result(pattern: pattern, qd: qd, bs: bs, irq: mode.rawValue, queues: 1 + blk.workerQueues.count,
+                      ring: RingFormat(blk.negotiation.accepted).rawValue,
                       iops: Double(total.requests) / total.seconds, mbPerSecond: Double(total.requests * bs) / total.seconds / 1e6,
                       requests: total.requests, errors: total.errors, p50us: us(50), p99us: us(99), p999us: us(99.9),
                       maxus: Double(total.histogram.max) / 1000, interrupts: total.interrupts, polled: total.polled)

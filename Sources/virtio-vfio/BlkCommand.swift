@@ -19,13 +19,14 @@ struct BlkOptions: ParsableArguments {
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .poll
+    @OptionGroup var ring: RingOption
 
     /// Opens and initialises the device, runs `body`, and always shuts the device down (reset).
     func withDevice(_ body: (inout BlockDevice<VirtioPCITransport>) throws(BlockError) -> Void) throws {
         let address = try device.address()
         let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block)
         var blk: BlockDevice<VirtioPCITransport>
-        do { blk = try BlockDevice(transport: transport, mode: irq) } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
+        do { blk = try BlockDevice(transport: transport, ring: ring.ring, mode: irq) } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         var failure: BlockError?
         do throws(BlockError) { try body(&blk) } catch { failure = error }
         do { _ = try blk.shutdown() } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
@@ -108,6 +109,7 @@ struct BlkID: ParsableCommand {
             print("size_max: \(c.sizeMax.map(String.init) ?? "-"), seg_max: \(c.segMax.map(String.init) ?? "-"), queues: \(c.numQueues), read-only: \(c.readOnly), flush: \(c.flush)")
             print("max transfer per request: \(blk.queue.maxTransfer) bytes, \(blk.queue.slots) request slots")
             print("features: \(blk.negotiation.accepted.names(for: .block).joined(separator: " "))")
+            print("ring: \(RingFormat(blk.negotiation.accepted))")
         }
     }
 }

@@ -55,6 +55,7 @@ enum Failure {
             switch e {
             case .pci(let p): return code(for: p)
             case .vfio(let v): return code(for: v)
+            case .virtio(_, .missingFeature): return unavailable  // the device does not offer what was asked
             case .virtio: return protocolError
             case .notVirtio, .needsIOMMU: return unavailable
             case .mapping: return ioError

@@ -48,6 +48,9 @@ struct InfoCommand: ParsableCommand {
         /// What a driver negotiated, if the device is past FEATURES_OK (as the device presents it).
         var negotiatedFeatures: UInt64?
         var negotiatedFeatureNames: [String]?
+        /// The virtqueue format `--ring auto` drives this device with, and the one negotiated.
+        var ring: String
+        var negotiatedRing: String?
         var queueCount: Int
         var queues: [Queue]
     }
@@ -102,6 +105,12 @@ struct InfoCommand: ParsableCommand {
         if json { try JSONOutput.print(report) } else { Self.printText(report) }
     }
 
+    /// What `--ring auto` picks: packed where the device offers it, except virtio-net, whose
+    /// driver keeps to the split ring.
+    static func autoRing(_ offered: Features, _ type: DeviceType) -> RingFormat {
+        type == .net ? .split : RingFormat(offered.intersection(.ringPacked))
+    }
+
     static func report(_ t: borrowing VirtioPCITransport) -> Report {
         let features = t.readDeviceFeatures()
         let queueCount = t.queueCount()
@@ -134,6 +143,8 @@ struct InfoCommand: ParsableCommand {
             deviceFeatureNames: features.names(for: t.deviceType),
             negotiatedFeatures: negotiated?.rawValue,
             negotiatedFeatureNames: negotiated?.names(for: t.deviceType),
+            ring: autoRing(features, t.deviceType).rawValue,
+            negotiatedRing: negotiated.map { RingFormat($0).rawValue },
             queueCount: queueCount,
             queues: queues
         )
@@ -172,6 +183,9 @@ struct InfoCommand: ParsableCommand {
         } else {
             print("Negotiated features: none (status has no FEATURES_OK)")
         }
+        let offered = r.deviceFeatureNames.contains("RING_PACKED")
+        print("Ring: \(r.ring) with --ring auto (RING_PACKED \(offered ? "offered" : "not offered"))"
+              + (r.negotiatedRing.map { "; negotiated: \($0)" } ?? ""))
         print("Queues: \(r.queueCount)")
         for q in r.queues { print("  queue \(q.index): max size \(q.maxSize), notify offset \(q.notifyOffset)") }
     }

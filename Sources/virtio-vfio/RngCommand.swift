@@ -25,6 +25,7 @@ struct RngCommand: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
+    @OptionGroup var ring: RingOption
     @Option(help: "How many bytes to write.") var bytes: Int
     @Option(help: "Completion mode: poll, msix or hybrid.") var irq: CompletionMode = .poll
     @Option(name: .customLong("feature"), help: "Also accept this feature if offered (repeatable).")
@@ -44,7 +45,7 @@ struct RngCommand: ParsableCommand {
         let clock = ContinuousClock()
         let start = clock.now
         var rng: EntropyDevice<VirtioPCITransport>
-        do { rng = try EntropyDevice(transport: transport, wanted: wanted, mode: irq, bufferSize: bufferSize) } catch {
+        do { rng = try EntropyDevice(transport: transport, wanted: wanted, ring: ring.ring, mode: irq, bufferSize: bufferSize) } catch {
             throw Failure.exit(VirtioPCIError.virtio(address, error))
         }
         var writeError: Int32 = 0
@@ -59,6 +60,7 @@ struct RngCommand: ParsableCommand {
         let elapsed = clock.now - start
         let negotiated = rng.negotiation.accepted.names(for: .entropy).joined(separator: " ")
         let completions = rng.completions
+        let format = RingFormat(rng.negotiation.accepted)
         let wakes = rng.wakes
         do { _ = try rng.shutdown() } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         if writeError != 0 {
@@ -68,6 +70,7 @@ struct RngCommand: ParsableCommand {
         if !quiet {
             let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
             printError("\(address): \(bytes) bytes in \(completions) completions, \(irq) mode, "
+                       + "\(format) ring, "
                        + "\(String(format2(Double(bytes) / seconds / 1e6))) MB/s; waits: \(wakes.interrupts) interrupts, "
                        + "\(wakes.polled) polled, \(wakes.rechecks) rechecks, \(wakes.ready) ready; features [\(negotiated)]")
         }

@@ -35,6 +35,7 @@ struct ServeBlkCommand: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
+    @OptionGroup var ring: RingOption
     @Option(help: ArgumentHelp("Listen on a UNIX socket: unix:PATH.", valueName: "unix:PATH")) var nbd: String?
     @Option(help: ArgumentHelp("Also listen on TCP, loopback only: 127.0.0.1:PORT or [::1]:PORT.", valueName: "ADDR:PORT"))
     var tcp: String?
@@ -78,7 +79,8 @@ struct ServeBlkCommand: ParsableCommand {
 
     func run() throws {
         let address = try device.address()
-        let wanted = DriverVersion.blockFeatures(BlockDevice<VirtioPCITransport>.supported)
+        // What a successor compares with the running device includes RING_PACKED as --ring says.
+        let wanted = ring.ring.features(DriverVersion.blockFeatures(BlockDevice<VirtioPCITransport>.supported))
         let wake: EventFD
         do { wake = try EventFD() } catch {
             printError("virtio-vfio: error: eventfd: \(error)")
@@ -121,7 +123,7 @@ struct ServeBlkCommand: ParsableCommand {
         var export: BlockExport<VirtioPCITransport>
         if handover.takeOver {
             export = try handover.takeOver(address, type: .block, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
-                try BlockExport.adopt(t, &s, wanted: wanted, mode: irq, configuration: configuration, log: backendLog)
+                try BlockExport.adopt(t, &s, wanted: wanted, ring: ring.ring, mode: irq, configuration: configuration, log: backendLog)
             }
             // The predecessor has been told to go: its ublk device is recovered once it is gone.
             if var control = ublkControl.take() {
@@ -140,10 +142,10 @@ struct ServeBlkCommand: ParsableCommand {
                     adopt: { t, features, queues, verified throws(VirtioError) in
                         try BlockDevice(adopting: t, features: features, queues: queues, mode: irq, verified: verified)
                     },
-                    start: { t throws(VirtioError) in try BlockDevice(transport: t, wanted: wanted, mode: irq) })
+                    start: { t throws(VirtioError) in try BlockDevice(transport: t, wanted: wanted, ring: ring.ring, mode: irq) })
             } else {
                 let transport = try global.openTransport(address, dmaBytes: 40 << 20, expecting: .block, announceLeftover: true)
-                do { blk = try BlockDevice(transport: transport, wanted: wanted, mode: irq) } catch {
+                do { blk = try BlockDevice(transport: transport, wanted: wanted, ring: ring.ring, mode: irq) } catch {
                     throw Failure.exit(VirtioPCIError.virtio(address, error))
                 }
             }

@@ -37,6 +37,7 @@ struct ServeRngCommand: ParsableCommand {
 
     @OptionGroup var global: GlobalOptions
     @OptionGroup var device: DeviceArgument
+    @OptionGroup var ring: RingOption
     @Option(help: "Bytes per second at most.") var rate = 4096
     @Option(help: "Entropy bits credited per byte (0-8).") var credit = 8
     @Option(help: "Stop after this many bytes (0: run until signalled).") var bytes = 0
@@ -61,25 +62,26 @@ struct ServeRngCommand: ParsableCommand {
         }
         let poolFD = OwnedFD(adopting: pool)
         let sink = Self.pool(poolFD.raw, credit: credit)
-        let wanted = DriverVersion.ringFeatures
+        // What a successor compares with the running device includes RING_PACKED as --ring says.
+        let wanted = ring.ring.features(DriverVersion.ringFeatures)
         let monitor = try ServiceMonitor(address: address, options: monitoring)
         let passed = PassedDescriptors(store)
         var feed: EntropyFeed<VirtioPCITransport>
         if handover.takeOver {
             feed = try handover.takeOver(address, type: .entropy, global: global, logger: logger, monitor: monitor) { t, s throws(UpgradeError) in
-                try EntropyFeed.adopt(t, &s, wanted: wanted, mode: irq, rate: rate, limit: bytes, sink: sink)
+                try EntropyFeed.adopt(t, &s, wanted: wanted, ring: ring.ring, mode: irq, rate: rate, limit: bytes, sink: sink)
             }
         } else if passed.hasDevice {
             let rng = try global.recover(address, from: passed, wanted: wanted, mode: irq, queues: 1, afterCrash: store.afterCrash,
                 adopt: { t, features, queues, verified throws(VirtioError) in
                     try EntropyDevice(adopting: t, features: features, queue: queues[0], mode: irq, verified: verified)
                 },
-                start: { t throws(VirtioError) in try EntropyDevice(transport: t, wanted: wanted, mode: irq) })
+                start: { t throws(VirtioError) in try EntropyDevice(transport: t, wanted: wanted, ring: ring.ring, mode: irq) })
             feed = EntropyFeed(rng: rng, rate: rate, limit: bytes, sink: sink)
         } else {
             let transport = try global.openTransport(address, dmaBytes: 2 << 20, expecting: .entropy, announceLeftover: true)
             do {
-                feed = EntropyFeed(rng: try EntropyDevice(transport: transport, wanted: wanted, mode: irq), rate: rate, limit: bytes, sink: sink)
+                feed = EntropyFeed(rng: try EntropyDevice(transport: transport, wanted: wanted, ring: ring.ring, mode: irq), rate: rate, limit: bytes, sink: sink)
             } catch { throw Failure.exit(VirtioPCIError.virtio(address, error)) }
         }
         // The kept originals are closed now that the device runs on duplicates of them.

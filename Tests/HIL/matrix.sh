@@ -51,7 +51,9 @@ works() {
     blk-q16) contains "$r: info shows a 16-entry queue" "$info" "queue 0: max size 16" ;;
     blk-plain) [[ $info != *RING_INDIRECT_DESC* && $info != *RING_EVENT_IDX* ]] \
       && pass "$r: neither RING_INDIRECT_DESC nor RING_EVENT_IDX offered" || fail "$r: features: $info" ;;
-    blk-packed) contains "$r: RING_PACKED offered (the driver keeps to the split ring)" "$info" "RING_PACKED" ;;
+    blk-packed)
+      contains "$r: RING_PACKED offered: info says --ring auto takes the packed ring" "$info" "Ring: packed with --ring auto (RING_PACKED offered)"
+      contains "$r: blk id runs on the packed ring" "$id" "ring: packed" ;;
     blk-pcie)
       contains "$r: VFIO reports a device reset (PCIe FLR)" "$info" "device reset supported"
       out=$(virtio-vfio reset "$B" --function 2>&1)
@@ -84,9 +86,11 @@ works() {
   [[ $r == blk-q1024x4 ]] && bench_args=(--qd 1 1024 --queues 4) want_qd=1024
   [[ $r == blk-q16 ]] && want_qd=16
   out=$(virtio-vfio bench blk "$B" "${bench_args[@]}" --bs 4096 --irq msix --seconds 2 --span $((capacity * 512)) --json 2>"$work/bench.err")
+  local want_ring=split
+  [[ $r == blk-packed ]] && want_ring=packed
   if [[ $(jq -r 'map(.errors) | add' <<<"$out") == 0 && $(jq -r 'map(.requests > 0) | all' <<<"$out") == true \
-        && $(jq -r 'map(.qd) | max' <<<"$out") == "$want_qd" ]]; then
-    pass "$r: bench blk ${bench_args[*]}: no errors, qd up to $want_qd ($(jq -r 'map("qd \(.qd): \(.iops | floor) IOPS") | join(", ")' <<<"$out"))"
+        && $(jq -r 'map(.qd) | max' <<<"$out") == "$want_qd" && $(jq -r 'map(.ring) | unique | join(",")' <<<"$out") == "$want_ring" ]]; then
+    pass "$r: bench blk ${bench_args[*]}: no errors, qd up to $want_qd, $want_ring ring ($(jq -r 'map("qd \(.qd): \(.iops | floor) IOPS") | join(", ")' <<<"$out"))"
   else
     fail "$r: bench blk ${bench_args[*]}: $out $(cat "$work/bench.err")"
   fi
