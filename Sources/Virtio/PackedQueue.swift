@@ -246,9 +246,13 @@ public struct PackedQueue: ~Copyable {
         loadDeviceU16(ring + PackedQueueLayout.descriptor(Int(nextUsed)) + PackedQueueLayout.descriptorFlags)
     }
 
-    /// Whether the device has used buffers this driver has not consumed yet.
+    /// Whether `drainUsed` has something to look at: the device used the next buffer, or, while
+    /// buffers are published, wrote flags there that are neither available nor used in this lap
+    /// (which `drainUsed` then names, instead of a wait that ends in a timeout).
     public func hasUsed() -> Bool {
-        usedFlagsAtNext() & (PackedQueueLayout.flagAvail | PackedQueueLayout.flagUsed) == PackedQueueLayout.usedFlags(wrap: usedWrap)
+        let state = usedFlagsAtNext() & (PackedQueueLayout.flagAvail | PackedQueueLayout.flagUsed)
+        if state == PackedQueueLayout.usedFlags(wrap: usedWrap) { return true }
+        return state != PackedQueueLayout.availableFlags(wrap: usedWrap) && Int(size) - freeCount - pendingDescriptors > 0
     }
 
     /// Consumes up to `limit` used descriptors, validating each, and passes (token, written

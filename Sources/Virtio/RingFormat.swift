@@ -15,6 +15,9 @@ public enum RingFormat: String, Sendable, CaseIterable, CustomStringConvertible 
 public enum RingPreference: String, Sendable, CaseIterable {
     case auto, split, packed
 
+    /// Exactly `format`.
+    public init(_ format: RingFormat) { self = format == .packed ? .packed : .split }
+
     /// `wanted` with RING_PACKED asked for or left out as this preference says.
     public func features(_ wanted: Features) -> Features {
         self == .split ? wanted.subtracting(.ringPacked) : wanted.union(.ringPacked)

@@ -44,6 +44,14 @@ extension EmulatedDevice {
             self.queueMaxSizes = queueMaxSizes
         }
 
+        /// This model, offering VIRTIO_F_RING_PACKED too when `format` is packed (QEMU's
+        /// `packed=on`), so a driver that asks for it gets the packed ring (§2.8).
+        public func offering(_ format: RingFormat) -> Model {
+            var m = self
+            if format == .packed { m.offeredFeatures.insert(.ringPacked) }
+            return m
+        }
+
         /// Like QEMU's virtio-rng-pci with iommu_platform=on: one queue of 8 entries.
         public static let rng = Model(
             type: .entropy,

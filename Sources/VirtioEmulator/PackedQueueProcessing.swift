@@ -91,8 +91,21 @@ extension DeviceCore {
         // Used with the wrong wrap counter: AVAIL the inverse of USED, as no used descriptor can be.
         let bent: UInt16? = s.faults.usedIndexJump
             ? (q.usedWrap ? PackedQueueLayout.flagUsed : PackedQueueLayout.flagAvail) : nil
-        q.writeUsed(id: id, length: length, descriptors: q.chainDescriptors, flags: bent)
-        if s.faults.duplicateCompletion { q.writeUsed(id: id, length: length, descriptors: 1) }
+        if s.faults.duplicateCompletion {
+            // The repeat goes where the next used descriptor would, and is written first: a
+            // driver that sees the completion then sees its repeat in the same pass. Written
+            // after it, the driver could reuse the ID in between, and a used descriptor naming an
+            // ID in flight again is, in a packed ring, a valid completion.
+            let (position, wrap) = (q.nextUsed, q.usedWrap)
+            PackedQueueDevice.advance(&q.nextUsed, &q.usedWrap, by: q.chainDescriptors, size: q.size)
+            q.writeUsed(id: id, length: length, descriptors: 1)
+            let after = (q.nextUsed, q.usedWrap)
+            (q.nextUsed, q.usedWrap) = (position, wrap)
+            q.writeUsed(id: id, length: length, descriptors: q.chainDescriptors, flags: bent)
+            (q.nextUsed, q.usedWrap) = after
+        } else {
+            q.writeUsed(id: id, length: length, descriptors: q.chainDescriptors, flags: bent)
+        }
         s.statistics[q.index].completed += 1
     }
 

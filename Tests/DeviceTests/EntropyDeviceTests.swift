@@ -8,10 +8,12 @@ import Synchronization
 
 @Suite("virtio-rng driver against the emulator", .serialized)
 struct EntropyDeviceTests {
-    @Test(arguments: CompletionMode.allCases)
-    func readsEntropyInEachMode(_ mode: CompletionMode) throws {
-        let device = EmulatedDevice(model: .rng(seed: 7))
+    @Test(arguments: CompletionMode.allCases, RingFormat.allCases)
+    func readsEntropyInEachMode(_ mode: CompletionMode, _ format: RingFormat) throws {
+        let device = EmulatedDevice(model: .rng(seed: 7).offering(format))
         var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: mode)
+        // --ring auto: packed exactly when the device offers it.
+        #expect(RingFormat(rng.negotiation.accepted) == format)
         var bytes: [UInt8] = []
         try rng.read(100_000) { bytes.append(contentsOf: $0) }
         #expect(bytes.count == 100_000)
@@ -42,8 +44,9 @@ struct EntropyDeviceTests {
     /// Counts this process's descriptors, mappings and threads: meaningful only when no other test
     /// runs at the same time. tools/test runs `swift test --no-parallel` with VIRTIO_VFIO_ISOLATED=1;
     /// without it (tests in parallel) the cycles still run and are checked, the counts are not.
+    /// The cycles alternate the ring format (split, packed) and, independently, the features.
     @Test func resetRenegotiateRebuildAThousandTimesLeaksNothing() throws {
-        let device = EmulatedDevice(model: .rng(seed: 1))
+        let device = EmulatedDevice(model: .rng(seed: 1).offering(.packed))
         var transport = EmulatedTransport(device: device)
         // Warm up lazily created state (the worker thread machinery, interrupt fds).
         do { var r = try EntropyDevice(transport: transport, mode: .msix); try r.read(64) { _ in }; transport = try r.shutdown() }
@@ -52,8 +55,11 @@ struct EntropyDeviceTests {
         for cycle in 0..<1200 {
             if cycle == 200 { before = ProcessResources.now() }
             let wanted: Features = cycle % 2 == 0 ? [.ringEventIdx, .ringIndirectDesc] : []
-            var rng = try EntropyDevice(transport: transport, wanted: wanted, mode: cycle % 3 == 0 ? .poll : .msix)
+            let format: RingFormat = cycle / 2 % 2 == 0 ? .split : .packed
+            var rng = try EntropyDevice(transport: transport, wanted: wanted, ring: RingPreference(format),
+                                        mode: cycle % 3 == 0 ? .poll : .msix)
             #expect(rng.negotiation.accepted.contains(.ringEventIdx) == (cycle % 2 == 0))
+            #expect(RingFormat(rng.negotiation.accepted) == format)
             var n = 0
             try rng.read(64) { n += $0.count }
             #expect(n == 64)
@@ -68,8 +74,9 @@ struct EntropyDeviceTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 
-    @Test func perQueueResetReclaimsEveryBufferAndKeepsWorking() throws {
-        let device = EmulatedDevice(model: .rng(seed: 3))
+    @Test(arguments: RingFormat.allCases)
+    func perQueueResetReclaimsEveryBufferAndKeepsWorking(_ format: RingFormat) throws {
+        let device = EmulatedDevice(model: .rng(seed: 3).offering(format))
         var rng = try EntropyDevice(transport: EmulatedTransport(device: device), wanted: .ringReset, mode: .hybrid)
         try rng.read(1000) { _ in }
         let reclaimed = try rng.resetQueue()
@@ -84,8 +91,9 @@ struct EntropyDeviceTests {
     /// Hybrid polls for a bounded time, then arms the interrupt and sleeps. The device is held
     /// back (`stopCompleting`) until this thread is seen blocked in poll(2) on the queue's eventfd,
     /// then let go: the wait must end by the interrupt the device sends. No timing decides it.
-    @Test func hybridSleepsOnTheInterruptOnceThePollBudgetIsSpent() throws {
-        let device = EmulatedDevice(model: .rng(seed: 13))
+    @Test(arguments: RingFormat.allCases)
+    func hybridSleepsOnTheInterruptOnceThePollBudgetIsSpent(_ format: RingFormat) throws {
+        let device = EmulatedDevice(model: .rng(seed: 13).offering(format))
         var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .hybrid)
         try rng.read(4096) { _ in }
         var faults = device.faults
@@ -128,10 +136,11 @@ struct EntropyDeviceTests {
 struct HostileDeviceTests {
     /// Switches on a fault after setup, reads, and expects the named protocol error; then shows that
     /// a reset brings the device back with good data (the seed's third use of reset).
-    func expectBrokenThenRecovered(_ set: (inout EmulatedDevice.Faults) -> Void, _ fragment: String) throws {
-        let device = EmulatedDevice(model: .rng(seed: 11))
+    func expectBrokenThenRecovered(_ format: RingFormat, _ set: (inout EmulatedDevice.Faults) -> Void, _ fragment: String) throws {
+        let device = EmulatedDevice(model: .rng(seed: 11).offering(format))
         var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .poll,
                                     completionTimeout: .milliseconds(300))
+        #expect(RingFormat(rng.negotiation.accepted) == format)
         try rng.read(100) { _ in }
         var faults = device.faults
         set(&faults)
@@ -147,27 +156,39 @@ struct HostileDeviceTests {
         let transport = try rng.shutdown()
         device.faults = .init()
         var again = try EntropyDevice(transport: transport, mode: .poll)
+        #expect(RingFormat(again.negotiation.accepted) == format)
         var n = 0
         try again.read(10_000) { n += $0.count }
         #expect(n == 10_000)
         _ = try again.shutdown()
     }
 
-    @Test func usedIDNotInFlight() throws {
-        try expectBrokenThenRecovered({ $0.usedIDNotInFlight = true }, "not")
+    @Test(arguments: RingFormat.allCases)
+    func usedIDNotInFlight(_ format: RingFormat) throws {
+        try expectBrokenThenRecovered(format, { $0.usedIDNotInFlight = true }, "is not a")
     }
-    @Test func duplicateCompletion() throws {
-        // The emulator repeats every completion: caught as ids not in flight or an impossible index jump.
-        try expectBrokenThenRecovered({ $0.duplicateCompletion = true }, "queue 0 broken: used")
+    @Test(arguments: RingFormat.allCases)
+    func duplicateCompletion(_ format: RingFormat) throws {
+        // The emulator repeats every completion. Split: ids not in flight or an impossible index
+        // jump. Packed: the repeat (written first, where the next used descriptor goes) names an
+        // ID no longer in flight, or sits where nothing was made available.
+        try expectBrokenThenRecovered(format, { $0.duplicateCompletion = true },
+                                      format == .split ? "queue 0 broken: used" : "in flight")
     }
-    @Test func usedLengthPastTheBuffer() throws {
-        try expectBrokenThenRecovered({ $0.usedLengthPastBuffer = true }, "device-writable bytes")
+    @Test(arguments: RingFormat.allCases)
+    func usedLengthPastTheBuffer(_ format: RingFormat) throws {
+        try expectBrokenThenRecovered(format, { $0.usedLengthPastBuffer = true }, "device-writable bytes")
     }
-    @Test func usedIndexJump() throws {
-        try expectBrokenThenRecovered({ $0.usedIndexJump = true }, "used idx jumped")
+    /// Split: used.idx jumps by the queue size. Packed: a used descriptor with the wrong wrap
+    /// counter (AVAIL the inverse of USED), which no lap can have.
+    @Test(arguments: RingFormat.allCases)
+    func usedIndexJump(_ format: RingFormat) throws {
+        try expectBrokenThenRecovered(format, { $0.usedIndexJump = true },
+                                      format == .split ? "used idx jumped" : "neither available nor used in this lap")
     }
-    @Test func aDeviceThatStopsCompleting() throws {
-        try expectBrokenThenRecovered({ $0.stopCompleting = true }, "stopped answering")
+    @Test(arguments: RingFormat.allCases)
+    func aDeviceThatStopsCompleting(_ format: RingFormat) throws {
+        try expectBrokenThenRecovered(format, { $0.stopCompleting = true }, "stopped answering")
     }
 
     @Test func aResetThatNeverCompletesIsReportedNotHung() throws {
@@ -188,7 +209,11 @@ struct RecoveryTests {
     /// timeout is 1 s and 5 recoveries are allowed: on a loaded machine (load 5-6 on 2 cores) the
     /// emulator's thread was once not scheduled within 200 ms and the read gave up.
     func recoversFrom(_ fault: (inout EmulatedDevice.Faults) -> Void, needsReset: Bool = false) throws {
-        let device = EmulatedDevice(model: .rng(seed: 5))
+        for format in RingFormat.allCases { try recoversFrom(format, fault, needsReset: needsReset) }
+    }
+
+    func recoversFrom(_ format: RingFormat, _ fault: (inout EmulatedDevice.Faults) -> Void, needsReset: Bool) throws {
+        let device = EmulatedDevice(model: .rng(seed: 5).offering(format))
         var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .poll,
                                     completionTimeout: .seconds(1))
         try rng.read(1000) { _ in }
@@ -204,8 +229,11 @@ struct RecoveryTests {
         defer { watcher.join() }
         var n = 0
         try rng.read(60_000, recoveries: 5) { n += $0.count }
-        #expect(n == 60_000)
-        #expect(rng.recoveries >= 1)
+        // Exactly: bytes handed out before the fault stopped a drain are not asked for again.
+        #expect(n == 60_000, "\(format)")
+        #expect(rng.bytesRead == 1000 + 60_000, "\(format)")
+        #expect(rng.recoveries >= 1, "\(format)")
+        #expect(RingFormat(rng.negotiation.accepted) == format)
         _ = try rng.shutdown()
     }
 

@@ -355,8 +355,13 @@ struct PackedQueueHostileDeviceTests {
         var q = try f.queue()
         _ = try add(&q, [writable], token: 1)
         q.publish()
+        let before = q.hasUsed()
+        #expect(!before)
         // AVAIL 0, USED 1 with the used wrap counter at 1: available in a lap not yet begun.
         f.use(q, slot: 0, id: 0, length: 1, flags: PackedQueueLayout.flagUsed)
+        // A waiter wakes for it (and drainUsed names it) instead of waiting for a timeout.
+        let after = q.hasUsed()
+        #expect(after)
         expectBroken(&q, "neither available nor used in this lap")
     }
 
