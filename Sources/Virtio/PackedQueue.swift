@@ -108,6 +108,15 @@ public struct PackedQueue: ~Copyable {
     /// Nothing in flight (and the device did not break the queue).
     public var isIdle: Bool { inFlight == 0 && brokenReason == nil }
 
+    /// The idle queue's positions for a state record: the next available and next used ring
+    /// positions, each with its wrap counter in bit 15 (as §2.8.10's event offsets carry it).
+    /// Not adopted live by this version (`Virtqueue`); it tells a successor where the ring stood.
+    public var snapshot: QueueSnapshot {
+        QueueSnapshot(index: index, size: size, rings: rings,
+                      availIndex: PackedQueueLayout.eventOffsetWrap(nextAvail, wrap: availWrap),
+                      usedIndex: PackedQueueLayout.eventOffsetWrap(nextUsed, wrap: usedWrap))
+    }
+
     // MARK: - Ring memory accessors (little-endian, plain stores ordered by the barriers below)
 
     @inline(__always) func storeDescriptor(_ table: UnsafeMutableRawPointer, _ i: Int, address: UInt64,

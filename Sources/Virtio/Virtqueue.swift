@@ -92,19 +92,23 @@ public struct Virtqueue: ~Copyable {
         return packed.unsafelyUnwrapped.pointee.usesIndirectDescriptors
     }
 
-    /// The idle queue for a successor (`init(adopting:)`); packed rings are refused by name.
+    /// The idle queue for a successor. A packed ring's record (its positions, the wrap counters
+    /// in bit 15) goes into the state record too, so that a successor in reset or auto mode can
+    /// take over; a successor's live adoption of it is refused (`Adoption.checkLive`).
     public func idleSnapshot() throws(VirtioError) -> QueueSnapshot {
-        guard let split else { throw Virtqueue.packedAdoption(queue: index) }
-        if let reason = split.pointee.brokenReason { throw reason }
-        guard split.pointee.inFlight == 0 else {
-            throw .adoption(queue: index, "\(split.pointee.inFlight) requests in flight")
-        }
-        return split.pointee.snapshot
+        if let reason = brokenReason { throw reason }
+        guard inFlight == 0 else { throw .adoption(queue: index, "\(inFlight) requests in flight") }
+        if let split { return split.pointee.snapshot }
+        return packed.unsafelyUnwrapped.pointee.snapshot
     }
 
-    /// The queue with its requests in flight (`SplitQueue.handoverSnapshot`); packed refused.
+    /// The queue with its requests in flight (`SplitQueue.handoverSnapshot`); a packed ring only
+    /// when idle (`idleSnapshot`): its requests in flight are not handed over.
     public func handoverSnapshot() throws(VirtioError) -> QueueSnapshot {
-        guard let split else { throw Virtqueue.packedAdoption(queue: index) }
+        guard let split else {
+            guard inFlight == 0 else { throw Virtqueue.packedAdoption(queue: index) }
+            return try idleSnapshot()
+        }
         return try split.pointee.handoverSnapshot()
     }
 

@@ -207,9 +207,10 @@ public struct BlockQueue: ~Copyable {
         return (snapshot, carried)
     }
 
-    /// Each request takes one descriptor (its segments in an indirect table sized for the largest):
-    /// requests in flight can be handed over (`handoverSnapshot`).
-    public var usesOneDescriptorPerRequest: Bool { queue.usesIndirectDescriptors }
+    /// Each request takes one descriptor (its segments in an indirect table sized for the largest)
+    /// on a split ring: requests in flight can be handed over (`handoverSnapshot`). A packed ring's
+    /// requests are completed before a handover instead (`Virtqueue.handoverSnapshot`).
+    public var usesOneDescriptorPerRequest: Bool { queue.usesIndirectDescriptors && queue.format == .split }
 
     /// Why the device broke the queue (nil while it is healthy); cleared by a reset (`recover`).
     public var brokenReason: VirtioError? { queue.brokenReason }

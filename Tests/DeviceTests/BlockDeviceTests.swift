@@ -8,12 +8,13 @@ import VirtioEmulator
 struct BlockDeviceTests {
     func pattern(_ count: Int, seed: UInt8) -> [UInt8] { (0..<count).map { UInt8(truncatingIfNeeded: $0 &* 31 &+ Int(seed)) } }
 
-    @Test(arguments: CompletionMode.allCases)
-    func writesReadsFlushesAndIdentifies(_ mode: CompletionMode) throws {
-        var model = EmulatedDevice.Model.blk(capacitySectors: 8192)
+    @Test(arguments: CompletionMode.allCases, RingFormat.allCases)
+    func writesReadsFlushesAndIdentifies(_ mode: CompletionMode, _ format: RingFormat) throws {
+        var model = EmulatedDevice.Model.blk(capacitySectors: 8192).offering(format)
         model.block.serial = "emu-serial-1"
         let device = EmulatedDevice(model: model)
         var blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: mode)
+        #expect(RingFormat(blk.negotiation.accepted) == format)
         let data = pattern(300 * 1024, seed: 5)
         try data.withUnsafeBytes { try blk.write(sector: 100, from: $0) }
         try blk.flush()
@@ -27,8 +28,26 @@ struct BlockDeviceTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 
-    @Test func requestsAreSplitAtSegMaxAndSizeMax() throws {
-        var model = EmulatedDevice.Model.blk(capacitySectors: 4096)
+    /// `--ring`: split keeps to the split ring where packed is offered; packed is refused by name
+    /// where it is not, and the device is left resettable (a fresh start works).
+    @Test func theRingPreferenceIsHonouredOrRefusedByName() throws {
+        let offering = EmulatedDevice(model: .blk(capacitySectors: 4096).offering(.packed))
+        var split = try BlockDevice(transport: EmulatedTransport(device: offering), ring: .split)
+        #expect(RingFormat(split.negotiation.accepted) == .split)
+        _ = try split.shutdown()
+        let plain = EmulatedDevice(model: .blk(capacitySectors: 4096))
+        #expect { _ = try BlockDevice(transport: EmulatedTransport(device: plain), ring: .packed) } throws: {
+            "\($0)".contains("RING_PACKED")
+        }
+        var again = try BlockDevice(transport: EmulatedTransport(device: plain), ring: .auto)
+        #expect(RingFormat(again.negotiation.accepted) == .split)
+        _ = try again.shutdown()
+        #expect(offering.violations.isEmpty && plain.violations.isEmpty, "\(offering.violations) \(plain.violations)")
+    }
+
+    @Test(arguments: RingFormat.allCases)
+    func requestsAreSplitAtSegMaxAndSizeMax(_ format: RingFormat) throws {
+        var model = EmulatedDevice.Model.blk(capacitySectors: 4096).offering(format)
         model.block.segMax = 2
         model.block.sizeMax = 4096
         model.offeredFeatures.insert(Features(bit: 1))  // SIZE_MAX
@@ -79,10 +98,11 @@ struct BlockDeviceTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 
-    @Test func queuesLargerThanTheDriverNeedsAreProgrammedSmaller() throws {
+    @Test(arguments: RingFormat.allCases)
+    func queuesLargerThanTheDriverNeedsAreProgrammedSmaller(_ format: RingFormat) throws {
         // QEMU num-queues=4,queue-size=1024: the driver writes queue_size 256 (§4.1.4.3) and
         // sizes its DMA memory for that, unless told otherwise.
-        let device = EmulatedDevice(model: .blk(capacitySectors: 8192, queues: 4, queueSize: 1024))
+        let device = EmulatedDevice(model: .blk(capacitySectors: 8192, queues: 4, queueSize: 1024).offering(format))
         var blk = try BlockDevice(transport: EmulatedTransport(device: device))
         #expect(device.queueState(0)?.size == BlockDevice<EmulatedTransport>.defaultQueueSize)
         let data = pattern(64 * 1024, seed: 8)
@@ -169,9 +189,11 @@ struct BlockDeviceTests {
         }
     }
 
-    @Test func resetHandsBackEveryRequestInFlight() throws {
-        let device = EmulatedDevice(model: .blk(capacitySectors: 4096))
+    @Test(arguments: RingFormat.allCases)
+    func resetHandsBackEveryRequestInFlight(_ format: RingFormat) throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 4096).offering(format))
         var blk = try BlockDevice(transport: EmulatedTransport(device: device), completionTimeout: .milliseconds(200))
+        #expect(RingFormat(blk.negotiation.accepted) == format)
         var faults = EmulatedDevice.Faults()
         faults.stopCompleting = true
         device.faults = faults
@@ -191,11 +213,13 @@ struct BlockDeviceTests {
         #expect(blk.queue.inFlight == 0)
     }
 
-    @Test func multiqueueGivesEachWorkerItsOwnQueue() throws {
-        let device = EmulatedDevice(model: .blk(capacitySectors: 8192, queues: 3))
+    @Test(arguments: RingFormat.allCases)
+    func multiqueueGivesEachWorkerItsOwnQueue(_ format: RingFormat) throws {
+        let device = EmulatedDevice(model: .blk(capacitySectors: 8192, queues: 3).offering(format))
         var blk = try BlockDevice(transport: EmulatedTransport(device: device), mode: .msix, maxTransfer: 16 << 10, queues: 3)
         #expect(blk.negotiation.accepted.contains(.blkMultiQueue))
         #expect(blk.workerQueues.count == 2 && blk.queue.index == 0)
+        #expect(RingFormat(blk.negotiation.accepted) == format)
         // Each worker writes its own sectors through its own queue, on its own thread.
         let threads = blk.workerQueues.enumerated().map { (i, worker) in
             JoinedThread {

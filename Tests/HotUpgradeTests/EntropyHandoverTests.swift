@@ -133,6 +133,38 @@ struct EntropyHandoverTests {
         }
     }
 
+    /// A packed ring (§2.8) is not adopted live by this version: live mode is refused before the
+    /// device is touched and the old driver serves again; auto takes it over by reset and runs the
+    /// packed ring again.
+    @Test func aPackedRingIsNotAdoptedLiveAndAutoTakesItOverByReset() throws {
+        try withoutLeaks {
+            let dir = TemporaryDirectory()
+            let device = EmulatedDevice(model: .rng.offering(.packed))
+            let newLog = CapturedLog()
+            let (old, oldLog, collected) = try running(device, at: dir.file("rng.sock"))
+            #expect(device.driverFeatures.contains(.ringPacked), "the old driver runs the packed ring")
+            let resets = device.resetCount
+            #expect { _ = try successor(device, at: dir.file("rng.sock"), mode: .live, log: newLog) } throws: {
+                "\($0)".contains("packed ring (§2.8) is not handed over live") && "\($0)".contains("driver old serves again")
+            }
+            let fed = collected.count
+            #expect(collected.wait(for: fed + 4096), "the old driver resumed")
+            #expect(device.resetCount == resets, "refused before touching the device")
+            #expect(oldLog.contains("declined: live mode refused"), "\(oldLog.lines)")
+            var new = try successor(device, at: dir.file("rng.sock"), mode: .auto, log: newLog)
+            guard case .handedOver? = old.outcome() else { Issue.record("no handover in auto mode"); return }
+            old.control.stop()
+            if let service = old.service.take() { service.relinquish() }
+            #expect(device.resetCount == resets + 1)
+            #expect(newLog.contains("live mode not possible") && newLog.contains("in reset mode in"), "\(newLog.lines)")
+            #expect(device.driverFeatures.contains(.ringPacked), "the successor runs the packed ring again")
+            let report = try new.probe()
+            #expect(report.summary == "first read 16 bytes")
+            #expect(device.violations.isEmpty, "\(device.violations)")
+            try new.shutdown()
+        }
+    }
+
     @Test func aSuccessorForAnotherDeviceIsRefusedByName() throws {
         try withoutLeaks {
             let dir = TemporaryDirectory()
