@@ -354,8 +354,16 @@ final class Model {
         let brokenBefore = q.brokenReason
         let pendingHonest = honestCompletions.count
         var got: [(token: UInt64, length: UInt32)] = []
+        var delivered = Set<UInt64>()
         do {
-            let count = try q.drainUsed(limit: limit) { got.append(($0, $1)) }
+            let count = try q.drainUsed(limit: limit) { token, length in
+                // Checked here as well as below, so that a queue delivering one token over and
+                // over is a finding at once, not a timeout.
+                require(inFlight[token] != nil && delivered.insert(token).inserted,
+                        "completion for token \(token), which is not in flight (never added, or delivered before)")
+                require(got.count < limit, "drain delivered past its limit \(limit)")
+                got.append((token, length))
+            }
             require(brokenBefore == nil, "drain succeeded on a broken queue")
             require(count == got.count, "drain returned \(count) but delivered \(got.count)")
             if honest {
