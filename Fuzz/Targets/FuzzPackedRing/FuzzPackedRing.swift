@@ -401,8 +401,12 @@ final class Model {
     }
 
     func interrupts(_ q: inout PackedQueue, _ input: inout FuzzInput) {
-        let expectUsed = rings.flags(at: driverUsed.index) & (PackedQueueLayout.flagAvail | PackedQueueLayout.flagUsed)
-            == PackedQueueLayout.usedFlags(wrap: driverUsed.wrap)
+        // Something for drainUsed to look at: the next position used in this lap, or, while
+        // buffers are published, flags there that are neither available nor used in this lap.
+        let state = rings.flags(at: driverUsed.index) & (PackedQueueLayout.flagAvail | PackedQueueLayout.flagUsed)
+        let publishedHeld = inFlight.values.reduce(0) { $0 + ($1.published ? $1.needed : 0) }
+        let expectUsed = state == PackedQueueLayout.usedFlags(wrap: driverUsed.wrap)
+            || (state != PackedQueueLayout.availableFlags(wrap: driverUsed.wrap) && publishedHeld > 0)
         switch input.u8() % 3 {
         case 0:
             q.suppressInterrupts()
