@@ -53,6 +53,7 @@ let package = Package(
         // LLVMFuzzerInitialize, which writes its seeds when asked); libFuzzer provides main.
         .executableTarget(name: "FuzzCapabilities", dependencies: ["PCI", "FuzzSupport"], path: "Targets/FuzzCapabilities"),
         .executableTarget(name: "FuzzUsedRing", dependencies: ["Virtio", "FuzzSupport", "CFuzzShim"], path: "Targets/FuzzUsedRing"),
+        .executableTarget(name: "FuzzPackedRing", dependencies: ["Virtio", "FuzzSupport", "CFuzzShim"], path: "Targets/FuzzPackedRing"),
         .executableTarget(name: "FuzzNBD", dependencies: ["NBD", "FuzzSupport"], path: "Targets/FuzzNBD"),
         .executableTarget(name: "FuzzStateRecord", dependencies: ["Upgrade", "FuzzSupport"], path: "Targets/FuzzStateRecord"),
         .executableTarget(name: "FuzzNBDHandoverState", dependencies: ["NBD", "FuzzSupport"], path: "Targets/FuzzNBDHandoverState"),
