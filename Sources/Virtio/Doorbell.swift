@@ -18,4 +18,13 @@ public struct Doorbell: @unchecked Sendable {
     public func ring() {
         CVirtioShim_mmio_write16(address, value.littleEndian)
     }
+
+    /// With VIRTIO_F_NOTIFICATION_DATA (spec 2.9, 4.1.5.2): one 32-bit volatile store of
+    /// `{ vqn: 16; next_off: 15; next_wrap: 1 }`, `next` being the upper 16 bits: a split ring's
+    /// next available index, a packed ring's next available position with its wrap counter in
+    /// bit 15.
+    @inline(__always)
+    public func ring(next: UInt16) {
+        CVirtioShim_mmio_write32(address, (UInt32(value) | UInt32(next) << 16).littleEndian)
+    }
 }

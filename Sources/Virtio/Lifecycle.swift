@@ -85,10 +85,17 @@ public enum Lifecycle {
 
     /// The features a driver wanting `wanted` accepts from a device offering `offered`: what both
     /// have, plus VERSION_1 (§6.1) and ACCESS_PLATFORM whenever offered (§6.1: the device then
-    /// may need it, and VFIO's IOMMU translates every address this driver hands out).
+    /// may need it, and VFIO's IOMMU translates every address this driver hands out), and
+    /// ORDER_PLATFORM and NOTIFICATION_DATA whenever offered (both are handled by every queue).
     public static func acceptable(offered: Features, wanted: Features) -> Features {
         var accepted = offered.intersection(wanted).union(.version1)
         if offered.contains(.accessPlatform) { accepted.insert(.accessPlatform) }
+        // §6: "A driver SHOULD accept VIRTIO_F_ORDER_PLATFORM if it is offered"; the queues then
+        // use the platform's barriers (`DeviceOrdering`).
+        if offered.contains(.orderPlatform) { accepted.insert(.orderPlatform) }
+        // §2.9: every queue of this driver can say where its next available buffer goes, so
+        // NOTIFICATION_DATA is accepted when offered (the doorbell then takes 32-bit writes).
+        if offered.contains(.notificationData) { accepted.insert(.notificationData) }
         return accepted
     }
 

@@ -25,6 +25,10 @@ public struct PackedQueue: ~Copyable {
     public let memory: PackedQueueMemory
     public let doorbell: Doorbell
     let eventIndex: Bool
+    /// The barriers against the device (VIRTIO_F_ORDER_PLATFORM or not), chosen here once.
+    public let ordering: DeviceOrdering
+    /// VIRTIO_F_NOTIFICATION_DATA: notifications carry the next available position (§2.9).
+    let notificationData: Bool
     let useIndirect: Bool
 
     // Device-visible memory.
@@ -77,6 +81,8 @@ public struct PackedQueue: ~Copyable {
         self.memory = memory
         self.doorbell = doorbell
         eventIndex = features.contains(.ringEventIdx)
+        ordering = DeviceOrdering(features)
+        notificationData = features.contains(.notificationData)
         useIndirect = features.contains(.ringIndirectDesc) && memory.indirect != nil
         ring = memory.descriptors.pointer
         driverEvent = memory.driverEvent.pointer
@@ -221,11 +227,11 @@ public struct PackedQueue: ~Copyable {
         guard pendingDescriptors > 0 else { return false }
         // §2.8.21.1 "Updating flags": a barrier before the flags update so the device sees every
         // descriptor of the batch (and each request's other descriptors) before the first one.
-        CVirtioShim_barrier_write()
+        ordering.write()
         storeFlags(ring, Int(pendingHead), pendingHeadFlags)
         // §2.8.21.3.1: a barrier before reading the Device Event Suppression structure, or a
         // needed notification can be missed. A store-load order: full barrier.
-        CVirtioShim_barrier_full()
+        ordering.full()
         let added = UInt16(truncatingIfNeeded: pendingDescriptors)
         pendingDescriptors = 0
         round &+= 1
@@ -244,7 +250,15 @@ public struct PackedQueue: ~Copyable {
             // the safe answer), or the reserved value 3: only DISABLE suppresses.
             notify = flags != PackedQueueLayout.eventDisable
         }
-        if notify { doorbell.ring() }
+        if notify {
+            // §2.9: next_off is the position the next descriptor will be made available at,
+            // next_wrap the Driver Ring Wrap Counter that goes with it.
+            if notificationData {
+                doorbell.ring(next: PackedQueueLayout.eventOffsetWrap(nextAvail, wrap: availWrap))
+            } else {
+                doorbell.ring()
+            }
+        }
         return notify
     }
 
@@ -297,7 +311,7 @@ public struct PackedQueue: ~Copyable {
                 return try fail("descriptor \(position) marked used with no request in flight (nothing was made available there)")
             }
             // §2.8.22 (the example's read_memory_barrier): the flags before the id and length.
-            CVirtioShim_barrier_read()
+            ordering.read()
             let id = loadDeviceU16(descriptor + PackedQueueLayout.descriptorID)
             // §2.8.3: the length is reserved (and ignored) in a used descriptor without WRITE.
             let length = flags & PackedQueueLayout.flagWrite != 0 ? loadDeviceU32(descriptor + PackedQueueLayout.descriptorLength) : 0
@@ -362,14 +376,14 @@ public struct PackedQueue: ~Copyable {
             // RING_EVENT_FLAGS_DESC, so the device must not see the flag before the offset).
             (driverEvent + PackedQueueLayout.eventDescriptor).storeBytes(
                 of: PackedQueueLayout.eventOffsetWrap(nextUsed, wrap: usedWrap).littleEndian, as: UInt16.self)
-            CVirtioShim_barrier_write()
+            ordering.write()
             (driverEvent + PackedQueueLayout.eventFlags).storeBytes(of: PackedQueueLayout.eventDescriptorSpecific.littleEndian, as: UInt16.self)
         } else {
             (driverEvent + PackedQueueLayout.eventFlags).storeBytes(of: PackedQueueLayout.eventEnable.littleEndian, as: UInt16.self)
         }
         // §2.8.22 (the example's memory_barrier after enabling events): the store above is
         // visible before the used flags are read again, or an interrupt could be lost.
-        CVirtioShim_barrier_full()
+        ordering.full()
         return !hasUsed()
     }
 

@@ -48,6 +48,10 @@ public struct SplitQueue: ~Copyable {
     public let memory: SplitQueueMemory
     public let doorbell: Doorbell
     let eventIndex: Bool
+    /// The barriers against the device (VIRTIO_F_ORDER_PLATFORM or not), chosen here once.
+    public let ordering: DeviceOrdering
+    /// VIRTIO_F_NOTIFICATION_DATA: notifications carry the next available index (§2.9).
+    let notificationData: Bool
     let useIndirect: Bool
     let mask: UInt16
 
@@ -129,7 +133,7 @@ public struct SplitQueue: ~Copyable {
             throw .adoption(queue: index, "used idx is \(deviceIndex) in the ring, more than the \(published) outstanding requests past \(usedIndex)")
         }
         // §2.7.14: like drainUsed, order the used.idx load before any later read of the rings.
-        CVirtioShim_barrier_read()
+        DeviceOrdering(features).read()
         self.init(index: index, memory: memory, features: features, doorbell: doorbell,
                   availIndex: availIndex, usedIndex: usedIndex)
         for request in outstanding {
@@ -163,6 +167,8 @@ public struct SplitQueue: ~Copyable {
         self.memory = memory
         self.doorbell = doorbell
         self.eventIndex = features.contains(.ringEventIdx)
+        self.ordering = DeviceOrdering(features)
+        self.notificationData = features.contains(.notificationData)
         self.mask = memory.size &- 1
         descriptors = memory.descriptors.pointer
         avail = memory.avail.pointer
@@ -307,11 +313,11 @@ public struct SplitQueue: ~Copyable {
         guard availIndex != publishedAvailIndex else { return false }
         // §2.7.13.3: "The driver performs a suitable memory barrier to ensure the device sees the
         // updated descriptor table and available ring before the next step."
-        CVirtioShim_barrier_write()
+        ordering.write()
         (avail + SplitQueueLayout.availIndex).storeBytes(of: availIndex.littleEndian, as: UInt16.self)
         // §2.7.13.4: "The driver performs a suitable memory barrier to ensure that it updates the idx
         // field before checking for notification suppression." A store-load order: full barrier.
-        CVirtioShim_barrier_full()
+        ordering.full()
         let old = publishedAvailIndex
         publishedAvailIndex = availIndex
         let notify: Bool
@@ -322,7 +328,10 @@ public struct SplitQueue: ~Copyable {
             // §2.7.10.1 without it: notify unless the device set VIRTQ_USED_F_NO_NOTIFY.
             notify = loadDeviceU16(usedFlagsPointer) & SplitQueueLayout.usedNoNotify == 0
         }
-        if notify { doorbell.ring() }
+        if notify {
+            // §2.9: next_off and next_wrap are the 16 bits of the available index.
+            if notificationData { doorbell.ring(next: availIndex) } else { doorbell.ring() }
+        }
         return notify
     }
 
@@ -349,7 +358,7 @@ public struct SplitQueue: ~Copyable {
         }
         // §2.7.14 / Linux virtqueue_get_buf: read barrier between reading idx and reading the
         // ring entries it covers, so we never see an entry older than the index.
-        CVirtioShim_barrier_read()
+        ordering.read()
         var consumed = 0
         while consumed < limit && lastUsedIndex != deviceIndex {
             let element = used + SplitQueueLayout.usedElement(Int(lastUsedIndex & mask))
@@ -417,7 +426,7 @@ public struct SplitQueue: ~Copyable {
         }
         // §2.7.7.1 (Linux virtqueue_enable_cb): the store above must be visible before we read
         // used.idx, or an interrupt could be lost between the check and the sleep. Full barrier.
-        CVirtioShim_barrier_full()
+        ordering.full()
         return !hasUsed()
     }
 

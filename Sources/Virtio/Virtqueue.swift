@@ -87,6 +87,11 @@ public struct Virtqueue: ~Copyable {
     }
     /// Nothing in flight and not broken.
     public var isIdle: Bool { inFlight == 0 && brokenReason == nil }
+    /// The barriers the queue uses against the device (`DeviceOrdering`).
+    public var ordering: DeviceOrdering {
+        if let split { return split.pointee.ordering }
+        return packed.unsafelyUnwrapped.pointee.ordering
+    }
     public var usesIndirectDescriptors: Bool {
         if let split { return split.pointee.usesIndirectDescriptors }
         return packed.unsafelyUnwrapped.pointee.usesIndirectDescriptors

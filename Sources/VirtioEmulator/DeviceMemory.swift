@@ -92,8 +92,10 @@ final class DeviceMemory: @unchecked Sendable {
 /// stores the queue index there (spec 4.1.5.2), the device takes it with an atomic exchange
 /// against `idle`, so a notification is consumed exactly once.
 final class NotifySlots: @unchecked Sendable {
-    static let idle: UInt16 = 0xFFFF
-    let slots: UnsafeMutablePointer<Atomic<UInt16>>
+    /// A 32-bit slot per queue: a driver writes 16 bits (the queue index) or, with
+    /// VIRTIO_F_NOTIFICATION_DATA, 32 (§4.1.5.2). A 16-bit write leaves the upper half idle.
+    static let idle: UInt32 = 0xFFFF_FFFF
+    let slots: UnsafeMutablePointer<Atomic<UInt32>>
     let count: Int
 
     init(count: Int) {
@@ -110,7 +112,7 @@ final class NotifySlots: @unchecked Sendable {
     func address(_ queue: Int) -> UnsafeMutableRawPointer { UnsafeMutableRawPointer(slots + queue) }
 
     /// The value written since the last call, or nil if the driver did not notify.
-    func take(_ queue: Int) -> UInt16? {
+    func take(_ queue: Int) -> UInt32? {
         let v = slots[queue].exchange(NotifySlots.idle, ordering: .acquiringAndReleasing)
         return v == NotifySlots.idle ? nil : v
     }

@@ -57,6 +57,10 @@ extension EmulatedDevice {
         public var interrupts = 0
         /// Passes that completed buffers but sent no notification (flags or used_event said so).
         public var suppressedInterrupts = 0
+        /// With VIRTIO_F_NOTIFICATION_DATA: notifications that carried data, and the upper 16
+        /// bits of the last one (next_off and next_wrap, §2.9).
+        public var notificationsWithData = 0
+        public var lastNotificationData: UInt16?
 
         public init() {}
     }

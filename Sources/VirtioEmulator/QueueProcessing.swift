@@ -23,9 +23,7 @@ extension DeviceCore {
             if let value = notify.take(i) {
                 look = true
                 s.statistics[i].notifications += 1
-                if value != UInt16(i) {
-                    s.record("queue \(i): notification wrote \(value); without VIRTIO_F_NOTIFICATION_DATA the driver writes the queue index (§4.1.5.2)")
-                }
+                checkNotification(value, q, i, &s)
             }
             // A net receive queue is used when frames arrive, notified or not (NetFrames.swift).
             if model.type == .net && netRole(i, s) == .receive {
@@ -43,6 +41,36 @@ extension DeviceCore {
             if s.status.contains(.deviceNeedsReset) { break }
         }
         return worked
+    }
+
+    /// An available buffer notification as the driver wrote it (§4.1.5.2): the 16-bit queue
+    /// index, or with VIRTIO_F_NOTIFICATION_DATA the 32-bit `{ vqn: 16; next_off: 15;
+    /// next_wrap: 1 }` (§2.9), whose position must be one the ring can have: for a split ring an
+    /// available index not past the ring's own (read now, so it may have moved on) nor more than
+    /// the queue size behind it, for a packed ring an offset inside the ring.
+    private func checkNotification(_ value: UInt32, _ q: QueueDevice, _ i: Int, _ s: inout State) {
+        let vqn = UInt16(truncatingIfNeeded: value), next = UInt16(truncatingIfNeeded: value >> 16)
+        guard s.driverFeatures.contains(.notificationData) else {
+            if vqn != UInt16(i) || next != 0xFFFF {
+                let wrote = next == 0xFFFF ? "\(vqn)" : "32 bits, 0x\(String(value, radix: 16))"
+                s.record("queue \(i): notification wrote \(wrote); without VIRTIO_F_NOTIFICATION_DATA the driver writes the 16-bit queue index (§4.1.5.2)")
+            }
+            return
+        }
+        guard vqn == UInt16(i) else {
+            s.record("queue \(i): notification data names queue \(vqn) (§2.9: vqn is the notified queue's index)")
+            return
+        }
+        s.statistics[i].notificationsWithData += 1
+        s.statistics[i].lastNotificationData = next
+        if let split = q as? SplitQueueDevice {
+            let now = split.availIdx()
+            if now &- next > q.size {
+                s.record("queue \(i): notification data says available index \(next), the ring says \(now) (§2.9)")
+            }
+        } else if next & 0x7FFF >= q.size {
+            s.record("queue \(i): notification data next_off \(next & 0x7FFF) is outside the \(q.size)-entry ring (§2.9)")
+        }
     }
 
     /// Takes what the driver made available on `q`, serves it, publishes the used ring and

@@ -249,7 +249,8 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         let rings = common.queueAddresses()
         // §4.1.4.4: the doorbell is at cap.offset + queue_notify_off * notify_off_multiplier.
         let notifyOffset = Int(common.queueNotifyOff()) * Int(capabilities.notify.notifyOffMultiplier ?? 0)
-        let doorbell = notifyOffset + 2 <= notify.length ? Doorbell(address: notify.base + notifyOffset, value: queue) : nil
+        let width = readDriverFeatures().contains(.notificationData) ? 4 : 2
+        let doorbell = notifyOffset + width <= notify.length ? Doorbell(address: notify.base + notifyOffset, value: queue) : nil
         return QueueState(size: size, enabled: enabled, rings: rings, msixVector: vector, doorbell: doorbell)
     }
 
@@ -285,8 +286,10 @@ public struct VirtioPCITransport: ~Copyable, Transport {
         common.setQueueAddresses(rings)
         // §4.1.4.4: the doorbell is at cap.offset + queue_notify_off * notify_off_multiplier.
         let notifyOffset = Int(common.queueNotifyOff()) * Int(capabilities.notify.notifyOffMultiplier ?? 0)
-        guard notifyOffset + 2 <= notify.length else {
-            throw .queueSetup(queue: index, "notify offset \(notifyOffset) is outside the \(notify.length)-byte notify structure")
+        // §4.1.4.4.1: room for the 16-bit queue index, or the 32-bit notification data.
+        let width = readDriverFeatures().contains(.notificationData) ? 4 : 2
+        guard notifyOffset + width <= notify.length else {
+            throw .queueSetup(queue: index, "notify offset \(notifyOffset) leaves no room for a \(width)-byte notification in the \(notify.length)-byte notify structure")
         }
         // The device masters the bus for every ring access: PCI command BUS_MASTER (HIL.md: vfio-pci leaves it off).
         do { try enableBusMaster() } catch { throw .queueSetup(queue: index, "\(error)") }

@@ -125,6 +125,26 @@ struct EntropyDeviceTests {
         #expect(device.violations.isEmpty, "\(device.violations)")
     }
 
+    /// Offered VIRTIO_F_NOTIFICATION_DATA and VIRTIO_F_ORDER_PLATFORM, the driver accepts both:
+    /// every notification carries the queue's next available position, which the emulator checks
+    /// against its ring (§2.9), and the reads work on either ring.
+    @Test(arguments: RingFormat.allCases)
+    func notificationDataAndOrderPlatformWhenOffered(_ format: RingFormat) throws {
+        var model = EmulatedDevice.Model.rng(seed: 17).offering(format)
+        model.offeredFeatures.formUnion([.notificationData, .orderPlatform])
+        let device = EmulatedDevice(model: model)
+        var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .msix)
+        #expect(rng.negotiation.accepted.isSuperset(of: [.notificationData, .orderPlatform]))
+        var n = 0
+        try rng.read(50_000) { n += $0.count }
+        #expect(n == 50_000)
+        let stats = device.statistics(queue: 0)
+        #expect(stats.notificationsWithData == stats.notifications && stats.notifications > 0, "\(stats)")
+        #expect(stats.lastNotificationData != nil)
+        _ = try rng.shutdown()
+        #expect(device.violations.isEmpty, "\(device.violations)")
+    }
+
     @Test func perQueueResetNeedsTheFeature() throws {
         var rng = try EntropyDevice(transport: EmulatedTransport(device: EmulatedDevice(model: .rng(seed: 3))))
         #expect(throws: VirtioError.self) { _ = try rng.resetQueue() }

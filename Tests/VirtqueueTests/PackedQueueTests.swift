@@ -6,14 +6,17 @@ import Testing
 final class PackedRingFixture {
     let memory: UnsafeMutableRawPointer
     let arena: DMAArena
-    let bell = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
+    /// The queue's doorbell: 16 bits, or 32 with VIRTIO_F_NOTIFICATION_DATA (`bell32`).
+    let bell = UnsafeMutablePointer<UInt16>.allocate(capacity: 2)
     static let deviceBase: UInt64 = 0x4000_0000
 
     init(bytes: Int = 1 << 20) {
         memory = .allocate(byteCount: bytes, alignment: 4096)
         arena = DMAArena(memory: DMASlice(pointer: memory, deviceAddress: PackedRingFixture.deviceBase, size: bytes))
-        bell.pointee = 0xFFFF
+        bell.initialize(repeating: 0xFFFF, count: 2)
     }
+
+    var bell32: UInt32 { UnsafeRawPointer(bell).load(as: UInt32.self) }
 
     deinit {
         memory.deallocate()
@@ -124,6 +127,25 @@ struct PackedQueueTests {
         #expect(q.freeCount == 5 && q.inFlight == 1)
         let v3 = q.publish()  // nothing new
         #expect(!v3)
+    }
+
+    /// VIRTIO_F_NOTIFICATION_DATA (§2.9): the queue index, the next position a descriptor will be
+    /// made available at and the Driver Ring Wrap Counter, in one 32-bit write; after a wrap the
+    /// counter is 0.
+    @Test func notificationDataCarriesTheNextPositionAndWrapCounter() throws {
+        let f = PackedRingFixture()
+        var q = try f.queue(size: 4, features: [.notificationData])
+        for token in 0..<3 { _ = try add(&q, [writable], token: UInt64(token)) }
+        do { let rang = q.publish(); #expect(rang) }
+        #expect(f.bell32 == 0 | (0x8000 | 3) << 16)
+        for slot in 0..<3 { f.use(q, slot: slot, id: UInt16(slot), length: 1) }
+        let n = try drain(&q).count
+        #expect(n == 3)
+        for token in 3..<5 { _ = try add(&q, [writable], token: UInt64(token)) }
+        do { let rang = q.publish(); #expect(rang) }
+        #expect(f.bell32 == 0 | 1 << 16, "position 1 of the second lap, wrap counter 0")
+        let ordered = try f.queue(features: [.orderPlatform])
+        #expect(ordered.ordering.platform && !q.ordering.platform)
     }
 
     @Test func aUsedDescriptorGivesTheTokenAndLengthAndSkipsTheList() throws {

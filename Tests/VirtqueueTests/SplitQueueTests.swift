@@ -6,14 +6,17 @@ import Testing
 final class RingFixture {
     let memory: UnsafeMutableRawPointer
     let arena: DMAArena
-    let bell = UnsafeMutablePointer<UInt16>.allocate(capacity: 1)
+    /// The queue's doorbell: 16 bits, or 32 with VIRTIO_F_NOTIFICATION_DATA (`bell32`).
+    let bell = UnsafeMutablePointer<UInt16>.allocate(capacity: 2)
     static let deviceBase: UInt64 = 0x4000_0000
 
     init(bytes: Int = 1 << 20) {
         memory = .allocate(byteCount: bytes, alignment: 4096)
         arena = DMAArena(memory: DMASlice(pointer: memory, deviceAddress: RingFixture.deviceBase, size: bytes))
-        bell.pointee = 0xFFFF
+        bell.initialize(repeating: 0xFFFF, count: 2)
     }
+
+    var bell32: UInt32 { UnsafeRawPointer(bell).load(as: UInt32.self) }
 
     deinit {
         memory.deallocate()
@@ -87,6 +90,29 @@ struct SplitQueueTests {
         #expect(f.descriptor(q, 2).flags == 2)
         #expect(q.freeCount == 5 && q.inFlight == 1)
         #expect(f.bell.pointee == 0)  // the doorbell got the queue index
+    }
+
+    /// VIRTIO_F_NOTIFICATION_DATA (§2.9, §4.1.5.2): one 32-bit write, the queue index and the
+    /// next available index (next_off: its low 15 bits, next_wrap: bit 15).
+    @Test func notificationDataCarriesTheNextAvailableIndex() throws {
+        let f = RingFixture()
+        var q = try f.queue(features: [.notificationData])
+        for token in 0..<3 { _ = try add(&q, [writable], token: UInt64(token)) }
+        do { let rang = q.publish(); #expect(rang) }
+        #expect(f.bell32 == 0 | 3 << 16)
+        let plain = RingFixture()
+        var p = try plain.queue()
+        _ = try add(&p, [writable], token: 1)
+        p.publish()
+        #expect(plain.bell32 == 0xFFFF_0000, "without the feature only the 16-bit queue index is written")
+    }
+
+    /// VIRTIO_F_ORDER_PLATFORM (§6): the queue's barriers are chosen from the features, once.
+    @Test func theBarriersFollowOrderPlatform() throws {
+        let f = RingFixture()
+        let platform = try f.queue(features: [.orderPlatform])
+        let smp = try f.queue()
+        #expect(platform.ordering.platform && !smp.ordering.platform)
     }
 
     @Test func completionReturnsTokenAndLengthAndFreesTheChain() throws {

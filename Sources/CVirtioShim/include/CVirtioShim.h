@@ -124,6 +124,39 @@ static inline void CVirtioShim_barrier_read(void) { __atomic_thread_fence(__ATOM
 /// Write barrier: earlier stores are visible before later stores (e.g. ring entries before idx).
 static inline void CVirtioShim_barrier_write(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
+// The same three for a device described by the platform, when VIRTIO_F_ORDER_PLATFORM is
+// negotiated (virtio 1.2 §6: "the driver needs to use memory barriers suitable for devices
+// described by the platform"): Linux's mb/dma_rmb/dma_wmb, which virtio_ring uses without
+// weak_barriers. On x86-64 only the full barrier differs (mfence instead of a locked add); on
+// arm64 all three are outer-shareable (dsb sy, dmb oshld, dmb oshst) instead of inner-shareable.
+static inline void CVirtioShim_platform_barrier_full(void) {
+#if defined(__x86_64__)
+    __asm__ __volatile__("mfence" ::: "memory");
+#elif defined(__aarch64__)
+    __asm__ __volatile__("dsb sy" ::: "memory");
+#else
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+}
+static inline void CVirtioShim_platform_barrier_read(void) {
+#if defined(__x86_64__)
+    __asm__ __volatile__("" ::: "memory");  /* loads are not reordered with loads (dma_rmb) */
+#elif defined(__aarch64__)
+    __asm__ __volatile__("dmb oshld" ::: "memory");
+#else
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+#endif
+}
+static inline void CVirtioShim_platform_barrier_write(void) {
+#if defined(__x86_64__)
+    __asm__ __volatile__("" ::: "memory");  /* stores are not reordered with stores (dma_wmb) */
+#elif defined(__aarch64__)
+    __asm__ __volatile__("dmb oshst" ::: "memory");
+#else
+    __atomic_thread_fence(__ATOMIC_RELEASE);
+#endif
+}
+
 // MARK: - CMSG helpers (SCM_RIGHTS)
 size_t CVirtioShim_CMSG_SPACE(size_t payload);
 size_t CVirtioShim_CMSG_LEN(size_t payload);
