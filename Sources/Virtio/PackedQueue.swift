@@ -313,8 +313,6 @@ public struct PackedQueue: ~Copyable {
             // §2.8.22 (the example's read_memory_barrier): the flags before the id and length.
             ordering.read()
             let id = loadDeviceU16(descriptor + PackedQueueLayout.descriptorID)
-            // §2.8.3: the length is reserved (and ignored) in a used descriptor without WRITE.
-            let length = flags & PackedQueueLayout.flagWrite != 0 ? loadDeviceU32(descriptor + PackedQueueLayout.descriptorLength) : 0
             guard id < size else {
                 return try fail("used buffer ID \(id) at descriptor \(position) is not an ID (queue size \(size))")
             }
@@ -325,7 +323,14 @@ public struct PackedQueue: ~Copyable {
             guard addedRound[Int(id)] != round else {
                 return try fail("used buffer ID \(id) at descriptor \(position) was added but not yet made available")
             }
-            guard length <= writableBytes[Int(id)] else {
+            // §2.8.4: the used length is what the device wrote into the buffer, and is reserved
+            // (ignored) in a used descriptor without WRITE. QEMU never sets WRITE in a used
+            // descriptor (virtqueue_packed_fill_desc) and Linux reads the length regardless
+            // (virtqueue_get_buf_ctx_packed): so it is read whenever the buffer has writable
+            // bytes, and bounded by them below, and ignored when it has none.
+            let writable = writableBytes[Int(id)]
+            let length = writable == 0 ? 0 : loadDeviceU32(descriptor + PackedQueueLayout.descriptorLength)
+            guard length <= writable else {
                 return try fail("used length \(length) for buffer ID \(id) is past the \(writableBytes[Int(id)]) device-writable bytes")
             }
             let token = tokens[Int(id)]

@@ -33,6 +33,10 @@ extension EmulatedDevice {
         /// device only looks at a queue after an available buffer notification (spec 2.7.13.4),
         /// so a driver that forgets to notify hangs here as it would on hardware.
         public var pollsRings = false
+        /// Packed used descriptors as QEMU writes them (hw/virtio/virtio.c,
+        /// virtqueue_packed_fill_desc): the length without the WRITE flag §2.8.4 asks for. Off
+        /// by default (the spec's way).
+        public var packedUsedWithoutWrite = false
         /// The function has a reset below virtio (a PCIe FLR, as QEMU's virtio-pci devices behind a
         /// PCIe port): `resetFunction()` resets it whatever its status logic does. Off by
         /// default, as on a device on the root bus.

@@ -65,13 +65,13 @@ final class PackedQueueDevice: QueueDevice {
     /// write barrier, spec 2.8.1/2.8.21 by symmetry: the flags publish the descriptor) the flags
     /// with AVAIL = USED = the device's wrap counter, WRITE if anything was written (2.8.3).
     /// Then skips the buffer's other descriptors (2.8.4).
-    func writeUsed(id: UInt16, length: UInt32, descriptors count: Int, flags override: UInt16? = nil) {
+    func writeUsed(id: UInt16, length: UInt32, descriptors count: Int, flags override: UInt16? = nil, markWrite: Bool = true) {
         let d = descriptor(nextUsed)
         Ring.store16(d + PackedQueueLayout.descriptorID, id)
         Ring.store32(d + PackedQueueLayout.descriptorLength, length)
         Ring.releaseBeforeUsedIdx()
         var flags = PackedQueueLayout.usedFlags(wrap: usedWrap)
-        if length > 0 { flags |= PackedQueueLayout.flagWrite }
+        if length > 0 && markWrite { flags |= PackedQueueLayout.flagWrite }
         Ring.store16(d + PackedQueueLayout.descriptorFlags, override ?? flags)
         PackedQueueDevice.advance(&nextUsed, &usedWrap, by: count, size: size)
     }

@@ -98,13 +98,15 @@ extension DeviceCore {
             // ID in flight again is, in a packed ring, a valid completion.
             let (position, wrap) = (q.nextUsed, q.usedWrap)
             PackedQueueDevice.advance(&q.nextUsed, &q.usedWrap, by: q.chainDescriptors, size: q.size)
-            q.writeUsed(id: id, length: length, descriptors: 1)
+            q.writeUsed(id: id, length: length, descriptors: 1, markWrite: !model.packedUsedWithoutWrite)
             let after = (q.nextUsed, q.usedWrap)
             (q.nextUsed, q.usedWrap) = (position, wrap)
-            q.writeUsed(id: id, length: length, descriptors: q.chainDescriptors, flags: bent)
+            q.writeUsed(id: id, length: length, descriptors: q.chainDescriptors, flags: bent,
+                        markWrite: !model.packedUsedWithoutWrite)
             (q.nextUsed, q.usedWrap) = after
         } else {
-            q.writeUsed(id: id, length: length, descriptors: q.chainDescriptors, flags: bent)
+            q.writeUsed(id: id, length: length, descriptors: q.chainDescriptors, flags: bent,
+                        markWrite: !model.packedUsedWithoutWrite)
         }
         s.statistics[q.index].completed += 1
     }

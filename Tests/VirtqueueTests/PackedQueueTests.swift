@@ -239,14 +239,18 @@ struct PackedQueueTests {
         #expect(n == 1 && q.freeCount == 8)
     }
 
-    @Test func theLengthOfAUsedDescriptorWithoutWriteIsIgnored() throws {
+    /// The used length counts for a buffer with writable bytes whether or not the device set
+    /// WRITE (QEMU never does; Linux reads it regardless), and is ignored for a buffer with none.
+    @Test func theUsedLengthCountsForWritableBuffersWithOrWithoutWrite() throws {
         let f = PackedRingFixture()
         var q = try f.queue()
         _ = try add(&q, [readable], token: 5)
+        _ = try add(&q, [readable, status], token: 6)
         q.publish()
-        f.use(q, slot: 0, id: 0, length: 0xDEAD, write: false)  // §2.8.3: reserved without WRITE
+        f.use(q, slot: 0, id: 0, length: 0xDEAD, write: false)  // nothing writable: ignored
+        f.use(q, slot: 1, id: 1, length: 1, write: false)       // as QEMU writes it
         let got = try drain(&q)
-        #expect(got.count == 1 && got[0] == (5, 0))
+        #expect(got.count == 2 && got[0] == (5, 0) && got[1] == (6, 1))
     }
 
     @Test func notificationsFollowTheDeviceEventSuppressionStructure() throws {
