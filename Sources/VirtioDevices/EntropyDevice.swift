@@ -207,6 +207,7 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             let base = buffers.pointer, stride = bufferStride
             var handed = 0
             var done = 0
+            var empty = 0
             // What was handed out counts even when the drain then stops on a bad completion: a
             // recovery must not ask for those bytes again.
             defer {
@@ -216,11 +217,17 @@ public struct EntropyDevice<T: Transport & ~Copyable>: ~Copyable {
             }
             _ = try queue.drainUsed { token, length in
                 // The queue checked length against the buffer's size; the token is our slot number.
+                if length == 0 { empty += 1 }
                 let n = min(Int(length), remaining - handed)
                 if n > 0 { body(UnsafeRawBufferPointer(start: base + Int(token) * stride, count: n)) }
                 handed += n
                 done += 1
                 idle.push(Int(token))
+            }
+            // §5.4.6.2: "The device MUST place one or more random bytes into the buffer". A
+            // device that gives buffers back empty would keep this loop going for ever.
+            if empty > 0 {
+                throw .brokenQueue(queue: 0, "the device gave back \(empty) buffer\(empty == 1 ? "" : "s") with no entropy in \(empty == 1 ? "it" : "them") (§5.4.6.2: one or more random bytes)")
             }
             try EntropyDevice.post(&idle, to: &queue, buffers: buffers, bufferSize: bufferSize, stride: bufferStride)
         }

@@ -21,6 +21,9 @@ extension EmulatedDevice {
         public var duplicateCompletion = false
         /// The used length is one byte more than the chain's device-writable bytes.
         public var usedLengthPastBuffer = false
+        /// Every completion reports a used length of 0 (nothing written; for virtio-rng a
+        /// violation of §5.4.6.2, "one or more random bytes").
+        public var usedLengthZero = false
         /// The used index advances by queue size + 1 for one completion.
         public var usedIndexJump = false
         /// The device stops consuming buffers (ignores notifications; nothing completes).

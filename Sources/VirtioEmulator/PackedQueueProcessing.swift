@@ -88,6 +88,7 @@ extension DeviceCore {
         var length = written
         if s.faults.usedIDNotInFlight { id = packedIDNotInFlight(q) }
         if s.faults.usedLengthPastBuffer { length = UInt32(truncatingIfNeeded: q.chain.writableLength) &+ 1 }
+        if s.faults.usedLengthZero { length = 0 }
         // Used with the wrong wrap counter: AVAIL the inverse of USED, as no used descriptor can be.
         let bent: UInt16? = s.faults.usedIndexJump
             ? (q.usedWrap ? PackedQueueLayout.flagUsed : PackedQueueLayout.flagAvail) : nil

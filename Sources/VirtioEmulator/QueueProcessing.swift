@@ -154,6 +154,7 @@ extension DeviceCore {
         var length = written
         if s.faults.usedIDNotInFlight { id = idNotInFlight(q, availIdx: availIdx) }
         if s.faults.usedLengthPastBuffer { length = UInt32(truncatingIfNeeded: q.chain.writableLength) &+ 1 }
+        if s.faults.usedLengthZero { length = 0 }
         q.writeUsed(id: id, length: length)
         if s.faults.duplicateCompletion { q.writeUsed(id: id, length: length) }
         if s.faults.usedIndexJump { q.usedIdx &+= q.size }

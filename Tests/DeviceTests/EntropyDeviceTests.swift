@@ -156,7 +156,8 @@ struct EntropyDeviceTests {
 struct HostileDeviceTests {
     /// Switches on a fault after setup, reads, and expects the named protocol error; then shows that
     /// a reset brings the device back with good data (the seed's third use of reset).
-    func expectBrokenThenRecovered(_ format: RingFormat, _ set: (inout EmulatedDevice.Faults) -> Void, _ fragment: String) throws {
+    func expectBrokenThenRecovered(_ format: RingFormat, _ set: (inout EmulatedDevice.Faults) -> Void, _ fragment: String,
+                                   or alternative: String? = nil) throws {
         let device = EmulatedDevice(model: .rng(seed: 11).offering(format))
         var rng = try EntropyDevice(transport: EmulatedTransport(device: device), mode: .poll,
                                     completionTimeout: .milliseconds(300))
@@ -170,7 +171,7 @@ struct HostileDeviceTests {
             try rng.read(50_000) { delivered += $0.count }
             Issue.record("the fault (\(fragment)) went unnoticed")
         } catch {
-            #expect("\(error)".contains(fragment), "\(error)")
+            #expect("\(error)".contains(fragment) || alternative.map { "\(error)".contains($0) } == true, "\(error)")
         }
         #expect(delivered < 50_000)
         let transport = try rng.shutdown()
@@ -191,9 +192,13 @@ struct HostileDeviceTests {
     func duplicateCompletion(_ format: RingFormat) throws {
         // The emulator repeats every completion. Split: ids not in flight or an impossible index
         // jump. Packed: the repeat (written first, where the next used descriptor goes) names an
-        // ID no longer in flight, or sits where nothing was made available.
+        // ID no longer in flight, or sits where nothing was made available; or (about 1 run in
+        // 30) it lands in a slot the driver is refilling, whose publish then overwrites it: the
+        // device has skipped a position the driver waits at, which no driver can tell from a
+        // device that stopped, and the wait ends as that.
         try expectBrokenThenRecovered(format, { $0.duplicateCompletion = true },
-                                      format == .split ? "queue 0 broken: used" : "in flight")
+                                      format == .split ? "queue 0 broken: used" : "in flight",
+                                      or: format == .split ? nil : "stopped answering")
     }
     @Test(arguments: RingFormat.allCases)
     func usedLengthPastTheBuffer(_ format: RingFormat) throws {
@@ -205,6 +210,12 @@ struct HostileDeviceTests {
     func usedIndexJump(_ format: RingFormat) throws {
         try expectBrokenThenRecovered(format, { $0.usedIndexJump = true },
                                       format == .split ? "used idx jumped" : "neither available nor used in this lap")
+    }
+    /// A buffer given back empty (§5.4.6.2 asks for one or more bytes) breaks the read instead of
+    /// asking again for ever.
+    @Test(arguments: RingFormat.allCases)
+    func buffersGivenBackEmpty(_ format: RingFormat) throws {
+        try expectBrokenThenRecovered(format, { $0.usedLengthZero = true }, "with no entropy in")
     }
     @Test(arguments: RingFormat.allCases)
     func aDeviceThatStopsCompleting(_ format: RingFormat) throws {
