@@ -43,6 +43,21 @@ check "rng: restore" vfio-bind restore "$RNG" >/dev/null
 
 # upgrade BDF MODE: the serving driver hands BDF to this build (bounded); output in $OUT, status in $RC.
 upgrade() { OUT=$(timeout 60 $A upgrade "$1" --binary "$A" --mode "$2" 2>>"$work/upgrade.log"); RC=$?; }
+# stop BDF LOG: SIGTERM to the driver serving BDF; it must be gone within 30 s (else its state is
+# shown and it is killed, so the device can be given back).
+stop() {
+  local pid t
+  pid=$(timeout 10 $A info "$1" 2>/dev/null | sed -nE 's/^.*: served by pid ([0-9]+),.*/\1/p')
+  [[ -n $pid ]] || { fail "$1: no driver answers on its control socket"; return; }
+  kill -TERM "$pid"
+  for t in $(seq 300); do [[ -d /proc/$pid && $(awk '{ print $3 }' /proc/$pid/stat 2>/dev/null) != Z ]] || break; sleep 0.1; done
+  if [[ -d /proc/$pid && $(awk '{ print $3 }' /proc/$pid/stat 2>/dev/null) != Z ]]; then
+    fail "$1: the driver (pid $pid) did not stop within 30 s of SIGTERM: state $(awk '{ print $3 }' /proc/$pid/stat), wchan $(cat /proc/$pid/wchan 2>/dev/null); $(tail -n 3 "$2")"
+    kill -KILL "$pid"; sleep 0.5
+  else
+    pass "$1: the driver stopped on SIGTERM in $((t / 10)).$((t % 10)) s"
+  fi
+}
 served_features() { timeout 10 $A info "$1" 2>/dev/null | sed -n '/^Negotiated features/{n;p}'; }
 
 $A serve rng "$RNGP" --rate 65536 --credit 0 2>"$work/rng.log" &
@@ -59,9 +74,7 @@ for mode in auto reset; do
     || fail "serve rng $mode on packed: exit $RC: $OUT"
   contains "serve rng after the $mode upgrade runs the packed ring again" "$(served_features "$RNGP")" "RING_PACKED"
 done
-pid=$(timeout 10 $A info "$RNGP" 2>/dev/null | sed -nE 's/^.*: served by pid ([0-9]+),.*/\1/p')
-[[ -n $pid ]] && kill -TERM "$pid"
-for _ in $(seq 50); do [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+stop "$RNGP" "$work/rng.log"
 grep -qE "fed [0-9]+ bytes .*device reset" "$work/rng.log" && pass "serve rng stopped with a reset" || fail "serve rng end: $(tail -n 3 "$work/rng.log")"
 check "rng-packed: restore" vfio-bind restore "$RNGP" >/dev/null
 
@@ -70,12 +83,15 @@ disk=
 for d in /sys/bus/pci/devices/$BLKP/virtio*/block/*; do [[ -e $d ]] && disk=$(basename "$d"); done
 declare -A kernel
 if [[ -n $disk ]]; then
+  # The kernel's negotiated features, bit 0 first: does its virtio_blk run the packed ring too?
+  kfeatures=$(cat /sys/bus/pci/devices/$BLKP/virtio*/features 2>/dev/null)
+  [[ ${kfeatures:34:1} == 1 ]] && kring=packed || kring=split
   for qd in 1 32; do
     kernel[$qd]=$(fio --name=k --filename="/dev/$disk" --direct=1 --ioengine=libaio --rw=randread --bs=4096 --iodepth=$qd \
                   --runtime=3 --time_based --size=32M --output-format=json 2>/dev/null \
                   | python3 -c 'import json,sys; print(round(json.load(sys.stdin)["jobs"][0]["read"]["iops"]))')
   done
-  [[ ${kernel[1]:-0} -gt 0 && ${kernel[32]:-0} -gt 0 ]] && pass "blk-packed, kernel virtio_blk (fio randread 4 KiB): qd 1 ${kernel[1]} IOPS, qd 32 ${kernel[32]} IOPS" \
+  [[ ${kernel[1]:-0} -gt 0 && ${kernel[32]:-0} -gt 0 ]] && pass "blk-packed, kernel virtio_blk on the $kring ring (fio randread 4 KiB): qd 1 ${kernel[1]} IOPS, qd 32 ${kernel[32]} IOPS" \
     || fail "fio on /dev/$disk: '${kernel[1]:-}' '${kernel[32]:-}'"
 else
   fail "blk-packed: no kernel disk for $BLKP"
@@ -130,9 +146,7 @@ if timeout 20 nbd-client -unix "$sock" /dev/nbd0 -b 4096 -N "" >/dev/null 2>&1; 
 else
   fail "nbd-client could not attach: $(tail -n 3 "$work/blk.log")"
 fi
-pid=$(timeout 10 $A info "$BLKP" 2>/dev/null | sed -nE 's/^.*: served by pid ([0-9]+),.*/\1/p')
-[[ -n $pid ]] && kill -TERM "$pid"
-for _ in $(seq 100); do [[ -n $pid ]] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+stop "$BLKP" "$work/blk.log"
 check "blk-packed: restore" vfio-bind restore "$BLKP" >/dev/null
 echo "--- logs (tail)"; tail -n 8 "$work/upgrade.log" "$work/blk.log" 2>/dev/null
 rm -rf "$work"
