@@ -13,6 +13,7 @@
 //   UBlk (ublk control and queues)   IOUring
 //   PCI   Syscalls   CPCINames (C: libpci wrappers)
 //   CVirtioShim (C: ioctl codes, MMIO, barriers, CMSG)   CLibPCI (system libpci)
+//   CRingReference (C: the rings again, a yardstick for RingBenchmark only)
 //
 // The shipped virtio-vfio links no emulator; only PCINames needs libpci. The tests, Benchmarks/
 // (a package of its own, over RingBenchmark) and Fuzz/ (which builds some of these targets from
@@ -52,6 +53,11 @@ let package = Package(
         ),
         // Wrappers around libpci's name lookup (variadic, and it exits on errors by default).
         .target(name: "CPCINames", dependencies: ["CLibPCI"]),
+        // A C reference implementation of the split and packed rings (the same algorithms and
+        // checks as Virtio's SplitQueue and PackedQueue) and of the ring benchmark's hot path:
+        // the yardstick of docs/PERFORMANCE.md's "Swift against a C reference". Only
+        // RingBenchmark links it (so virtio-vfio-ring-bench does); the shipped virtio-vfio does not.
+        .target(name: "CRingReference"),
 
         // MARK: Platform
         // Syscalls: one wrapper per system call, ~Copyable descriptors and eventfds.
@@ -101,7 +107,7 @@ let package = Package(
         .target(name: "Services", dependencies: ["NBD", "UBlk", "Upgrade", "HotUpgrade", "VirtioDevices", "Virtio", "Syscalls", systemPackage]),
         // RingBenchmark: requests through a split queue against the emulator, every completion
         // checked, the driver's work counted (docs/PERFORMANCE.md).
-        .target(name: "RingBenchmark", dependencies: ["Virtio", "VirtioEmulator"]),
+        .target(name: "RingBenchmark", dependencies: ["Virtio", "VirtioEmulator", "CRingReference"]),
         // MetricsEndpoint: `--metrics`: a service's published samples and latency histograms in
         // Prometheus' text format (swift-prometheus), served over HTTP (SwiftNIO).
         .target(name: "MetricsEndpoint", dependencies: [
@@ -147,7 +153,7 @@ let package = Package(
         .testTarget(name: "NBDTests", dependencies: ["NBD", "Syscalls"]),
         .testTarget(name: "UBlkTests", dependencies: ["UBlk", "IOUring", "Services", "NBD", "VirtioDevices", "Syscalls", "CVirtioShim"]),
         // The ring benchmark's loop and checks, briefly, on both emulated devices.
-        .testTarget(name: "RingBenchmarkTests", dependencies: ["RingBenchmark"]),
+        .testTarget(name: "RingBenchmarkTests", dependencies: ["RingBenchmark", "VirtioEmulator"]),
         // The exposition of every service's samples and the HTTP endpoint, over a real socket.
         .testTarget(name: "MetricsEndpointTests", dependencies: ["MetricsEndpoint", "HotUpgrade", "Services", "NBD", "VirtioDevices", "Syscalls"]),
     ]

@@ -4,6 +4,11 @@
 // Two tools use it and so measure the same code: the `virtio-vfio-ring-bench` executable (the
 // command tools/bench-ci runs under callgrind) and Benchmarks/ (ordo-one/benchmark, with its
 // malloc and retain thresholds). The driver hot path that callgrind measures is in HotPath.swift.
+//
+// With `implementation: .c` the same loop (same device, slots, tokens and checks) drives
+// CRingReference's C rings through its C hot path (virtio_bench_c_submit/complete), the yardstick
+// of docs/PERFORMANCE.md's "Swift against a C reference".
+import CRingReference
 import Virtio
 import VirtioEmulator
 import Glibc
@@ -14,6 +19,13 @@ public enum RingBenchDevice: String, CaseIterable, Sendable {
     case rng
     /// virtio-blk (spec 5.2): IN requests (header, data, status byte), read from a pre-filled disk.
     case blk
+}
+
+/// Which driver runs the rings: the project's (Swift, Sources/Virtio) or the C reference
+/// (Sources/CRingReference: the same algorithms and checks in C).
+public enum RingBenchImplementation: String, CaseIterable, Sendable {
+    case swift
+    case c
 }
 
 public struct RingBenchOptions: Sendable {
@@ -35,6 +47,9 @@ public struct RingBenchOptions: Sendable {
     /// may use), as a device and its driver are. Left to the scheduler, the two threads may
     /// share a CPU, and a round trip then includes a context switch.
     public var pinThreads = true
+    /// Whose ring code runs: Swift's (`virtio_bench_submit/complete`) or the C reference's
+    /// (`virtio_bench_c_submit/complete`). The loop, the device and every check are the same.
+    public var implementation: RingBenchImplementation = .swift
 
     public init() {}
 }
@@ -83,6 +98,9 @@ public struct RingBench: ~Copyable {
     /// One bit per request when `trackEach` (set by `run`), else nil.
     var seen: UnsafeMutablePointer<UInt64>?
     var seenCapacity = 0
+    /// `implementation == .c`: the C hot path's state, on its own C queue over the same rings
+    /// (`queue` is then built but not used), its own idle slots, and `tokens`/`lengths` shared.
+    let reference: UnsafeMutablePointer<crr_bench>?
     /// The CPUs of the driver (`run` pins its caller there) and of the device thread, when
     /// `pinThreads` found two.
     public let driverCPU: Int?
@@ -136,6 +154,8 @@ public struct RingBench: ~Copyable {
         if options.ring == .packed { wanted.insert(.ringPacked) }
 
         let queue: Virtqueue
+        var cSplit: OpaquePointer? = nil
+        var cPacked: OpaquePointer? = nil
         let slots: DMASlice
         let negotiation: Lifecycle.Negotiation
         // The device thread starts in enableQueue and inherits this thread's CPU mask: give it
@@ -156,6 +176,11 @@ public struct RingBench: ~Copyable {
             let doorbell = try transport.enableQueue(0, size: options.queueSize, rings: memory.rings, vector: nil)
             var q = Virtqueue(index: 0, memory: memory, features: negotiation.accepted, doorbell: doorbell)
             q.suppressInterrupts()
+            if options.implementation == .c {
+                // The C queue on the same rings, zeroed again and with interrupts suppressed the
+                // same way, before DRIVER_OK; the Swift queue `q` is left idle.
+                (cSplit, cPacked) = try RingBench.referenceQueue(memory, features: negotiation.accepted, doorbell: doorbell)
+            }
             try Lifecycle.driverOK(transport)
             queue = q
         } catch {
@@ -179,9 +204,79 @@ public struct RingBench: ~Copyable {
         self.lengths = .allocate(capacity: n)
         self.driverCPU = original != nil ? cpus[0] : nil
         self.deviceCPU = original != nil ? cpus[1] : nil
+        if options.implementation == .c {
+            let idle = UnsafeMutablePointer<UInt32>.allocate(capacity: n)
+            for i in 0..<n { idle[i] = UInt32(i) }  // as SlotStack(filledTo:)
+            let b = UnsafeMutablePointer<crr_bench>.allocate(capacity: 1)
+            b.initialize(to: crr_bench(
+                split: cSplit, packed: cPacked, idle: idle, idle_count: n, idle_capacity: n,
+                slots: slots.pointer.assumingMemoryBound(to: UInt8.self), slots_device_address: slots.deviceAddress,
+                stride: stride, buffer_size: options.bufferSize, is_blk: options.device == .blk,
+                blk_capacity_sectors: RingBench.blkCapacitySectors, submitted: 0, doorbells: 0, drains: 0,
+                pending: 0, tokens: tokens, lengths: lengths, last_error: 0))
+            self.reference = b
+        } else {
+            self.reference = nil
+        }
+    }
+
+    /// The C reference's queue on `memory`, configured as the Swift queue is (same features,
+    /// same indirect tables, same doorbell).
+    static func referenceQueue(_ memory: QueueMemory, features: Features,
+                               doorbell: Doorbell) throws(VirtioError) -> (OpaquePointer?, OpaquePointer?) {
+        var config = crr_queue_config()
+        config.index = 0
+        config.event_index = features.contains(.ringEventIdx)
+        config.use_indirect = features.contains(.ringIndirectDesc)
+        config.doorbell = doorbell.address
+        config.doorbell_value = doorbell.value
+        let indirect: DMASlice?
+        switch memory {
+        case .split(let m):
+            config.size = m.size
+            config.descriptors = m.descriptors.pointer
+            config.driver_area = m.avail.pointer
+            config.device_area = m.used.pointer
+            (indirect, config.indirect_entries, config.indirect_stride) = (m.indirect, m.indirectEntries, m.indirectStride)
+        case .packed(let m):
+            config.size = m.size
+            config.descriptors = m.descriptors.pointer
+            config.driver_area = m.driverEvent.pointer
+            config.device_area = m.deviceEvent.pointer
+            (indirect, config.indirect_entries, config.indirect_stride) = (m.indirect, m.indirectEntries, m.indirectStride)
+        }
+        if let indirect {
+            // The C queue computes a table's device address as base + offset: linear memory only
+            // (the emulator's is).
+            guard indirect.segments == nil else { throw .queueSetup(queue: 0, "the C reference needs linear DMA memory") }
+            config.indirect = indirect.pointer
+            config.indirect_device_address = indirect.deviceAddress
+        }
+        switch memory {
+        case .split:
+            guard let q = crr_split_create(&config) else { throw .queueSetup(queue: 0, "the C reference refused the split queue") }
+            crr_split_suppress_interrupts(q)
+            return (q, nil)
+        case .packed:
+            guard let q = crr_packed_create(&config) else { throw .queueSetup(queue: 0, "the C reference refused the packed queue") }
+            crr_packed_suppress_interrupts(q)
+            return (nil, q)
+        }
+    }
+
+    /// The C reference's last failure as the Swift queue would have thrown it.
+    static func referenceError(_ b: UnsafeMutablePointer<crr_bench>) -> VirtioError {
+        let why = String(cString: crr_bench_reason(b))
+        return b.pointee.last_error == CRR_BROKEN.rawValue ? .brokenQueue(queue: 0, why) : .queueSetup(queue: 0, why)
     }
 
     deinit {
+        if let reference {
+            crr_split_destroy(reference.pointee.split)
+            crr_packed_destroy(reference.pointee.packed)
+            reference.pointee.idle.deallocate()
+            reference.deallocate()
+        }
         segments.deallocate()
         tokens.deallocate()
         lengths.deallocate()
@@ -227,14 +322,14 @@ public struct RingBench: ~Copyable {
     mutating func waitForUsed() throws(RingBenchFailure) {
         var checks = 0
         var deadline: ContinuousClock.Instant?
-        while !queue.hasUsed() {
+        while !hasUsed() {
             checks += 1
             if checks & 255 == 0 {
                 sched_yield()
                 let now = ContinuousClock.now
                 if let deadline {
                     if now > deadline {
-                        throw .lost("\(queue.inFlight) requests in flight and no completion for 5 s "
+                        throw .lost("\(inFlight) requests in flight and no completion for 5 s "
                                     + "(\(completed) of \(submitted) completed)")
                     }
                 } else {
@@ -243,6 +338,26 @@ public struct RingBench: ~Copyable {
             }
         }
         spins += checks
+    }
+
+    func hasUsed() -> Bool {
+        if let reference { return crr_bench_has_used(reference) }
+        return queue.hasUsed()
+    }
+
+    var inFlight: Int {
+        if let reference { return crr_bench_in_flight(reference) }
+        return queue.inFlight
+    }
+
+    /// A checked completion's slot goes back to the idle slots of the hot path that runs.
+    mutating func release(slot: Int) throws(RingBenchFailure) {
+        guard let reference else { idle.push(slot); return }
+        guard reference.pointee.idle_count < reference.pointee.idle_capacity else {
+            throw .wrong("slot \(slot) freed twice")
+        }
+        reference.pointee.idle[reference.pointee.idle_count] = UInt32(truncatingIfNeeded: slot)
+        reference.pointee.idle_count += 1
     }
 
     /// Checks every drained completion (slot, sequence, length, data) and returns its slot.
@@ -283,21 +398,38 @@ public struct RingBench: ~Copyable {
                     }
                 }
             }
-            idle.push(slot)
+            try release(slot: slot)
         }
         completed += UInt64(pending)
         pending = 0
+        reference?.pointee.pending = 0
     }
 
     /// One round: submit up to `count` requests, then complete and check all of them.
     mutating func round(_ count: Int) throws(RingBenchFailure) {
         let added: Int
-        do { added = try ringBenchSubmit(&self, count) } catch { throw .queue(error) }
+        if let reference {
+            let r = virtio_bench_c_submit(reference, count)
+            submitted = reference.pointee.submitted
+            doorbells = reference.pointee.doorbells
+            guard r >= 0 else { throw .queue(RingBench.referenceError(reference)) }
+            added = r
+        } else {
+            do { added = try ringBenchSubmit(&self, count) } catch { throw .queue(error) }
+        }
         guard added > 0 else { throw .lost("the queue has no room although every request completed") }
         var done = 0
         while done < added {
             try waitForUsed()
-            do { done += try ringBenchComplete(&self) } catch { throw .queue(error) }
+            if let reference {
+                let n = virtio_bench_c_complete(reference)
+                guard n >= 0 else { throw .queue(RingBench.referenceError(reference)) }
+                done += n
+                pending = reference.pointee.pending
+                drains = reference.pointee.drains
+            } else {
+                do { done += try ringBenchComplete(&self) } catch { throw .queue(error) }
+            }
         }
         guard done == added else { throw .wrong("\(done) completions for \(added) requests") }
         try check()
@@ -327,6 +459,13 @@ public struct RingBench: ~Copyable {
                 throw .lost("request \(s) never completed")
             }
         }
+    }
+
+    /// Switches the emulated device's faults (hardening tests: a hostile device).
+    public func updateFaults(_ change: (inout EmulatedDevice.Faults) -> Void) {
+        var faults = device.faults
+        change(&faults)
+        device.faults = faults
     }
 
     /// What the emulated device did on the queue so far.

@@ -8,6 +8,7 @@ import Virtio
 
 extension RingBenchDevice: ExpressibleByArgument {}
 extension RingFormat: ExpressibleByArgument {}
+extension RingBenchImplementation: ExpressibleByArgument {}
 
 @main
 struct RingBenchCommand: ParsableCommand {
@@ -23,7 +24,8 @@ struct RingBenchCommand: ParsableCommand {
             Prints requests/s and the driver's work per request. For instruction counts of the \
             driver hot path run it under valgrind --tool=callgrind \
             --toggle-collect=virtio_bench_submit --toggle-collect=virtio_bench_complete \
-            (see docs/PERFORMANCE.md).
+            (see docs/PERFORMANCE.md). With --impl c the same loop drives the C reference rings \
+            (CRingReference); collect virtio_bench_c_submit and virtio_bench_c_complete instead.
             """)
 
     @Option(help: "Requests to run.") var requests = 1_000_000
@@ -31,6 +33,8 @@ struct RingBenchCommand: ParsableCommand {
     @Option(help: "Queue size (a power of 2).") var queueSize: UInt16 = 256
     @Option(help: "Emulated device: rng or blk.") var device: RingBenchDevice = .rng
     @Option(help: "Virtqueue format: split or packed (the emulated device then offers RING_PACKED).") var ring: RingFormat = .split
+    @Option(name: .customLong("impl"), help: "Ring code: swift (the driver's) or c (the C reference, same algorithms and checks).")
+    var implementation: RingBenchImplementation = .swift
     @Option(help: "rng: bytes per buffer; blk: data bytes per IN request (a multiple of 512). Default 64 (rng), 512 (blk).")
     var bufferSize: Int?
     @Flag(inversion: .prefixedNo, help: "Negotiate VIRTIO_F_EVENT_IDX.") var eventIdx = true
@@ -60,6 +64,7 @@ struct RingBenchCommand: ParsableCommand {
         options.indirect = indirect
         options.verifyData = verify
         options.pinThreads = pin
+        options.implementation = implementation
         let clock = ContinuousClock()
         var bench: RingBench
         do { bench = try RingBench(options: options) } catch {
@@ -85,7 +90,7 @@ struct RingBenchCommand: ParsableCommand {
         let seconds = Double(elapsed.components.seconds) + Double(elapsed.components.attoseconds) / 1e18
         let n = Double(requests)
         func per(_ x: Int) -> String { fixed(Double(x) / n, 3) }
-        print("ring bench: \(device), \(ring) ring, queue \(queueSize), batch \(batch), \(options.bufferSize)-byte buffers, features [\(features)], \(placement)")
+        print("ring bench: \(device), \(ring) ring (\(implementation)), queue \(queueSize), batch \(batch), \(options.bufferSize)-byte buffers, features [\(features)], \(placement)")
         print("\(completed) requests in \(fixed(seconds, 3)) s: \(Int((n / seconds).rounded())) requests/s, "
               + "\(fixed(seconds / n * 1e9, 0)) ns/request; all completed once, "
               + (verify ? "data verified" : "data not verified"))
