@@ -25,6 +25,8 @@ struct crr_packed {
     int index;
     uint16_t size;
     bool event_index;
+    bool platform_order;
+    bool notification_data;
     bool use_indirect;
     // Device-visible memory.
     uint8_t *ring;
@@ -76,6 +78,8 @@ struct crr_packed *crr_packed_create(const struct crr_queue_config *c) {
     q->index = c->index;
     q->size = c->size;
     q->event_index = c->event_index;
+    q->platform_order = c->platform_order;
+    q->notification_data = c->notification_data;
     q->use_indirect = c->use_indirect && c->indirect != NULL;
     q->ring = c->descriptors;
     q->driver_event = c->driver_area;
@@ -203,10 +207,10 @@ int crr_packed_add(struct crr_packed *q, const struct crr_segment *segments, lon
 bool crr_packed_publish(struct crr_packed *q) {
     if (q->pending_descriptors <= 0) return false;
     // §2.8.21.1 "Updating flags": every descriptor of the batch before the first one's flags.
-    crr_barrier_write();
+    crr_barrier_write(q->platform_order);
     store_flags(q->ring, q->pending_head, q->pending_head_flags);
     // §2.8.21.3.1: before reading the Device Event Suppression structure (store-load: full).
-    crr_barrier_full();
+    crr_barrier_full(q->platform_order);
     uint16_t added = (uint16_t)q->pending_descriptors;
     q->pending_descriptors = 0;
     q->round++;
@@ -224,7 +228,14 @@ bool crr_packed_publish(struct crr_packed *q) {
         // ENABLE, DESC without EVENT_IDX, or the reserved 3: only DISABLE suppresses.
         notify = flags != EVENT_DISABLE;
     }
-    if (notify) crr_ring_doorbell(q->doorbell, q->doorbell_value);
+    if (notify) {
+        // §2.9: the next available position and the Driver Ring Wrap Counter in bit 15.
+        if (q->notification_data) {
+            crr_ring_doorbell_data(q->doorbell, q->doorbell_value, (uint16_t)(q->next_avail | (q->avail_wrap ? 0x8000 : 0)));
+        } else {
+            crr_ring_doorbell(q->doorbell, q->doorbell_value);
+        }
+    }
     return notify;
 }
 
@@ -271,10 +282,8 @@ long crr_packed_drain(struct crr_packed *q, long limit, uint64_t *tokens, uint32
                           position);
         }
         // §2.8.22 (the example's read_memory_barrier): the flags before the id and length.
-        crr_barrier_read();
+        crr_barrier_read(q->platform_order);
         uint16_t id = crr_load_device16(descriptor + DESC_ID);
-        // §2.8.3: the length is reserved (and ignored) in a used descriptor without WRITE.
-        uint32_t length = (flags & F_WRITE) ? crr_load_device32(descriptor + DESC_LEN) : 0;
         if (id >= q->size) {
             return refuse(q, CRR_BROKEN, "used buffer ID %u at descriptor %u is not an ID (queue size %u)", id, position, q->size);
         }
@@ -286,6 +295,9 @@ long crr_packed_drain(struct crr_packed *q, long limit, uint64_t *tokens, uint32
         if (q->added_round[id] == q->round) {
             return refuse(q, CRR_BROKEN, "used buffer ID %u at descriptor %u was added but not yet made available", id, position);
         }
+        // §2.8.4, as PackedQueue reads it: the length counts for a buffer with writable bytes
+        // whether or not the device set WRITE (QEMU never does), and is ignored for one without.
+        uint32_t length = q->writable[id] == 0 ? 0 : crr_load_device32(descriptor + DESC_LEN);
         if (length > q->writable[id]) {
             return refuse(q, CRR_BROKEN, "used length %u for buffer ID %u is past the %u device-writable bytes",
                           length, id, q->writable[id]);

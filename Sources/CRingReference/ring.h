@@ -7,13 +7,47 @@
 #include <endian.h>
 #include <string.h>
 
-// Barriers, with CVirtioShim's semantics (each use names the spec section it serves).
+// Barriers, with CVirtioShim's semantics (each use names the spec section it serves), chosen
+// by the queue's `platform_order` as DeviceOrdering chooses them (VIRTIO_F_ORDER_PLATFORM, §6:
+// the platform's barriers for a hardware device; else the SMP ones).
 /// Full barrier: earlier loads and stores before later loads and stores (store-load order).
-static inline void crr_barrier_full(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void crr_barrier_full(bool platform) {
+    if (platform) {
+#if defined(__x86_64__)
+        __asm__ __volatile__("mfence" ::: "memory");
+#elif defined(__aarch64__)
+        __asm__ __volatile__("dsb sy" ::: "memory");
+#else
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#endif
+    } else {
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    }
+}
 /// Read barrier: earlier loads before later loads.
-static inline void crr_barrier_read(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void crr_barrier_read(bool platform) {
+    if (platform) {
+#if defined(__aarch64__)
+        __asm__ __volatile__("dmb oshld" ::: "memory");
+#else
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+#endif
+    } else {
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    }
+}
 /// Write barrier: earlier stores visible before later stores.
-static inline void crr_barrier_write(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+static inline void crr_barrier_write(bool platform) {
+    if (platform) {
+#if defined(__aarch64__)
+        __asm__ __volatile__("dmb oshst" ::: "memory");
+#else
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+#endif
+    } else {
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+    }
+}
 
 // Driver-written ring fields: plain little-endian stores, ordered by the barriers.
 static inline void crr_store16(uint8_t *p, uint16_t v) { v = htole16(v); memcpy(p, &v, 2); }
@@ -27,6 +61,12 @@ static inline uint32_t crr_load_device32(const uint8_t *p) { return le32toh(*(co
 /// The doorbell: one 16-bit volatile store of the queue index (§4.1.5.2), as Doorbell.ring().
 static inline void crr_ring_doorbell(void *address, uint16_t value) {
     *(volatile uint16_t *)address = htole16(value);
+}
+
+/// With VIRTIO_F_NOTIFICATION_DATA (§2.9): one 32-bit store of the queue index and `next`
+/// (next_off and next_wrap), as Doorbell.ring(next:).
+static inline void crr_ring_doorbell_data(void *address, uint16_t value, uint16_t next) {
+    *(volatile uint32_t *)address = htole32((uint32_t)value | (uint32_t)next << 16);
 }
 
 /// The device-writable bytes of a request, checking that no device-readable segment follows a

@@ -21,6 +21,8 @@ struct crr_split {
     uint16_t size;
     uint16_t mask;
     bool event_index;
+    bool platform_order;
+    bool notification_data;
     bool use_indirect;
     // Device-visible memory.
     uint8_t *desc;
@@ -65,6 +67,8 @@ struct crr_split *crr_split_create(const struct crr_queue_config *c) {
     q->size = c->size;
     q->mask = (uint16_t)(c->size - 1);
     q->event_index = c->event_index;
+    q->platform_order = c->platform_order;
+    q->notification_data = c->notification_data;
     q->use_indirect = c->use_indirect && c->indirect != NULL;
     q->desc = c->descriptors;
     q->avail = c->driver_area;
@@ -165,10 +169,10 @@ int crr_split_add(struct crr_split *q, const struct crr_segment *segments, long 
 bool crr_split_publish(struct crr_split *q) {
     if (q->avail_idx == q->published_avail_idx) return false;
     // §2.7.13.3: the device sees the descriptor table and available ring before the new idx.
-    crr_barrier_write();
+    crr_barrier_write(q->platform_order);
     crr_store16(q->avail + AVAIL_IDX, q->avail_idx);
     // §2.7.13.4: idx updated before checking for notification suppression (store-load: full).
-    crr_barrier_full();
+    crr_barrier_full(q->platform_order);
     uint16_t old = q->published_avail_idx;
     q->published_avail_idx = q->avail_idx;
     bool notify;
@@ -180,7 +184,11 @@ bool crr_split_publish(struct crr_split *q) {
         // §2.7.10.1 without it: notify unless the device set VIRTQ_USED_F_NO_NOTIFY.
         notify = (crr_load_device16(q->used + USED_FLAGS) & USED_NO_NOTIFY) == 0;
     }
-    if (notify) crr_ring_doorbell(q->doorbell, q->doorbell_value);
+    if (notify) {
+        // §2.9: next_off and next_wrap are the 16 bits of the available index.
+        if (q->notification_data) crr_ring_doorbell_data(q->doorbell, q->doorbell_value, q->avail_idx);
+        else crr_ring_doorbell(q->doorbell, q->doorbell_value);
+    }
     return notify;
 }
 
@@ -212,7 +220,7 @@ long crr_split_drain(struct crr_split *q, long limit, uint64_t *tokens, uint32_t
                       pending, q->in_flight, q->size);
     }
     // §2.7.14: read barrier between the idx and the ring entries it covers.
-    crr_barrier_read();
+    crr_barrier_read(q->platform_order);
     long consumed = 0;
     while (consumed < limit && q->last_used != device_idx) {
         const uint8_t *element = q->used + USED_RING + USED_ELEM_SIZE * (q->last_used & q->mask);

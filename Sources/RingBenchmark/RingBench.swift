@@ -228,6 +228,8 @@ public struct RingBench: ~Copyable {
         config.index = 0
         config.event_index = features.contains(.ringEventIdx)
         config.use_indirect = features.contains(.ringIndirectDesc)
+        config.platform_order = features.contains(.orderPlatform)
+        config.notification_data = features.contains(.notificationData)
         config.doorbell = doorbell.address
         config.doorbell_value = doorbell.value
         let indirect: DMASlice?

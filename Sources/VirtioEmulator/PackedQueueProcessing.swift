@@ -112,22 +112,12 @@ extension DeviceCore {
         s.statistics[q.index].completed += 1
     }
 
-    /// The lowest buffer ID that no buffer still available (or being served) carries.
-    private func packedIDNotInFlight(_ q: PackedQueueDevice) -> UInt16 {
-        var ids: Set<UInt16> = [q.chainID]
-        var position = q.nextAvail, wrap = q.availWrap
-        PackedQueueDevice.advance(&position, &wrap, by: q.chainDescriptors, size: q.size)
-        for _ in 0..<Int(q.size) {
-            let d = q.descriptor(position)
-            let flags = Ring.load16(d + PackedQueueLayout.descriptorFlags)
-            guard PackedQueueDevice.isAvailable(flags, wrap: wrap) else { break }
-            if flags & PackedQueueLayout.flagNext == 0 { ids.insert(Ring.load16(d + PackedQueueLayout.descriptorID)) }
-            PackedQueueDevice.advance(&position, &wrap, by: 1, size: q.size)
-        }
-        var candidate: UInt16 = 0
-        while ids.contains(candidate) { candidate &+= 1 }
-        return candidate
-    }
+    /// A buffer ID that is in flight on no driver's side: one past the last (the queue size). A
+    /// device cannot tell which IDs a driver holds (it may have taken a used buffer back and made
+    /// its ID available again, or not yet): an ID only "not available now" was sometimes one the
+    /// driver held again, and naming it is then a completion of the wrong buffer, which no
+    /// driver can tell from a right one.
+    private func packedIDNotInFlight(_ q: PackedQueueDevice) -> UInt16 { q.size }
 
     /// Walks the buffer at `nextAvail` (spec 2.8.6-2.8.8, 2.8.17-2.8.19): descriptors in ring
     /// order while NEXT is set, each one available in this lap, or one INDIRECT descriptor (only

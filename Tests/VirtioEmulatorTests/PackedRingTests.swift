@@ -144,7 +144,7 @@ struct PackedRingTests {
 
     @Test func hostileCompletionsBreakThePackedQueueByName() throws {
         let cases: [(WritableKeyPath<EmulatedDevice.Faults, Bool>, String)] = [
-            (\.usedIDNotInFlight, "is not a request in flight"),
+            (\.usedIDNotInFlight, "is not an ID (queue size 8)"),
             (\.usedLengthPastBuffer, "past the 8 device-writable bytes"),
             (\.duplicateCompletion, "is not a request in flight"),
             (\.usedIndexJump, "neither available nor used in this lap"),

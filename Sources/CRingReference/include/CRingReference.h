@@ -39,6 +39,8 @@ struct crr_queue_config {
     long indirect_stride;
     bool event_index;
     bool use_indirect;
+    bool platform_order;     // VIRTIO_F_ORDER_PLATFORM: the platform's barriers (§6)
+    bool notification_data;  // VIRTIO_F_NOTIFICATION_DATA: 32-bit notifications (§2.9)
     void *doorbell;
     uint16_t doorbell_value;
 };
