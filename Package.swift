@@ -57,7 +57,7 @@ let package = Package(
         // checks as Virtio's SplitQueue and PackedQueue) and of the ring benchmark's hot path:
         // the yardstick of docs/PERFORMANCE.md's "Swift against a C reference". Only
         // RingBenchmark links it (so virtio-vfio-ring-bench does); the shipped virtio-vfio does not.
-        .target(name: "CRingReference"),
+        .target(name: "CRingReference", dependencies: ["CVirtioShim"]),
 
         // MARK: Platform
         // Syscalls: one wrapper per system call, ~Copyable descriptors and eventfds.

@@ -4,49 +4,21 @@
 #define CRR_RING_H
 
 #include "CRingReference.h"
+#include "CVirtioShim.h"
 #include <endian.h>
 #include <string.h>
 
-// Barriers, with CVirtioShim's semantics (each use names the spec section it serves), chosen
-// by the queue's `platform_order` as DeviceOrdering chooses them (VIRTIO_F_ORDER_PLATFORM, §6:
-// the platform's barriers for a hardware device; else the SMP ones).
-/// Full barrier: earlier loads and stores before later loads and stores (store-load order).
+// Barriers: CVirtioShim's own (each use names the spec section it serves), chosen by the
+// queue's `platform_order` as DeviceOrdering chooses them (VIRTIO_F_ORDER_PLATFORM, §6: the
+// platform's barriers for a hardware device; else the SMP ones).
 static inline void crr_barrier_full(bool platform) {
-    if (platform) {
-#if defined(__x86_64__)
-        __asm__ __volatile__("mfence" ::: "memory");
-#elif defined(__aarch64__)
-        __asm__ __volatile__("dsb sy" ::: "memory");
-#else
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-#endif
-    } else {
-        __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    }
+    if (platform) CVirtioShim_platform_barrier_full(); else CVirtioShim_barrier_full();
 }
-/// Read barrier: earlier loads before later loads.
 static inline void crr_barrier_read(bool platform) {
-    if (platform) {
-#if defined(__aarch64__)
-        __asm__ __volatile__("dmb oshld" ::: "memory");
-#else
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-#endif
-    } else {
-        __atomic_thread_fence(__ATOMIC_ACQUIRE);
-    }
+    if (platform) CVirtioShim_platform_barrier_read(); else CVirtioShim_barrier_read();
 }
-/// Write barrier: earlier stores visible before later stores.
 static inline void crr_barrier_write(bool platform) {
-    if (platform) {
-#if defined(__aarch64__)
-        __asm__ __volatile__("dmb oshst" ::: "memory");
-#else
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-#endif
-    } else {
-        __atomic_thread_fence(__ATOMIC_RELEASE);
-    }
+    if (platform) CVirtioShim_platform_barrier_write(); else CVirtioShim_barrier_write();
 }
 
 // Driver-written ring fields: plain little-endian stores, ordered by the barriers.
