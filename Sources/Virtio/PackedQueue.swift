@@ -269,13 +269,17 @@ public struct PackedQueue: ~Copyable {
         loadDeviceU16(ring + PackedQueueLayout.descriptor(Int(nextUsed)) + PackedQueueLayout.descriptorFlags)
     }
 
+    /// Ring descriptors made available to the device and not yet used: those in flight less the
+    /// ones added since the last `publish`. They start at the next used position.
+    @inline(__always) var publishedDescriptors: Int { Int(size) - freeCount - pendingDescriptors }
+
     /// Whether `drainUsed` has something to look at: the device used the next buffer, or, while
     /// buffers are published, wrote flags there that are neither available nor used in this lap
     /// (which `drainUsed` then names, instead of a wait that ends in a timeout).
     public func hasUsed() -> Bool {
         let state = usedFlagsAtNext() & (PackedQueueLayout.flagAvail | PackedQueueLayout.flagUsed)
         if state == PackedQueueLayout.usedFlags(wrap: usedWrap) { return true }
-        return state != PackedQueueLayout.availableFlags(wrap: usedWrap) && Int(size) - freeCount - pendingDescriptors > 0
+        return state != PackedQueueLayout.availableFlags(wrap: usedWrap) && publishedDescriptors > 0
     }
 
     /// Consumes up to `limit` used descriptors, validating each, and passes (token, written
@@ -296,7 +300,7 @@ public struct PackedQueue: ~Copyable {
             // Descriptors made available and not yet used start at the next used position; the
             // ones after them (added, not yet published) and the rest of the ring hold what an
             // earlier lap left, which the device has no business changing.
-            let published = Int(size) - freeCount - pendingDescriptors
+            let published = publishedDescriptors
             if state != used {
                 // Inside the published part the driver wrote AVAIL = the wrap counter, USED the
                 // inverse (§2.8.1); the device changes that only to used, in the same lap.
